@@ -1,0 +1,39 @@
+# make test   set-up (a .venv with torch, ninja, pytest, numpy), the build, the test suite
+# make bench  set-up, the build, then the benchmark
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+MAX_JOBS ?= 2
+SOURCES := $(wildcard csrc/*) setup.py pyproject.toml scripts/build_config.py
+
+.PHONY: setup build test bench cmake-build clean
+
+setup: $(VENV)/.installed
+$(VENV)/.installed:
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q "torch>=2.6" ninja pybind11 pytest numpy expecttest matplotlib cmake
+	touch $@
+
+# Rebuilt only when a source or build file changed.
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	MAX_JOBS=$(MAX_JOBS) $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PYTHON) -m fusedclip info
+	touch $@
+
+test: build
+	$(PYTHON) -m pytest -q -ra tests
+
+bench: build
+	$(PYTHON) -m fusedclip info
+	$(PYTHON) -m fusedclip bench
+
+# The CMake build of the same module (into build-cmake/fusedclip/), checked by tests/test_cmake_build.py.
+cmake-build: $(VENV)/.installed
+	$(VENV)/bin/cmake -S . -B build-cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+		-DPython_EXECUTABLE=$(abspath $(PYTHON))
+	$(VENV)/bin/cmake --build build-cmake -j $(MAX_JOBS)
+
+clean:
+	rm -rf build build-cmake *.egg-info fusedclip/*.so $(VENV)/.built

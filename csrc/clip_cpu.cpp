@@ -1,0 +1,121 @@
+// The fused CPU kernel: one parallel pass for the norm (a partial per chunk,
+// reduced in chunk order, so the result does not depend on the thread count),
+// then, only when coef < 1, one parallel pass that scales in place.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "grad_table.h"
+
+namespace fusedclip {
+namespace {
+
+// 64-byte groups: enough independent accumulators for the compiler to keep a
+// full SIMD register busy per dtype.
+constexpr int kCpuVecBytes = 64;
+
+template <typename F>
+void for_each_chunk(const TableView& t, F&& f) {
+  at::parallel_for(0, t.n_chunks(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const Chunk ch = locate_chunk(t, c);
+      with_typed_ptr<kCpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor),
+                                   [&](auto w, auto* p) { f(c, w, p + ch.offset, ch.len); });
+    }
+  });
+}
+
+template <NormKind K, typename acc_t>
+acc_t norm_of(const TableView& t, acc_t pw) {
+  std::vector<acc_t> partials(t.n_chunks());
+  for_each_chunk(t, [&](int64_t c, auto w, auto* p, int64_t len) {
+    partials[c] = chunk_partial<K, decltype(w)::value>(p, len, 0, 1, pw);
+  });
+  return norm_finish<K>(reduce_partials<K>(partials.data(), t.n_chunks(), 0, 1), pw);
+}
+
+template <typename acc_t>
+void scale_all(const TableView& t, acc_t coef) {
+  for_each_chunk(t, [&](int64_t, auto w, auto* p, int64_t len) { scale_chunk<decltype(w)::value>(p, len, 0, 1, coef); });
+}
+
+// Norm in the accumulation type (fp32, fp64 when any tensor is fp64); when
+// clip, also scale in place by the clip coefficient.
+at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_type, bool clip,
+                               at::ScalarType out_dtype) {
+  double norm = 0.0;
+  dispatch_norm_kind(norm_type, [&](auto kind) {
+    dispatch_acc(g.any_double, [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const TableView t = g.view();
+      const acc_t pw = static_cast<acc_t>(norm_type);
+      const acc_t n = t.n_chunks() ? norm_of<decltype(kind)::value, acc_t>(t, pw) : acc_t(0);
+      if (clip && t.n_chunks()) {
+        const acc_t coef = clip_coef(static_cast<acc_t>(max_norm), n);
+        if (needs_scaling(coef)) {
+          scale_all(t, coef);
+          g.write_back();
+        }
+      }
+      norm = static_cast<double>(n);
+    });
+  });
+  return at::scalar_tensor(norm, at::TensorOptions().dtype(out_dtype));
+}
+
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
+  const GradTable g = build_table(tensors, "total_norm");
+  return norm_and_maybe_clip(g, 0.0, norm_type, false, g.acc_dtype());
+}
+
+at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type) {
+  const GradTable g = build_table(grads, "clip_");
+  return norm_and_maybe_clip(g, max_norm, norm_type, true, g.result_dtype);
+}
+
+void scale_cpu(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
+  const GradTable g = build_table(grads, "clip_grads_with_norm_");
+  TORCH_CHECK_VALUE(total_norm.device() == g.device && total_norm.numel() == 1,
+                    "fusedclip.clip_grads_with_norm_: total_norm must be a one-element tensor on ", g.device);
+  dtype_code(total_norm.scalar_type());
+  dispatch_acc(g.any_double || total_norm.scalar_type() == at::kDouble, [&](auto acc_zero) {
+    using acc_t = decltype(acc_zero);
+    const acc_t norm = total_norm.item().to<acc_t>();
+    const acc_t coef = clip_coef(static_cast<acc_t>(max_norm), norm);
+    if (g.n_chunks && needs_scaling(coef)) {
+      scale_all(g.view(), coef);
+      g.write_back();
+    }
+  });
+}
+
+void clamp_cpu(at::TensorList grads, double clip_value) {
+  const GradTable g = build_table(grads, "clip_value_");
+  if (!g.n_chunks) return;
+  for_each_chunk(g.view(), [&](int64_t, auto w, auto* p, int64_t len) {
+    clamp_chunk<decltype(w)::value>(p, len, 0, 1, clip_value);
+  });
+  g.write_back();
+}
+
+std::tuple<at::Tensor, int64_t, bool> table_cpu(at::TensorList tensors) {
+  const GradTable g = build_dense_table(tensors);
+  at::Tensor t = at::empty({static_cast<int64_t>(g.table.size())}, at::kLong);
+  std::copy(g.table.begin(), g.table.end(), t.data_ptr<int64_t>());
+  return {t, g.n_chunks, g.any_double};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("table", &table_cpu);
+  m.impl("total_norm", &total_norm_cpu);
+  m.impl("clip_", &clip_cpu);
+  m.impl("scale_", &scale_cpu);
+  m.impl("clamp_", &clamp_cpu);
+}
+
+}  // namespace fusedclip

@@ -1,0 +1,292 @@
+// The one-launch CUDA clip: a persistent cooperative kernel that
+//   1. walks all chunks of all tensors grid-stride, accumulating in registers;
+//   2. writes one partial per block and crosses a grid-wide sync;
+//   3. has every block reduce all partials in the same fixed order (so every
+//      block gets the bit-identical norm and coef, and runs are deterministic);
+//   4. scales in place only if coef < 1, walking its chunks in reverse so the
+//      data it read last (still in L2) is written first.
+// The per-chunk math is clip_math.h, shared with the CPU kernel.
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <list>
+#include <mutex>
+#include <tuple>
+
+#include "grad_table.h"
+
+namespace cg = cooperative_groups;
+
+namespace fusedclip {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kGpuVecBytes = 16;  // one 128-bit load per thread per step
+
+// Fixed-shape tree over the block's threads: deterministic, and every thread
+// gets the result.
+template <NormKind K, typename acc_t>
+__device__ acc_t block_reduce(acc_t v, acc_t* smem) {
+  smem[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) smem[threadIdx.x] = norm_combine<K>(smem[threadIdx.x], smem[threadIdx.x + s]);
+    __syncthreads();
+  }
+  const acc_t r = smem[0];
+  __syncthreads();
+  return r;
+}
+
+template <typename acc_t>
+__device__ void store_norm(void* out, int64_t dtype, acc_t v) {
+  switch (dtype) {
+    case kFloat32: *static_cast<float*>(out) = static_cast<float>(v); break;
+    case kFloat16: *static_cast<c10::Half*>(out) = c10::Half(static_cast<float>(v)); break;
+    case kBFloat16: *static_cast<c10::BFloat16*>(out) = c10::BFloat16(static_cast<float>(v)); break;
+    default: *static_cast<double*>(out) = static_cast<double>(v); break;
+  }
+}
+
+template <typename acc_t>
+__device__ acc_t load_norm(const void* p, int64_t dtype) {
+  switch (dtype) {
+    case kFloat32: return static_cast<acc_t>(*static_cast<const float*>(p));
+    case kFloat16: return static_cast<acc_t>(static_cast<float>(*static_cast<const c10::Half*>(p)));
+    case kBFloat16: return static_cast<acc_t>(static_cast<float>(*static_cast<const c10::BFloat16*>(p)));
+    default: return static_cast<acc_t>(*static_cast<const double*>(p));
+  }
+}
+
+template <typename F>
+__device__ void visit_chunk(const TableView& t, int64_t c, F&& f) {
+  const Chunk ch = locate_chunk(t, c);
+  with_typed_ptr<kGpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor),
+                               [&](auto w, auto* p) { f(w, p + ch.offset, ch.len); });
+}
+
+template <typename acc_t>
+__device__ void scale_my_chunks_reversed(const TableView& t, acc_t coef) {
+  const int64_t n_chunks = t.n_chunks();
+  if (blockIdx.x >= n_chunks) return;
+  const int64_t last = blockIdx.x + (n_chunks - 1 - blockIdx.x) / gridDim.x * gridDim.x;
+  for (int64_t c = last; c >= static_cast<int64_t>(blockIdx.x); c -= gridDim.x)
+    visit_chunk(t, c, [&](auto w, auto* p, int64_t len) {
+      scale_chunk<decltype(w)::value>(p, len, threadIdx.x, kThreads, coef);
+    });
+}
+
+template <NormKind K, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    fused_norm_clip_kernel(const int64_t* __restrict__ table, int64_t n_tensors, acc_t* __restrict__ partials,
+                           void* norm_out, int64_t out_dtype, acc_t max_norm, acc_t pw, bool clip) {
+  __shared__ acc_t smem[kThreads];
+  const TableView t{table, n_tensors};
+
+  acc_t acc = norm_identity<K, acc_t>();
+  for (int64_t c = blockIdx.x; c < t.n_chunks(); c += gridDim.x)
+    visit_chunk(t, c, [&](auto w, auto* p, int64_t len) {
+      acc = norm_combine<K>(acc, chunk_partial<K, decltype(w)::value>(p, len, threadIdx.x, kThreads, pw));
+    });
+  acc = block_reduce<K>(acc, smem);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+
+  cg::this_grid().sync();
+
+  const acc_t total = block_reduce<K>(reduce_partials<K>(partials, gridDim.x, threadIdx.x, kThreads), smem);
+  const acc_t norm = norm_finish<K>(total, pw);
+  if (blockIdx.x == 0 && threadIdx.x == 0) store_norm(norm_out, out_dtype, norm);
+  if (!clip) return;
+  const acc_t coef = clip_coef(max_norm, norm);
+  if (needs_scaling(coef)) scale_my_chunks_reversed(t, coef);
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    scale_by_norm_kernel(const int64_t* __restrict__ table, int64_t n_tensors, const void* norm, int64_t norm_dtype,
+                         acc_t max_norm) {
+  const acc_t coef = clip_coef(max_norm, load_norm<acc_t>(norm, norm_dtype));
+  if (needs_scaling(coef)) scale_my_chunks_reversed(TableView{table, n_tensors}, coef);
+}
+
+__global__ void __launch_bounds__(kThreads) clamp_kernel(const int64_t* __restrict__ table, int64_t n_tensors,
+                                                         double clip_value) {
+  const TableView t{table, n_tensors};
+  for (int64_t c = blockIdx.x; c < t.n_chunks(); c += gridDim.x)
+    visit_chunk(t, c, [&](auto w, auto* p, int64_t len) {
+      clamp_chunk<decltype(w)::value>(p, len, threadIdx.x, kThreads, clip_value);
+    });
+}
+
+// ---- host side ----
+
+int sm_count(int device) {
+  static int counts[64] = {0};
+  if (!counts[device])
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  return counts[device];
+}
+
+// How many blocks of this kernel can be resident at once on the whole device:
+// the most a cooperative launch may have.
+template <typename Kernel>
+int coresident_blocks(Kernel kernel, int device) {
+  static int per_sm[64] = {0};
+  if (!per_sm[device])
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[device], kernel, kThreads, 0));
+  TORCH_CHECK(per_sm[device] > 0, "fusedclip: the fused kernel cannot be resident on this GPU");
+  return per_sm[device] * sm_count(device);
+}
+
+// Device copies of tables, keyed by their content (pointers, sizes, dtypes),
+// so that the same gradients step after step cost no host-to-device copy, and
+// a CUDA graph captured after a warm-up call contains no copy at all. An entry
+// a graph has used is never freed (the graph keeps reading it).
+struct CachedTable {
+  int device;
+  std::vector<int64_t> key;
+  at::Tensor table;
+  cudaStream_t alloc_stream;
+  bool used_by_graph;
+};
+constexpr size_t kMaxCachedTables = 16;
+
+at::Tensor device_table(const GradTable& g, const c10::cuda::CUDAStream& stream) {
+  static std::mutex mu;
+  static std::list<CachedTable> cache;  // most recently used first
+  cudaStreamCaptureStatus capture;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
+  const bool capturing = capture != cudaStreamCaptureStatusNone;
+  const int device = g.device.index();
+
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->device != device || it->key != g.table) continue;
+    cache.splice(cache.begin(), cache, it);
+    CachedTable& e = cache.front();
+    e.used_by_graph |= capturing;
+    if (e.alloc_stream != stream.stream())
+      c10::cuda::CUDACachingAllocator::recordStream(e.table.storage().data_ptr(), stream);
+    return e.table;
+  }
+  TORCH_CHECK(!capturing,
+              "fusedclip: these gradients were not seen before the CUDA graph capture began; call clip_ on "
+              "them once outside the capture (a warm-up step) so their table is on the GPU already");
+  at::Tensor host = at::empty({static_cast<int64_t>(g.table.size())},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(g.table.begin(), g.table.end(), host.data_ptr<int64_t>());
+  at::Tensor table = at::empty_like(host, at::TensorOptions().device(g.device).pinned_memory(false));
+  table.copy_(host, /*non_blocking=*/true);
+  cache.push_front(CachedTable{device, g.table, table, stream.stream(), false});
+  // Evict the least recently used entries that no graph depends on.
+  for (auto it = std::prev(cache.end()); cache.size() > kMaxCachedTables && it != cache.begin();) {
+    const auto older = it;
+    it = std::prev(it);
+    if (!older->used_by_graph) cache.erase(older);
+  }
+  return table;
+}
+
+struct Launch {
+  c10::cuda::CUDAGuard guard;
+  c10::cuda::CUDAStream stream;
+  at::Tensor table;
+  explicit Launch(const GradTable& g)
+      : guard(g.device), stream(c10::cuda::getCurrentCUDAStream(g.device.index())), table(device_table(g, stream)) {}
+  at::TensorOptions options() const { return at::TensorOptions().device(table.device()); }
+  int grid(int64_t n_chunks) const {
+    return static_cast<int>(std::min<int64_t>(std::max<int64_t>(n_chunks, 1), 4LL * sm_count(table.device().index())));
+  }
+};
+
+at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_type, bool clip,
+                               at::ScalarType out_dtype) {
+  if (!g.n_chunks) {  // only empty tensors: norm 0, nothing to scale
+    norm_kind(norm_type);
+    return at::zeros({}, at::TensorOptions().device(g.device).dtype(out_dtype));
+  }
+  Launch l(g);
+  at::Tensor out = at::empty({}, l.options().dtype(out_dtype));
+  dispatch_norm_kind(norm_type, [&](auto kind) {
+    dispatch_acc(g.any_double, [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      auto kernel = fused_norm_clip_kernel<decltype(kind)::value, acc_t>;
+      const int grid = static_cast<int>(std::min<int64_t>(g.n_chunks, coresident_blocks(kernel, g.device.index())));
+      at::Tensor partials = at::empty({grid}, l.options().dtype(g.acc_dtype()));
+      const int64_t* table = l.table.data_ptr<int64_t>();
+      int64_t n_tensors = g.n_tensors;
+      acc_t* partials_ptr = partials.data_ptr<acc_t>();
+      void* out_ptr = out.data_ptr();
+      int64_t out_code = dtype_code(out_dtype);
+      acc_t max_norm_acc = static_cast<acc_t>(max_norm);
+      acc_t pw = static_cast<acc_t>(norm_type);
+      bool do_clip = clip;
+      void* args[] = {&table, &n_tensors, &partials_ptr, &out_ptr, &out_code, &max_norm_acc, &pw, &do_clip};
+      C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid),
+                                                 dim3(kThreads), args, 0, l.stream.stream()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (clip) g.write_back();
+  return out;
+}
+
+at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
+  const GradTable g = build_table(tensors, "total_norm");
+  return norm_and_maybe_clip(g, 0.0, norm_type, false, g.acc_dtype());
+}
+
+at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type) {
+  const GradTable g = build_table(grads, "clip_");
+  return norm_and_maybe_clip(g, max_norm, norm_type, true, g.result_dtype);
+}
+
+void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
+  const GradTable g = build_table(grads, "clip_grads_with_norm_");
+  TORCH_CHECK_VALUE(total_norm.device() == g.device && total_norm.numel() == 1,
+                    "fusedclip.clip_grads_with_norm_: total_norm must be a one-element tensor on ", g.device);
+  const int64_t norm_code = dtype_code(total_norm.scalar_type());
+  if (!g.n_chunks) return;
+  Launch l(g);
+  const at::Tensor norm = total_norm.contiguous();
+  dispatch_acc(g.any_double || total_norm.scalar_type() == at::kDouble, [&](auto acc_zero) {
+    using acc_t = decltype(acc_zero);
+    scale_by_norm_kernel<acc_t><<<l.grid(g.n_chunks), kThreads, 0, l.stream.stream()>>>(
+        l.table.data_ptr<int64_t>(), g.n_tensors, norm.data_ptr(), norm_code, static_cast<acc_t>(max_norm));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  g.write_back();
+}
+
+void clamp_cuda(at::TensorList grads, double clip_value) {
+  const GradTable g = build_table(grads, "clip_value_");
+  if (!g.n_chunks) return;
+  Launch l(g);
+  clamp_kernel<<<l.grid(g.n_chunks), kThreads, 0, l.stream.stream()>>>(l.table.data_ptr<int64_t>(), g.n_tensors,
+                                                                       clip_value);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  g.write_back();
+}
+
+std::tuple<at::Tensor, int64_t, bool> table_cuda(at::TensorList tensors) {
+  const GradTable g = build_dense_table(tensors);
+  c10::cuda::CUDAGuard guard(g.device);
+  return {device_table(g, c10::cuda::getCurrentCUDAStream(g.device.index())), g.n_chunks, g.any_double};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
+  m.impl("table", &table_cuda);
+  m.impl("total_norm", &total_norm_cuda);
+  m.impl("clip_", &clip_cuda);
+  m.impl("scale_", &scale_cuda);
+  m.impl("clamp_", &clamp_cuda);
+}
+
+}  // namespace fusedclip

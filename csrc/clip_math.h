@@ -1,0 +1,286 @@
+// The math of a fused clip, shared by the CPU and the CUDA kernel.
+//
+// Everything here is __host__ __device__ (C10_HOST_DEVICE): the chunk-to-tensor
+// mapping, the per-dtype loads and accumulation, the fixed-order reduction of
+// partials and the clip-coefficient rule. The CPU kernel calls these functions
+// with one "lane"; the CUDA kernel with one lane per thread. Only the thread
+// orchestration and the grid-wide sync are GPU-only (clip_cuda.cu).
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+// Unroll the fixed-width loops on both compilers (their pragmas differ).
+#ifdef __CUDACC__
+#define FC_UNROLL _Pragma("unroll")
+#else
+#define FC_UNROLL _Pragma("GCC unroll 64")
+#endif
+
+namespace fusedclip {
+
+// Work is split into chunks of this many elements; a chunk never spans two
+// tensors. A multiple of every vector width, so chunk starts keep the
+// alignment of their tensor's base pointer.
+constexpr int64_t kChunkElems = 16384;
+
+// dtype codes stored in the table
+enum DtypeCode : int64_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+enum class NormKind : int { L2 = 0, Inf = 1, NegInf = 2, P = 3 };
+
+// The device-side table (one int64 tensor), built on the host by build_table():
+//   [ptr[n] | numel[n] | dtype[n] | chunk_begin[n + 1]]
+// chunk_begin is the prefix sum of each tensor's chunk count; its last entry
+// is the total number of chunks.
+struct TableView {
+  const int64_t* data;
+  int64_t n;
+
+  C10_HOST_DEVICE void* ptr(int64_t i) const { return reinterpret_cast<void*>(data[i]); }
+  C10_HOST_DEVICE int64_t numel(int64_t i) const { return data[n + i]; }
+  C10_HOST_DEVICE int64_t dtype(int64_t i) const { return data[2 * n + i]; }
+  C10_HOST_DEVICE int64_t chunk_begin(int64_t i) const { return data[3 * n + i]; }
+  C10_HOST_DEVICE int64_t n_chunks() const { return data[4 * n]; }
+};
+
+constexpr int64_t table_size(int64_t n_tensors) { return 4 * n_tensors + 1; }
+
+// One chunk: which tensor, and which elements of it.
+struct Chunk {
+  int64_t tensor;
+  int64_t offset;  // first element
+  int64_t len;
+};
+
+// Binary search for the last tensor whose first chunk is <= c. Empty tensors
+// own no chunk and share their begin with the next tensor, so "last" skips them.
+C10_HOST_DEVICE inline Chunk locate_chunk(const TableView& t, int64_t c) {
+  int64_t lo = 0, hi = t.n;  // answer in [lo, hi)
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (t.chunk_begin(mid) <= c) lo = mid; else hi = mid;
+  }
+  const int64_t offset = (c - t.chunk_begin(lo)) * kChunkElems;
+  const int64_t left = t.numel(lo) - offset;
+  return Chunk{lo, offset, left < kChunkElems ? left : kChunkElems};
+}
+
+// ---- scalar math, in the accumulation type (float, or double for fp64) ----
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t fc_sqrt(acc_t x) {
+  if constexpr (sizeof(acc_t) == 4) return sqrtf(x); else return sqrt(x);
+}
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t fc_pow(acc_t x, acc_t y) {
+  if constexpr (sizeof(acc_t) == 4) return powf(x, y); else return pow(x, y);
+}
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t fc_inf() {
+  if constexpr (sizeof(acc_t) == 4) return static_cast<acc_t>(HUGE_VALF); else return HUGE_VAL;
+}
+
+// max/min that let a NaN win, as torch's norms do (fmax would drop it).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t max_nan(acc_t a, acc_t b) { return (b > a || b != b) ? b : a; }
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t min_nan(acc_t a, acc_t b) { return (b < a || b != b) ? b : a; }
+
+template <NormKind K, typename acc_t>
+C10_HOST_DEVICE inline acc_t norm_identity() {
+  if constexpr (K == NormKind::NegInf) return fc_inf<acc_t>(); else return acc_t(0);
+}
+
+template <NormKind K, typename acc_t>
+C10_HOST_DEVICE inline acc_t norm_accumulate(acc_t acc, acc_t x, acc_t p) {
+  if constexpr (K == NormKind::L2) {
+    return acc + x * x;
+  } else {
+    const acc_t a = x < acc_t(0) ? -x : x;
+    if constexpr (K == NormKind::Inf) return max_nan(acc, a);
+    else if constexpr (K == NormKind::NegInf) return min_nan(acc, a);
+    else return acc + fc_pow(a, p);
+  }
+}
+
+template <NormKind K, typename acc_t>
+C10_HOST_DEVICE inline acc_t norm_combine(acc_t a, acc_t b) {
+  if constexpr (K == NormKind::Inf) return max_nan(a, b);
+  else if constexpr (K == NormKind::NegInf) return min_nan(a, b);
+  else return a + b;
+}
+
+template <NormKind K, typename acc_t>
+C10_HOST_DEVICE inline acc_t norm_finish(acc_t acc, acc_t p) {
+  if constexpr (K == NormKind::L2) return fc_sqrt(acc);
+  else if constexpr (K == NormKind::P) return fc_pow(acc, acc_t(1) / p);
+  else return acc;
+}
+
+// torch's rule: coef = max_norm / (norm + 1e-6), clamped to at most 1.
+// A NaN norm gives a NaN coef (clamp keeps NaN), an inf norm gives 0.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t clip_coef(acc_t max_norm, acc_t norm) {
+  const acc_t coef = max_norm / (norm + acc_t(1e-6));
+  return coef > acc_t(1) ? acc_t(1) : coef;
+}
+
+// Only a coef of exactly 1 leaves the gradients alone; NaN must still spread.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool needs_scaling(acc_t coef) { return !(coef >= acc_t(1)); }
+
+// The fixed order in which partials are combined: lane l takes partials
+// l, l + nlanes, ... in increasing order. With one lane this is a plain
+// left-to-right sum; on the GPU the lanes are then combined by a fixed tree.
+template <NormKind K, typename acc_t>
+C10_HOST_DEVICE inline acc_t reduce_partials(const acc_t* partials, int64_t n, int64_t lane, int64_t nlanes) {
+  acc_t acc = norm_identity<K, acc_t>();
+  for (int64_t i = lane; i < n; i += nlanes) {
+#ifdef __CUDA_ARCH__
+    acc = norm_combine<K>(acc, __ldcg(partials + i));  // written by other blocks: skip L1
+#else
+    acc = norm_combine<K>(acc, partials[i]);
+#endif
+  }
+  return acc;
+}
+
+// ---- per-dtype element access ----
+
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+
+// Vector of W elements. The GPU uses 16-byte aligned vector loads; the host
+// loads through memcpy, which is fine at any alignment and vectorizes.
+template <typename T, int W>
+struct alignas(sizeof(T) * W) Vec { T v[W]; };
+
+template <typename T, int W>
+C10_HOST_DEVICE inline bool vector_loadable(const T* p) {
+#ifdef __CUDA_ARCH__
+  return reinterpret_cast<uintptr_t>(p) % sizeof(Vec<T, W>) == 0;
+#else
+  (void)p;
+  return true;
+#endif
+}
+
+template <typename T, int W>
+C10_HOST_DEVICE inline Vec<T, W> load_vec(const T* p) {
+#ifdef __CUDA_ARCH__
+  return *reinterpret_cast<const Vec<T, W>*>(p);
+#else
+  Vec<T, W> r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+#endif
+}
+
+template <typename T, int W>
+C10_HOST_DEVICE inline void store_vec(T* p, const Vec<T, W>& x) {
+#ifdef __CUDA_ARCH__
+  *reinterpret_cast<Vec<T, W>*>(p) = x;
+#else
+  std::memcpy(p, &x, sizeof(x));
+#endif
+}
+
+// Accumulate one chunk (n elements at p) into W lane-local accumulators.
+// This lane takes vectors lane, lane + nlanes, ...; the tail that does not fill
+// a vector (or everything, when p is not aligned for vector loads) goes
+// element by element into acc[0].
+template <NormKind K, int W, typename T, typename acc_t>
+C10_HOST_DEVICE inline void accumulate_chunk(acc_t (&acc)[W], const T* p, int64_t n,
+                                             int64_t lane, int64_t nlanes, acc_t pw) {
+  int64_t done = 0;
+  if (vector_loadable<T, W>(p)) {
+    const int64_t nvec = n / W;
+    for (int64_t v = lane; v < nvec; v += nlanes) {
+      const Vec<T, W> x = load_vec<T, W>(p + v * W);
+FC_UNROLL
+      for (int j = 0; j < W; ++j) acc[j] = norm_accumulate<K>(acc[j], static_cast<acc_t>(x.v[j]), pw);
+    }
+    done = nvec * W;
+  }
+  for (int64_t i = done + lane; i < n; i += nlanes)
+    acc[0] = norm_accumulate<K>(acc[0], static_cast<acc_t>(p[i]), pw);
+}
+
+// One chunk's contribution for this lane, folded to a single value.
+template <NormKind K, int W, typename T, typename acc_t>
+C10_HOST_DEVICE inline acc_t chunk_partial(const T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t pw) {
+  acc_t acc[W];
+FC_UNROLL
+  for (int j = 0; j < W; ++j) acc[j] = norm_identity<K, acc_t>();
+  accumulate_chunk<K, W>(acc, p, n, lane, nlanes, pw);
+  acc_t r = acc[0];
+FC_UNROLL
+  for (int j = 1; j < W; ++j) r = norm_combine<K>(r, acc[j]);
+  return r;
+}
+
+// Multiply a chunk in place by coef, computed in the accumulation type.
+template <int W, typename T, typename acc_t>
+C10_HOST_DEVICE inline void scale_chunk(T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t coef) {
+  int64_t done = 0;
+  if (vector_loadable<T, W>(p)) {
+    const int64_t nvec = n / W;
+    for (int64_t v = lane; v < nvec; v += nlanes) {
+      Vec<T, W> x = load_vec<T, W>(p + v * W);
+FC_UNROLL
+      for (int j = 0; j < W; ++j) x.v[j] = static_cast<T>(static_cast<acc_t>(x.v[j]) * coef);
+      store_vec<T, W>(p + v * W, x);
+    }
+    done = nvec * W;
+  }
+  for (int64_t i = done + lane; i < n; i += nlanes)
+    p[i] = static_cast<T>(static_cast<acc_t>(p[i]) * coef);
+}
+
+// clamp(x, -c, c) as torch's clip_grad_value_ does it: clamp_min(-c), then
+// clamp_max(c), each letting NaN through, in the element's opmath type.
+template <typename op_t>
+C10_HOST_DEVICE inline op_t clamp_value(op_t x, op_t c) {
+  x = x < -c ? -c : x;
+  return x > c ? c : x;
+}
+
+template <int W, typename T>
+C10_HOST_DEVICE inline void clamp_chunk(T* p, int64_t n, int64_t lane, int64_t nlanes, double clip_value) {
+  using op_t = typename AccType<T>::type;
+  const op_t c = static_cast<op_t>(clip_value);
+  int64_t done = 0;
+  if (vector_loadable<T, W>(p)) {
+    const int64_t nvec = n / W;
+    for (int64_t v = lane; v < nvec; v += nlanes) {
+      Vec<T, W> x = load_vec<T, W>(p + v * W);
+FC_UNROLL
+      for (int j = 0; j < W; ++j) x.v[j] = static_cast<T>(clamp_value(static_cast<op_t>(x.v[j]), c));
+      store_vec<T, W>(p + v * W, x);
+    }
+    done = nvec * W;
+  }
+  for (int64_t i = done + lane; i < n; i += nlanes)
+    p[i] = static_cast<T>(clamp_value(static_cast<op_t>(p[i]), c));
+}
+
+// Calls f(std::integral_constant<int, W>, T*) with the chunk's pointer typed by
+// its dtype code and the vector width W that makes VecBytes bytes for it.
+template <int VecBytes, typename F>
+C10_HOST_DEVICE inline void with_typed_ptr(int64_t dtype, void* ptr, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(std::integral_constant<int, VecBytes / 4>{}, static_cast<float*>(ptr)); break;
+    case kFloat16: f(std::integral_constant<int, VecBytes / 2>{}, static_cast<c10::Half*>(ptr)); break;
+    case kBFloat16: f(std::integral_constant<int, VecBytes / 2>{}, static_cast<c10::BFloat16*>(ptr)); break;
+    default: f(std::integral_constant<int, VecBytes / 8>{}, static_cast<double*>(ptr)); break;
+  }
+}
+
+}  // namespace fusedclip

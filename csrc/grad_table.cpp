@@ -1,0 +1,77 @@
+#include "grad_table.h"
+
+#include <cmath>
+
+namespace fusedclip {
+
+int64_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kFloat32;
+    case at::kHalf: return kFloat16;
+    case at::kBFloat16: return kBFloat16;
+    case at::kDouble: return kFloat64;
+    default:
+      TORCH_CHECK_TYPE(false, "fusedclip: gradients must be float32, float64, float16 or bfloat16, got ", t);
+  }
+}
+
+NormKind norm_kind(double p) {
+  TORCH_CHECK_VALUE(!std::isnan(p), "fusedclip: norm_type must not be NaN");
+  TORCH_CHECK_VALUE(p != 0.0, "fusedclip: norm_type 0 is handled by the Python layer, not by the kernels");
+  if (p == 2.0) return NormKind::L2;
+  if (std::isinf(p)) return p > 0 ? NormKind::Inf : NormKind::NegInf;
+  return NormKind::P;
+}
+
+GradTable build_table(at::TensorList tensors, const char* op) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "fusedclip.", op, ": empty tensor list");
+  GradTable g;
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  g.n_tensors = n;
+  g.device = tensors[0].device();
+  g.result_dtype = tensors[0].scalar_type();
+  g.table.resize(table_size(n));
+  int64_t* ptrs = g.table.data();
+  int64_t* numels = ptrs + n;
+  int64_t* dtypes = numels + n;
+  int64_t* chunk_begin = dtypes + n;
+  int64_t chunks = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_VALUE(t.defined(), "fusedclip.", op, ": tensor ", i, " is undefined");
+    TORCH_CHECK_NOT_IMPLEMENTED(t.layout() == at::kStrided, "fusedclip.", op, ": tensor ", i, " has layout ",
+                                t.layout(), "; only dense (strided) gradients are supported, use backend='torch'");
+    TORCH_CHECK_VALUE(t.device() == g.device, "fusedclip.", op, ": tensors on several devices (", g.device,
+                      " and ", t.device(), ")");
+    const at::ScalarType st = t.scalar_type();
+    dtypes[i] = dtype_code(st);
+    if (st != g.result_dtype) g.result_dtype = at::promote_types(g.result_dtype, st);
+    g.any_double |= st == at::kDouble;
+    const int64_t numel = t.numel();
+    const at::Tensor* dense = &t;
+    if (numel > 0 && !t.is_non_overlapping_and_dense()) {
+      g.copies.emplace_back(t, t.contiguous());
+      dense = &g.copies.back().second;
+    }
+    // A dense tensor, whatever its strides, covers [data_ptr, data_ptr + numel).
+    ptrs[i] = reinterpret_cast<int64_t>(dense->data_ptr());
+    numels[i] = numel;
+    chunk_begin[i] = chunks;
+    chunks += (numel + kChunkElems - 1) / kChunkElems;
+  }
+  chunk_begin[n] = chunks;
+  g.n_chunks = chunks;
+  return g;
+}
+
+GradTable build_dense_table(at::TensorList tensors) {
+  GradTable g = build_table(tensors, "table");
+  TORCH_CHECK_VALUE(g.copies.empty(), "fusedclip.table: every tensor must be dense (is_non_overlapping_and_dense)");
+  return g;
+}
+
+void GradTable::write_back() const {
+  for (const auto& [original, copy] : copies) original.copy_(copy);
+}
+
+}  // namespace fusedclip

@@ -1,0 +1,62 @@
+// Host-side code shared by the CPU and the CUDA launchers: validation of the
+// tensor list, the table of pointers/sizes/dtypes both kernels walk, and the
+// compile-time dispatch on norm kind and accumulation type.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "clip_math.h"
+
+namespace fusedclip {
+
+struct GradTable {
+  std::vector<int64_t> table;  // the layout of TableView, ready to copy to the device
+  int64_t n_tensors = 0;
+  int64_t n_chunks = 0;
+  bool any_double = false;              // accumulate in fp64 when any tensor is fp64
+  at::ScalarType result_dtype = at::kFloat;  // promotion of the tensors' dtypes (what torch returns)
+  at::Device device = at::kCPU;
+  // Tensors that are not dense in memory are processed through a dense copy;
+  // in-place ops copy the result back (pairs of original, copy).
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+
+  TableView view() const { return TableView{table.data(), n_tensors}; }
+  at::ScalarType acc_dtype() const { return any_double ? at::kDouble : at::kFloat; }
+  // After an in-place op: move the results of dense copies into their originals.
+  void write_back() const;
+};
+
+// Validates tensors (non-empty list, strided floating tensors on one device)
+// and builds their table. Raises before anything is written.
+GradTable build_table(at::TensorList tensors, const char* op);
+
+NormKind norm_kind(double norm_type);
+
+// Calls f(std::integral_constant<NormKind, K>) for the kind of this norm_type.
+template <typename F>
+void dispatch_norm_kind(double norm_type, F&& f) {
+  switch (norm_kind(norm_type)) {
+    case NormKind::L2: f(std::integral_constant<NormKind, NormKind::L2>{}); break;
+    case NormKind::Inf: f(std::integral_constant<NormKind, NormKind::Inf>{}); break;
+    case NormKind::NegInf: f(std::integral_constant<NormKind, NormKind::NegInf>{}); break;
+    case NormKind::P: f(std::integral_constant<NormKind, NormKind::P>{}); break;
+  }
+}
+
+// Calls f(acc_t{}) with float, or double when fp64 is involved.
+template <typename F>
+void dispatch_acc(bool use_double, F&& f) {
+  if (use_double) f(double{}); else f(float{});
+}
+
+// For the `table` op: tensors must be dense, since the caller cannot be handed copies to write back.
+GradTable build_dense_table(at::TensorList tensors);
+
+// The dtype code of a 0-dim norm tensor (any float dtype).
+int64_t dtype_code(at::ScalarType t);
+
+}  // namespace fusedclip

@@ -1,0 +1,56 @@
+// The operator schemas (one place for both backends) and the Python module.
+// The CPU kernels are registered in clip_cpu.cpp, the CUDA ones in clip_cuda.cu.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "clip_math.h"
+
+// Set by the build (scripts/build_config.py), for `python -m fusedclip info`.
+#ifndef FUSEDCLIP_CUDA_ARCHS
+#define FUSEDCLIP_CUDA_ARCHS ""
+#endif
+#ifndef FUSEDCLIP_TORCH_VERSION
+#define FUSEDCLIP_TORCH_VERSION "unknown"
+#endif
+
+extern "C" {
+// Importing fusedclip._C loads this library, and with it the registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace fusedclip {
+
+// "key=value;..." describing how the extension was built.
+std::string build_info() {
+#ifdef FUSEDCLIP_WITH_CUDA
+  const std::string cuda = "1";
+#else
+  const std::string cuda = "0";
+#endif
+  return "cuda=" + cuda + ";cuda_archs=" + FUSEDCLIP_CUDA_ARCHS + ";torch=" + FUSEDCLIP_TORCH_VERSION +
+         ";chunk_elems=" + std::to_string(kChunkElems);
+}
+
+TORCH_LIBRARY(fusedclip, m) {
+  // Norm of all tensors, accumulated and returned in fp32 (fp64 if any is fp64).
+  m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  // The fused clip: norm, then (only if coef < 1) in-place scaling; returns the
+  // norm in the promotion of the grads' dtypes, as torch does.
+  m.def("clip_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
+  // Scale by max_norm / (total_norm + 1e-6) when that is < 1.
+  m.def("scale_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()");
+  // clamp(-clip_value, clip_value) in place.
+  m.def("clamp_(Tensor(a!)[] grads, float clip_value) -> ()");
+  // The kernels' table of the tensors (csrc/clip_math.h: TableView), on their device (cached there), with
+  // the number of chunks and whether fp64 accumulation is needed: for kernels written outside this
+  // library (the Triton backend). Every tensor must be dense (is_non_overlapping_and_dense).
+  m.def("table(Tensor[] tensors) -> (Tensor, int, bool)");
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace fusedclip

@@ -1,0 +1,18 @@
+"""fusedclip: fast, exact gradient clipping for PyTorch.
+
+    import fusedclip
+    total_norm = fusedclip.clip_(model.parameters(), max_norm=1.0)
+
+A drop-in for torch.nn.utils.clip_grad_norm_ (and friends): on CUDA one kernel
+launch computes the norm of all gradients and scales them in place; on CPU one
+fused C++ kernel does the same.
+"""
+from . import _ext  # noqa: F401  (loads the compiled operators first)
+from .backends import available_backends
+from .clip import (clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, clip_value_,
+                   get_total_norm)
+
+__version__ = "0.1.0"
+
+__all__ = ["clip_", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_value_",
+           "clip_grad_value_", "available_backends"]

@@ -1,0 +1,53 @@
+"""python -m fusedclip info | bench"""
+import argparse
+import sys
+
+
+def info():
+    import torch
+
+    import fusedclip
+    from fusedclip import _ext
+
+    print(f"fusedclip {fusedclip.__version__}")
+    print(f"torch     {torch.__version__} (CUDA {torch.version.cuda})")
+    try:
+        import triton
+
+        print(f"triton    {triton.__version__}")
+    except ImportError:
+        print("triton    not installed")
+    if _ext.LOADED:
+        b = _ext.build_info()
+        archs = f"CUDA kernels for {b['cuda_archs']}" if b["cuda"] else "no CUDA kernels"
+        print(f"extension loaded, built against torch {b['torch']}, {archs}")
+    else:
+        print(f"extension NOT loaded: {_ext.LOAD_ERROR}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"GPU {i}     {p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                  f"{p.total_memory / 2**30:.0f} GiB)")
+    else:
+        print("GPU       none visible")
+    for device in ("cpu", "cuda"):
+        print(f"backends for {device}: {fusedclip.available_backends(device)}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fusedclip")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, build, GPU and available backends")
+    bench = sub.add_parser("bench", help="benchmark against torch (see bench/)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    if ns.cmd == "info":
+        info()
+    else:
+        from fusedclip import bench as _bench
+
+        return _bench.main(ns.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The backend registry: which implementations exist, which work for a device type,
+and what "auto" picks.
+
+A backend object has `name`, `available(device_type) -> (bool, why_not)` and the
+four list operations of ops.NativeBackend (total_norm, clip, scale, clamp). The
+"torch" backend is special-cased by the public functions: it hands the call to
+torch.nn.utils unchanged.
+"""
+import torch
+
+from .ops import NativeBackend
+
+
+class TorchBackend:
+    name = "torch"
+
+    @staticmethod
+    def available(device_type):
+        if device_type == "cuda" and not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible"
+        return True, ""
+
+
+# In the order "auto" prefers them (fastest first).
+BACKENDS = {"native": NativeBackend, "torch": TorchBackend}
+AUTO_ORDER = ["native", "torch"]
+
+
+def register(backend, before="torch"):
+    """Adds a backend (the Triton one registers itself here); "auto" tries it just before `before`."""
+    BACKENDS[backend.name] = backend
+    if backend.name not in AUTO_ORDER:
+        AUTO_ORDER.insert(AUTO_ORDER.index(before), backend.name)
+
+
+def _device_type(device):
+    return torch.device(device).type
+
+
+def available_backends(device="cpu"):
+    """Names of the backends that work for tensors of this device type, "auto"'s preference first."""
+    dt = _device_type(device)
+    return [name for name in AUTO_ORDER if BACKENDS[name].available(dt)[0]]
+
+
+_resolved = {}  # (requested, device type) -> backend; availability does not change within a process
+
+
+def resolve(backend, device_type):
+    """The backend object for a name ("auto" included) and a device type; a clear error if it cannot run."""
+    key = (backend, device_type)
+    hit = _resolved.get(key)
+    if hit is not None:
+        return hit
+    if backend == "auto":
+        for name in AUTO_ORDER:
+            if BACKENDS[name].available(device_type)[0]:
+                _resolved[key] = BACKENDS[name]
+                return BACKENDS[name]
+        raise RuntimeError(f"fusedclip: no backend can run on {device_type} tensors")
+    if backend not in BACKENDS:
+        raise ValueError(f"fusedclip: unknown backend {backend!r}; the backends are {sorted(BACKENDS)} or 'auto' "
+                         f"(available for {device_type}: {available_backends(device_type)})")
+    ok, why = BACKENDS[backend].available(device_type)
+    if not ok:
+        raise RuntimeError(f"fusedclip: backend {backend!r} is not available for {device_type} tensors: {why}. "
+                           f"Available for {device_type}: {available_backends(device_type)}")
+    _resolved[key] = BACKENDS[backend]
+    return BACKENDS[backend]

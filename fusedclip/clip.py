@@ -1,0 +1,191 @@
+"""The public functions: torch.nn.utils' clipping API, backed by fused kernels.
+
+The hot path (clip_ with the default arguments, all grads on one device) is one
+list comprehension and one operator call; everything else (several devices,
+error_if_nonfinite, norm_type 0, bad input) goes through the slower paths below.
+"""
+import math
+
+import torch
+
+from . import backends
+from .ops import acc_dtype, result_dtype
+
+_NONFINITE = ("The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be clipped. "
+              "To disable this error and scale the gradients by the non-finite norm anyway, set "
+              "`error_if_nonfinite=False`")
+
+
+def _as_list(tensors):
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def _grads(params, fn):
+    try:
+        return [p.grad for p in params if p.grad is not None]
+    except AttributeError:
+        _check_tensors(params, fn, "parameters")
+        raise
+
+
+def _check_tensors(items, fn, what):
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fusedclip.{fn}: {what} must be Tensors, but item {i} is a {type(t).__name__}")
+
+
+def _norm_type(norm_type, fn):
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"fusedclip.{fn}: norm_type must be a number or 'inf', got {norm_type!r}") from None
+    if math.isnan(p):
+        raise ValueError(f"fusedclip.{fn}: norm_type must not be NaN")
+    return p
+
+
+def _number(x, fn, what):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"fusedclip.{fn}: {what} must be a number, got {x!r}") from None
+
+
+def _by_device(tensors):
+    groups = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
+
+
+def _call(op, tensors, fn, *args):
+    """op(tensors, *args) for one device. Returns (True, result), or (False, None) when the tensors span
+    several devices (the caller then goes device by device); other failures become clear errors."""
+    try:
+        return True, op(tensors, *args)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
+        _check_tensors(tensors, fn, "gradients" if fn != "get_total_norm" else "tensors")
+        for i, t in enumerate(tensors):
+            if t.layout != torch.strided:
+                raise NotImplementedError(f"fusedclip.{fn}: tensor {i} is {t.layout}; only dense gradients are "
+                                          "supported by the fused kernels (backend='torch' handles sparse ones)")
+        if len({t.device for t in tensors}) > 1:
+            return False, None
+        raise
+
+
+def _total_norm(grads, p, be, fn):
+    """The norm of all grads in the accumulation dtype (fp32, or fp64 when any grad is fp64), any devices."""
+    if p == 0.0:
+        # torch's definition (the norm of the per-tensor norms) makes p=0 count the tensors with a nonzero
+        # (or NaN) element; fusedclip keeps that.
+        first = grads[0].device
+        return torch.stack([(g != 0).any().to(first) for g in grads]).sum().to(acc_dtype(grads))
+    ok, norm = _call(be.total_norm, grads, fn, p)
+    if ok:
+        return norm
+    dtype = acc_dtype(grads)
+    first = grads[0].device
+    norms = [be.total_norm(group, p).to(first, dtype) for group in _by_device(grads).values()]
+    return torch.linalg.vector_norm(torch.stack(norms), p)
+
+
+def _scale(grads, max_norm, norm, be, fn):
+    ok, _ = _call(be.scale, grads, fn, max_norm, norm.to(grads[0].device))
+    if not ok:
+        for device, group in _by_device(grads).items():
+            be.scale(group, max_norm, norm.to(device))
+
+
+def _check_finite(norm, p):
+    if not torch.isfinite(norm):  # a host sync, as in torch: only with error_if_nonfinite=True
+        raise RuntimeError(_NONFINITE.format(p=p))
+
+
+@torch.no_grad()
+def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto"):
+    """Clips the gradient norm of `parameters` in place; returns the total norm (before clipping).
+
+    Same arguments and result as torch.nn.utils.clip_grad_norm_. `foreach` is accepted and ignored: the
+    fused kernels handle every tensor in one pass. `backend`: "auto", "native", "triton" or "torch".
+    """
+    params = _as_list(parameters)
+    grads = _grads(params, "clip_")
+    device_type = grads[0].device.type if grads else "cpu"
+    be = backends.resolve(backend, device_type)
+    p = _norm_type(norm_type, "clip_")
+    max_norm = _number(max_norm, "clip_", "max_norm")
+    if be.name == "torch":
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
+    if not grads:
+        return torch.tensor(0.0)
+    if p != 0.0 and not error_if_nonfinite:
+        ok, norm = _call(be.clip, grads, "clip_", max_norm, p)
+        if ok:
+            return norm
+    norm = _total_norm(grads, p, be, "clip_")
+    if error_if_nonfinite:
+        _check_finite(norm, p)
+    _scale(grads, max_norm, norm, be, "clip_")
+    return norm.to(result_dtype(grads))
+
+
+clip_grad_norm_ = clip_
+
+
+@torch.no_grad()
+def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto"):
+    """The norm of `tensors` (usually gradients) as if they were one vector; like
+    torch.nn.utils.get_total_norm, but accumulated in fp32 (fp64 for fp64 tensors) whatever their dtype."""
+    tensors = _as_list(tensors)
+    device_type = tensors[0].device.type if tensors and isinstance(tensors[0], torch.Tensor) else "cpu"
+    be = backends.resolve(backend, device_type)
+    p = _norm_type(norm_type, "get_total_norm")
+    if be.name == "torch":
+        return torch.nn.utils.get_total_norm(tensors, p, error_if_nonfinite, foreach)
+    if not tensors:
+        return torch.tensor(0.0)
+    norm = _total_norm(tensors, p, be, "get_total_norm")
+    if error_if_nonfinite:
+        _check_finite(norm, p)
+    return norm.to(result_dtype(tensors))
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, backend="auto"):
+    """Scales the gradients of `parameters` by max_norm / (total_norm + 1e-6) when that is below 1, as
+    torch.nn.utils.clip_grads_with_norm_ does; the coefficient is computed in fp32 (fp64 for fp64)."""
+    params = _as_list(parameters)
+    grads = _grads(params, "clip_grads_with_norm_")
+    be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
+    max_norm = _number(max_norm, "clip_grads_with_norm_", "max_norm")
+    if be.name == "torch":
+        return torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm, foreach)
+    if not grads:
+        return None
+    if not isinstance(total_norm, torch.Tensor):
+        total_norm = torch.tensor(_number(total_norm, "clip_grads_with_norm_", "total_norm"))
+    _scale(grads, max_norm, total_norm, be, "clip_grads_with_norm_")
+    return None
+
+
+@torch.no_grad()
+def clip_value_(parameters, clip_value, foreach=None, *, backend="auto"):
+    """Clamps the gradients of `parameters` to [-clip_value, clip_value] in place, as
+    torch.nn.utils.clip_grad_value_ does."""
+    params = _as_list(parameters)
+    grads = _grads(params, "clip_value_")
+    be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
+    clip_value = _number(clip_value, "clip_value_", "clip_value")
+    if be.name == "torch":
+        return torch.nn.utils.clip_grad_value_(params, clip_value, foreach)
+    if not grads:
+        return None
+    ok, _ = _call(be.clamp, grads, "clip_value_", clip_value)
+    if not ok:
+        for group in _by_device(grads).values():
+            be.clamp(group, clip_value)
+    return None
+
+
+clip_grad_value_ = clip_value_

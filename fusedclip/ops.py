@@ -1,0 +1,76 @@
+"""The compiled operators (torch.ops.fusedclip.*, declared in csrc/ops.cpp): the
+shape-and-dtype ("fake") implementations torch.compile traces with, and the
+"native" backend that calls them."""
+import functools
+
+import torch
+
+from . import _ext
+
+
+def result_dtype(tensors):
+    """What torch's clip_grad_norm_ returns: the promotion of the tensors' dtypes."""
+    return functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+
+
+def acc_dtype(tensors):
+    """The accumulation dtype: fp64 when any tensor is fp64, else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+if _ext.LOADED:
+
+    @torch.library.register_fake("fusedclip::total_norm")
+    def _total_norm_fake(tensors, norm_type):
+        return tensors[0].new_empty((), dtype=acc_dtype(tensors))
+
+    @torch.library.register_fake("fusedclip::clip_")
+    def _clip_fake(grads, max_norm, norm_type):
+        return grads[0].new_empty((), dtype=result_dtype(grads))
+
+    @torch.library.register_fake("fusedclip::scale_")
+    def _scale_fake(grads, max_norm, total_norm):
+        return None
+
+    @torch.library.register_fake("fusedclip::clamp_")
+    def _clamp_fake(grads, clip_value):
+        return None
+
+
+class NativeBackend:
+    """The compiled kernels: the CPU kernel for CPU tensors, the one-launch CUDA kernel for CUDA tensors.
+    Every method takes a non-empty list of tensors on one device."""
+
+    name = "native"
+
+    @staticmethod
+    def available(device_type):
+        if not _ext.LOADED:
+            return False, f"the fusedclip extension did not load ({_ext.LOAD_ERROR}): {_ext.HOW_TO_BUILD}"
+        if device_type == "cpu":
+            return True, ""
+        if device_type == "cuda":
+            if not _ext.HAS_CUDA_KERNELS:
+                return False, f"the extension was built without CUDA kernels: {_ext.HOW_TO_BUILD_CUDA}"
+            if not torch.cuda.is_available():
+                return False, "no CUDA GPU is visible"
+            return True, ""
+        return False, f"there is no native kernel for {device_type} tensors"
+
+    @staticmethod
+    def total_norm(tensors, norm_type):
+        """0-dim norm in the accumulation dtype (fp32, fp64 when any tensor is fp64)."""
+        return torch.ops.fusedclip.total_norm(tensors, norm_type)
+
+    @staticmethod
+    def clip(grads, max_norm, norm_type):
+        """The fused clip; returns the norm in the promoted dtype of the grads."""
+        return torch.ops.fusedclip.clip_(grads, max_norm, norm_type)
+
+    @staticmethod
+    def scale(grads, max_norm, total_norm):
+        torch.ops.fusedclip.scale_(grads, max_norm, total_norm)
+
+    @staticmethod
+    def clamp(grads, clip_value):
+        torch.ops.fusedclip.clamp_(grads, clip_value)

@@ -1,0 +1,51 @@
+"""Builds fusedclip._C with torch.utils.cpp_extension.
+
+    pip install --no-build-isolation -e .
+
+The build decisions (CUDA or not, architectures, include fixes) live in
+scripts/build_config.py, shared with CMakeLists.txt; its docstring lists the
+environment switches.
+"""
+import os
+import sys
+
+from setuptools import setup
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+import build_config  # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    sys.exit("fusedclip: torch must be installed before building (pip install torch), and the build must "
+             "see it: pip install --no-build-isolation .")
+
+try:
+    with_cuda, why_not = build_config.want_cuda()
+except build_config.BuildError as e:
+    sys.exit(f"fusedclip: {e}")
+if with_cuda:  # cpp_extension reads CUDA_HOME when it is imported
+    os.environ["CUDA_HOME"] = build_config.cuda_home()
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+defines = [f'-DFUSEDCLIP_TORCH_VERSION="{torch.__version__}"']
+sources = list(build_config.CPU_SOURCES)
+extra = {"cxx": build_config.CXX_FLAGS + defines}
+if with_cuda:
+    home = os.environ["CUDA_HOME"]
+    arch_list = build_config.cuda_arch_list(home)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by cpp_extension for the -gencode flags
+    cuda_defines = ["-DFUSEDCLIP_WITH_CUDA", f'-DFUSEDCLIP_CUDA_ARCHS="{arch_list.replace(";", " ")}"']
+    sources += build_config.CUDA_SOURCES
+    extra["cxx"] += cuda_defines
+    extra["nvcc"] = build_config.NVCC_FLAGS + defines + cuda_defines
+    print(f"fusedclip: building the CUDA kernels for {arch_list} with {home}")
+    ext = CUDAExtension("fusedclip._C", sources, extra_compile_args=extra,
+                        include_dirs=build_config.extra_include_dirs(home))
+else:
+    print(f"fusedclip: building without CUDA kernels ({why_not}); the CPU kernel and the torch backend work")
+    ext = CppExtension("fusedclip._C", sources, extra_compile_args=extra)
+
+# Name, version and packages are in pyproject.toml.
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
