@@ -180,7 +180,7 @@ at::Tensor device_table(const GradTable& g, const c10::cuda::CUDAStream& stream)
   at::Tensor host = at::empty({static_cast<int64_t>(g.table.size())},
                               at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(g.table.begin(), g.table.end(), host.data_ptr<int64_t>());
-  at::Tensor table = at::empty_like(host, at::TensorOptions().device(g.device).pinned_memory(false));
+  at::Tensor table = at::empty({static_cast<int64_t>(g.table.size())}, at::TensorOptions().dtype(at::kLong).device(g.device));
   table.copy_(host, /*non_blocking=*/true);
   cache.push_front(CachedTable{device, g.table, table, stream.stream(), false});
   // Evict the least recently used entries that no graph depends on.

@@ -11,18 +11,27 @@ import torch
 from . import backends
 from .ops import acc_dtype, result_dtype
 
+# torch's own functions, captured at import: backend="torch" calls these, so fusedclip.patch_torch() (which
+# routes torch.nn.utils' names to fusedclip) cannot make them call themselves.
+_torch_clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
+_torch_get_total_norm = torch.nn.utils.get_total_norm
+_torch_clip_grads_with_norm_ = torch.nn.utils.clip_grads_with_norm_
+_torch_clip_grad_value_ = torch.nn.utils.clip_grad_value_
+
 _NONFINITE = ("The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be clipped. "
               "To disable this error and scale the gradients by the non-finite norm anyway, set "
               "`error_if_nonfinite=False`")
 
 
 def _as_list(tensors):
-    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    return tensors if isinstance(tensors, (list, tuple)) else list(tensors)
 
 
 def _grads(params, fn):
     try:
-        return [p.grad for p in params if p.grad is not None]
+        return [g for p in params if (g := p.grad) is not None]
     except AttributeError:
         _check_tensors(params, fn, "parameters")
         raise
@@ -116,7 +125,7 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     p = _norm_type(norm_type, "clip_")
     max_norm = _number(max_norm, "clip_", "max_norm")
     if be.name == "torch":
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
+        return _torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
     if not grads:
         return torch.tensor(0.0)
     if p != 0.0 and not error_if_nonfinite:
@@ -142,7 +151,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     be = backends.resolve(backend, device_type)
     p = _norm_type(norm_type, "get_total_norm")
     if be.name == "torch":
-        return torch.nn.utils.get_total_norm(tensors, p, error_if_nonfinite, foreach)
+        return _torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
     if not tensors:
         return torch.tensor(0.0)
     norm = _total_norm(tensors, p, be, "get_total_norm")
@@ -160,7 +169,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
     max_norm = _number(max_norm, "clip_grads_with_norm_", "max_norm")
     if be.name == "torch":
-        return torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm, foreach)
+        return _torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
     if not grads:
         return None
     if not isinstance(total_norm, torch.Tensor):
@@ -178,7 +187,7 @@ def clip_value_(parameters, clip_value, foreach=None, *, backend="auto"):
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
     clip_value = _number(clip_value, "clip_value_", "clip_value")
     if be.name == "torch":
-        return torch.nn.utils.clip_grad_value_(params, clip_value, foreach)
+        return _torch_clip_grad_value_(params, clip_value, foreach)
     if not grads:
         return None
     ok, _ = _call(be.clamp, grads, "clip_value_", clip_value)

@@ -1,0 +1,254 @@
+"""The GPU checks that are not unit tests: CUDA-graph replay, torch.compile, two streams at once, 20,000
+tensors, a gradient set larger than L2, Transformer-shaped sets, repeatability. Every result is compared
+with a float64 reference and with torch. Run by scripts/gpu_check.sh; `--device cpu` runs the subset that
+makes sense on a CPU (a dry run of this script's logic).
+
+Prints one PASS/FAIL line per check and exits non-zero if any failed.
+"""
+import argparse
+import math
+import sys
+import time
+import traceback
+
+import torch
+
+import fusedclip
+
+
+def ref_norm(grads, p=2.0):
+    return torch.linalg.vector_norm(torch.cat([g.detach().double().reshape(-1) for g in grads]), p).item()
+
+
+def make(shapes, dtype, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.zeros(s, dtype=dtype, device=device))
+        p.grad = torch.randn(s, generator=g).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def clone(params):
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def close(a, b, rel):
+    return abs(a - b) <= rel * max(abs(b), 1e-30)
+
+
+def gpt2_small_shapes():
+    d, layers, vocab, ctx = 768, 12, 50257, 1024
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def llama_layer_shapes(layers=2):
+    d, ff = 4096, 11008
+    shapes = [(32000, d)]
+    for _ in range(layers):
+        shapes += [(d, d)] * 4 + [(ff, d), (ff, d), (d, ff), (d,), (d,)]
+    return shapes + [(d,)]
+
+
+CHECKS = []
+
+
+def check(gpu_only=False):
+    def register(f):
+        CHECKS.append((f, gpu_only))
+        return f
+    return register
+
+
+def parity(params, max_norm, backend, p=2.0, rel=2e-6):
+    """clip_ on params against the float64 reference and torch; returns a problem or None."""
+    grads0 = [q.grad.clone() for q in params]
+    ref = ref_norm(grads0, p)
+    theirs = clone(params)
+    norm = fusedclip.clip_(params, max_norm, p, backend=backend)
+    torch_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm, p)
+    if not close(norm.double().item(), ref, rel + {torch.bfloat16: 2**-8, torch.float16: 2**-11}.get(norm.dtype, 0)):
+        return f"norm {norm.item()} vs float64 {ref}"
+    # torch's own error can be large (fp32 sums over 38M elements, bf16 per-tensor norms): ours must not be worse
+    torch_err = abs(torch_norm.double().item() - ref) / ref
+    if abs(norm.double().item() - ref) / ref > max(2 * torch_err, rel):
+        return f"norm {norm.item()} further from float64 {ref} than torch's {torch_norm.item()}"
+    coef = min(max_norm / (ref + 1e-6), 1.0)
+    for q, g0, t in zip(params, grads0, theirs):
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 1e-3, torch.float64: 1e-9}[g0.dtype]
+        torch.testing.assert_close(q.grad.double(), g0.double() * coef, rtol=tol, atol=1e-6)
+        torch.testing.assert_close(q.grad.double(), t.grad.double(), rtol=2 * tol + 2 * torch_err, atol=1e-6)
+    return None
+
+
+@check()
+def transformer_sets(device, backend):
+    assert parity(make(gpt2_small_shapes(), torch.float32, device, 1), 1.0, backend) is None
+    assert parity(make(llama_layer_shapes(1 if device == "cpu" else 2), torch.bfloat16, device, 2), 1.0, backend) \
+        is None
+    mixed = make([(1000, 37), (513,), (7,)] * 20, torch.bfloat16, device, 3) + \
+        make([(4096,), (77,)] * 20, torch.float32, device, 4) + make([(999,)] * 5, torch.float16, device, 5)
+    assert parity(mixed, 1.0, backend) is None
+    assert parity(mixed, 1e9, backend, p=math.inf) is None
+
+
+@check()
+def nonfinite(device, backend):
+    for bad in (float("nan"), float("inf")):
+        params = make([(10000,), (33, 7)], torch.float32, device, 6)
+        params[1].grad[3, 3] = bad
+        before = [q.grad.clone() for q in params]
+        try:
+            fusedclip.clip_(params, 1.0, error_if_nonfinite=True, backend=backend)
+            raise AssertionError("no error for a non-finite norm")
+        except RuntimeError as e:
+            assert "non-finite" in str(e)
+        assert all(same_bits(q.grad, b) for q, b in zip(params, before)), "grads changed by a failed call"
+        theirs = clone(params)
+        n = fusedclip.clip_(params, 1.0, backend=backend)
+        t = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+        torch.testing.assert_close(n, t, equal_nan=True)
+        for q, r in zip(params, theirs):
+            torch.testing.assert_close(q.grad, r.grad, equal_nan=True)
+
+
+@check()
+def many_tensors(device, backend):
+    g = torch.Generator().manual_seed(7)
+    shapes = [(int(n),) for n in torch.randint(1, 700, (20000,), generator=g)]
+    assert parity(make(shapes, torch.float32, device, 8), 1.0, backend) is None
+
+
+@check()
+def repeatable(device, backend):
+    params = make([(3_000_000,), (1000, 999), (5,)] * 2, torch.bfloat16, device, 9)
+    runs = []
+    for _ in range(5):
+        q = clone(params)
+        runs.append((fusedclip.clip_(q, 0.5, backend=backend), [x.grad for x in q]))
+    for n, grads in runs[1:]:
+        assert same_bits(n, runs[0][0]), "norm differs between identical calls"
+        assert all(same_bits(a, b) for a, b in zip(grads, runs[0][1])), "grads differ between identical calls"
+
+
+@check(gpu_only=True)
+def larger_than_l2(device, backend):
+    params = make([(64 * 2**20,)] * 4, torch.float32, device, 10)  # 1 GiB of fp32 gradients
+    assert parity(params, 1.0, backend, rel=5e-6) is None
+
+
+@check(gpu_only=True)
+def cuda_graph_replay(device, backend):
+    params = make([(4096, 1024), (1024,), (333, 77), (0,), (5,)], torch.float32, device, 11)
+    params += make([(2048, 512)], torch.bfloat16, device, 12)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the capture, on a side stream as torch recommends
+        fusedclip.clip_(clone(params), 1.0, backend=backend)
+        fusedclip.clip_(params, 1e9, backend=backend)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm_out = fusedclip.clip_(params, 1.0, backend=backend)
+    for step in range(3):
+        fresh = make([tuple(q.shape) for q in params], torch.float32, device, 100 + step)
+        for q, f in zip(params, fresh):
+            q.grad.copy_(f.grad * (step + 1))
+        eager = clone(params)
+        graph.replay()
+        n_eager = fusedclip.clip_(eager, 1.0, backend=backend)
+        torch.cuda.synchronize()
+        assert same_bits(norm_out, n_eager), f"replay {step}: norm {norm_out.item()} vs eager {n_eager.item()}"
+        assert all(same_bits(q.grad, e.grad) for q, e in zip(params, eager)), f"replay {step}: grads differ"
+
+
+@check()
+def compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+
+    def step(params):
+        n = fusedclip.clip_(params, 1.0, backend=backend)
+        with torch.no_grad():
+            for q in params:
+                q.sub_(0.01 * q.grad)
+        return n
+
+    params = make([(256, 128), (128,), (10, 256)], torch.float32, device, 13)
+    eager = clone(params)
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):
+        for q, e in zip(params, eager):
+            q.grad = torch.randn_like(q) * 10
+            e.grad = q.grad.clone()
+        assert same_bits(compiled(params), step(eager))
+        assert all(same_bits(q.detach(), e.detach()) for q, e in zip(params, eager))
+
+
+@check(gpu_only=True)
+def two_streams(device, backend):
+    a = make([(8 * 2**20,), (1000, 17)], torch.float32, device, 14)
+    b = make([(6 * 2**20,), (999,)], torch.bfloat16, device, 15)
+    ref_a, ref_b = clone(a), clone(b)
+    na_ref = fusedclip.clip_(ref_a, 1.0, backend=backend)
+    nb_ref = fusedclip.clip_(ref_b, 2.0, backend=backend)
+    for _ in range(3):
+        qa, qb = clone(a), clone(b)
+        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(s1):
+            na = fusedclip.clip_(qa, 1.0, backend=backend)
+        with torch.cuda.stream(s2):
+            nb = fusedclip.clip_(qb, 2.0, backend=backend)
+        torch.cuda.synchronize()
+        assert same_bits(na, na_ref) and same_bits(nb, nb_ref), "concurrent clips differ from sequential ones"
+        assert all(same_bits(x.grad, y.grad) for x, y in zip(qa + qb, ref_a + ref_b))
+
+
+@check(gpu_only=True)
+def several_devices(device, backend):
+    params = make([(1000,), (77, 3)], torch.float32, "cpu", 16) + make([(5000,), (9, 9)], torch.bfloat16, device, 17)
+    ref = ref_norm([q.grad for q in params])
+    n = fusedclip.clip_(params, 1.0, backend=backend)
+    assert n.device.type == "cpu" and close(n.item(), ref, 2e-6)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--backends", default=None, help="comma-separated; default: every fused backend available")
+    args = ap.parse_args(argv)
+    backends = args.backends.split(",") if args.backends else \
+        [b for b in fusedclip.available_backends(args.device) if b != "torch"]
+    failed = 0
+    for backend in backends:
+        for f, gpu_only in CHECKS:
+            if gpu_only and args.device == "cpu":
+                continue
+            t0 = time.perf_counter()
+            try:
+                f(args.device, backend)
+                status = "PASS"
+            except Exception as e:  # report every check, keep going
+                failed += 1
+                status = f"FAIL {type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            print(f"{backend:8s} {f.__name__:20s} {status} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    print(f"gpu_checks: {len(backends)} backend(s), {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
