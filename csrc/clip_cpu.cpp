@@ -1,6 +1,7 @@
 // The fused CPU kernel: one parallel pass for the norm (a partial per chunk,
-// reduced in chunk order, so the result does not depend on the thread count),
-// then, only when coef < 1, one parallel pass that scales in place.
+// reduced in chunk order, so the result does not depend on the thread count;
+// per-tensor norms come from the same partials, since chunks never span
+// tensors), then, only when the factor is not 1, one parallel scaling pass.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -28,52 +29,62 @@ void for_each_chunk(const TableView& t, F&& f) {
   });
 }
 
-template <NormKind K, typename acc_t>
-acc_t norm_of(const TableView& t, acc_t pw) {
-  std::vector<acc_t> partials(t.n_chunks());
-  for_each_chunk(t, [&](int64_t c, auto w, auto* p, int64_t len) {
-    partials[c] = chunk_partial<K, decltype(w)::value>(p, len, 0, 1, pw);
-  });
-  return norm_finish<K>(reduce_partials<K>(partials.data(), t.n_chunks(), 0, 1), pw);
-}
-
 template <typename acc_t>
-void scale_all(const TableView& t, acc_t coef) {
-  for_each_chunk(t, [&](int64_t, auto w, auto* p, int64_t len) { scale_chunk<decltype(w)::value>(p, len, 0, 1, coef); });
+void scale_all(const TableView& t, acc_t factor) {
+  for_each_chunk(t, [&](int64_t, auto w, auto* p, int64_t len) { scale_chunk<decltype(w)::value>(p, len, 0, 1, factor); });
 }
 
-// Norm in the accumulation type (fp32, fp64 when any tensor is fp64); when
-// clip, also scale in place by the clip coefficient.
+// The norm (accumulated in fp32, fp64 when any tensor is fp64) of all tensors, each element multiplied by
+// inv_scale first when given; per-tensor norms and found_inf when asked for; and, when clip, the in-place
+// scaling by inv_scale * coef unless that is exactly 1.
+template <NormKind K, typename acc_t>
+double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bool clip, const ClipExtras& x) {
+  const TableView t = g.view();
+  const acc_t pw = static_cast<acc_t>(norm_type);
+  const acc_t mul = x.inv_scale ? static_cast<acc_t>(x.inv_scale->item<float>()) : acc_t(1);
+  std::vector<Partial<acc_t>> partials(t.n_chunks());
+  for_each_chunk(t, [&](int64_t c, auto w, auto* p, int64_t len) {
+    partials[c] = chunk_partial<K, decltype(w)::value>(p, len, 0, 1, pw, mul);
+  });
+  const Partial<acc_t> total = reduce_partials<K>(partials.data(), 0, t.n_chunks(), 0, 1);
+  const acc_t norm = t.n_chunks() ? norm_finish<K>(total.norm, pw) : acc_t(0);
+  if (x.per_tensor) {
+    acc_t* out = x.per_tensor->data_ptr<acc_t>();
+    for (int64_t i = 0; i < t.n; ++i) out[i] = tensor_norm<K>(t, partials.data(), i, pw);
+  }
+  if (x.found_inf && saw_nonfinite(total)) x.found_inf->fill_(1.0);
+  if (clip && t.n_chunks()) {
+    const acc_t factor = mul * clip_coef(static_cast<acc_t>(max_norm), norm);
+    if (needs_scaling(factor)) {
+      scale_all(t, factor);
+      g.write_back();
+    }
+  }
+  return static_cast<double>(norm);
+}
+
 at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_type, bool clip,
-                               at::ScalarType out_dtype) {
+                               at::ScalarType out_dtype, const ClipExtras& x) {
+  check_extras(g, x);
   double norm = 0.0;
   dispatch_norm_kind(norm_type, [&](auto kind) {
     dispatch_acc(g.any_double, [&](auto acc_zero) {
-      using acc_t = decltype(acc_zero);
-      const TableView t = g.view();
-      const acc_t pw = static_cast<acc_t>(norm_type);
-      const acc_t n = t.n_chunks() ? norm_of<decltype(kind)::value, acc_t>(t, pw) : acc_t(0);
-      if (clip && t.n_chunks()) {
-        const acc_t coef = clip_coef(static_cast<acc_t>(max_norm), n);
-        if (needs_scaling(coef)) {
-          scale_all(t, coef);
-          g.write_back();
-        }
-      }
-      norm = static_cast<double>(n);
+      norm = fused_norm_clip<decltype(kind)::value, decltype(acc_zero)>(g, max_norm, norm_type, clip, x);
     });
   });
   return at::scalar_tensor(norm, at::TensorOptions().dtype(out_dtype));
 }
 
-at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type) {
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor) {
   const GradTable g = build_table(tensors, "total_norm");
-  return norm_and_maybe_clip(g, 0.0, norm_type, false, g.acc_dtype());
+  return norm_and_maybe_clip(g, 0.0, norm_type, false, g.acc_dtype(), ClipExtras{per_tensor, {}, {}});
 }
 
-at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type) {
+at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, const std::optional<at::Tensor>& per_tensor,
+                    const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
   const GradTable g = build_table(grads, "clip_");
-  return norm_and_maybe_clip(g, max_norm, norm_type, true, g.result_dtype);
+  return norm_and_maybe_clip(g, max_norm, norm_type, true, g.result_dtype,
+                             ClipExtras{per_tensor, inv_scale, found_inf});
 }
 
 void scale_cpu(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {

@@ -5,6 +5,8 @@
 //      block gets the bit-identical norm and coef, and runs are deterministic);
 //   4. scales in place only if coef < 1, walking its chunks in reverse so the
 //      data it read last (still in L2) is written first.
+// Optional, in the same pass: per-tensor norms (from per-chunk partials, since
+// chunks never span tensors) and AMP's unscale + found_inf.
 // The per-chunk math is clip_math.h, shared with the CPU kernel.
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,14 +33,14 @@ constexpr int kGpuVecBytes = 16;  // one 128-bit load per thread per step
 // Fixed-shape tree over the block's threads: deterministic, and every thread
 // gets the result.
 template <NormKind K, typename acc_t>
-__device__ acc_t block_reduce(acc_t v, acc_t* smem) {
+__device__ Partial<acc_t> block_reduce(Partial<acc_t> v, Partial<acc_t>* smem) {
   smem[threadIdx.x] = v;
   __syncthreads();
   for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) smem[threadIdx.x] = norm_combine<K>(smem[threadIdx.x], smem[threadIdx.x + s]);
+    if (threadIdx.x < s) smem[threadIdx.x] = partial_combine<K>(smem[threadIdx.x], smem[threadIdx.x + s]);
     __syncthreads();
   }
-  const acc_t r = smem[0];
+  const Partial<acc_t> r = smem[0];
   __syncthreads();
   return r;
 }
@@ -81,29 +83,57 @@ __device__ void scale_my_chunks_reversed(const TableView& t, acc_t coef) {
     });
 }
 
-template <NormKind K, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    fused_norm_clip_kernel(const int64_t* __restrict__ table, int64_t n_tensors, acc_t* __restrict__ partials,
-                           void* norm_out, int64_t out_dtype, acc_t max_norm, acc_t pw, bool clip) {
-  __shared__ acc_t smem[kThreads];
-  const TableView t{table, n_tensors};
+template <typename acc_t>
+struct FusedArgs {
+  const int64_t* table;
+  int64_t n_tensors;
+  Partial<acc_t>* block_partials;  // [grid]
+  Partial<acc_t>* chunk_partials;  // [n_chunks] when per-tensor norms are asked for, else null
+  acc_t* per_tensor;               // [n_tensors] out, or null
+  const float* inv_scale;          // AMP: multiply every element by it first; null: by 1
+  float* found_inf;                // AMP: set to 1 when an unscaled element is inf/NaN; or null
+  void* norm_out;
+  int64_t out_dtype;
+  acc_t max_norm;
+  acc_t pw;
+  bool clip;
+};
 
-  acc_t acc = norm_identity<K, acc_t>();
+template <NormKind K, typename acc_t>
+__global__ void __launch_bounds__(kThreads) fused_norm_clip_kernel(const FusedArgs<acc_t> a) {
+  __shared__ Partial<acc_t> smem[kThreads];
+  const TableView t{a.table, a.n_tensors};
+  const acc_t mul = a.inv_scale ? static_cast<acc_t>(*a.inv_scale) : acc_t(1);
+
+  Partial<acc_t> acc = partial_identity<K, acc_t>();
   for (int64_t c = blockIdx.x; c < t.n_chunks(); c += gridDim.x)
     visit_chunk(t, c, [&](auto w, auto* p, int64_t len) {
-      acc = norm_combine<K>(acc, chunk_partial<K, decltype(w)::value>(p, len, threadIdx.x, kThreads, pw));
+      Partial<acc_t> part = chunk_partial<K, decltype(w)::value>(p, len, threadIdx.x, kThreads, a.pw, mul);
+      if (a.chunk_partials) {  // per-tensor norms: keep every chunk's partial; thread 0 carries the block's
+        part = block_reduce<K>(part, smem);
+        if (threadIdx.x == 0) a.chunk_partials[c] = part;
+        else part = partial_identity<K, acc_t>();
+      }
+      acc = partial_combine<K>(acc, part);
     });
   acc = block_reduce<K>(acc, smem);
-  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+  if (threadIdx.x == 0) a.block_partials[blockIdx.x] = acc;
 
   cg::this_grid().sync();
 
-  const acc_t total = block_reduce<K>(reduce_partials<K>(partials, gridDim.x, threadIdx.x, kThreads), smem);
-  const acc_t norm = norm_finish<K>(total, pw);
-  if (blockIdx.x == 0 && threadIdx.x == 0) store_norm(norm_out, out_dtype, norm);
-  if (!clip) return;
-  const acc_t coef = clip_coef(max_norm, norm);
-  if (needs_scaling(coef)) scale_my_chunks_reversed(t, coef);
+  const Partial<acc_t> total =
+      block_reduce<K>(reduce_partials<K>(a.block_partials, 0, gridDim.x, threadIdx.x, kThreads), smem);
+  const acc_t norm = norm_finish<K>(total.norm, a.pw);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    store_norm(a.norm_out, a.out_dtype, norm);
+    if (a.found_inf && saw_nonfinite(total)) *a.found_inf = 1.0f;
+  }
+  if (a.per_tensor)
+    for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < a.n_tensors; i += int64_t(gridDim.x) * kThreads)
+      a.per_tensor[i] = tensor_norm<K>(t, a.chunk_partials, i, a.pw);
+  if (!a.clip) return;
+  const acc_t factor = mul * clip_coef(a.max_norm, norm);
+  if (needs_scaling(factor)) scale_my_chunks_reversed(t, factor);
 }
 
 template <typename acc_t>
@@ -205,9 +235,11 @@ struct Launch {
 };
 
 at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_type, bool clip,
-                               at::ScalarType out_dtype) {
+                               at::ScalarType out_dtype, const ClipExtras& x) {
+  check_extras(g, x);
   if (!g.n_chunks) {  // only empty tensors: norm 0, nothing to scale
     norm_kind(norm_type);
+    if (x.per_tensor) x.per_tensor->zero_();
     return at::zeros({}, at::TensorOptions().device(g.device).dtype(out_dtype));
   }
   Launch l(g);
@@ -217,16 +249,24 @@ at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_
       using acc_t = decltype(acc_zero);
       auto kernel = fused_norm_clip_kernel<decltype(kind)::value, acc_t>;
       const int grid = static_cast<int>(std::min<int64_t>(g.n_chunks, coresident_blocks(kernel, g.device.index())));
-      at::Tensor partials = at::empty({grid}, l.options().dtype(g.acc_dtype()));
-      const int64_t* table = l.table.data_ptr<int64_t>();
-      int64_t n_tensors = g.n_tensors;
-      acc_t* partials_ptr = partials.data_ptr<acc_t>();
-      void* out_ptr = out.data_ptr();
-      int64_t out_code = dtype_code(out_dtype);
-      acc_t max_norm_acc = static_cast<acc_t>(max_norm);
-      acc_t pw = static_cast<acc_t>(norm_type);
-      bool do_clip = clip;
-      void* args[] = {&table, &n_tensors, &partials_ptr, &out_ptr, &out_code, &max_norm_acc, &pw, &do_clip};
+      const auto acc_options = l.options().dtype(g.acc_dtype());
+      // Partials are (norm, nonfinite) pairs of acc_t.
+      at::Tensor block_partials = at::empty({2 * grid}, acc_options);
+      at::Tensor chunk_partials = x.per_tensor ? at::empty({2 * g.n_chunks}, acc_options) : at::Tensor();
+      FusedArgs<acc_t> a;
+      a.table = l.table.data_ptr<int64_t>();
+      a.n_tensors = g.n_tensors;
+      a.block_partials = reinterpret_cast<Partial<acc_t>*>(block_partials.data_ptr<acc_t>());
+      a.chunk_partials = x.per_tensor ? reinterpret_cast<Partial<acc_t>*>(chunk_partials.data_ptr<acc_t>()) : nullptr;
+      a.per_tensor = x.per_tensor ? x.per_tensor->data_ptr<acc_t>() : nullptr;
+      a.inv_scale = x.inv_scale ? x.inv_scale->data_ptr<float>() : nullptr;
+      a.found_inf = x.found_inf ? x.found_inf->data_ptr<float>() : nullptr;
+      a.norm_out = out.data_ptr();
+      a.out_dtype = dtype_code(out_dtype);
+      a.max_norm = static_cast<acc_t>(max_norm);
+      a.pw = static_cast<acc_t>(norm_type);
+      a.clip = clip;
+      void* args[] = {&a};
       C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid),
                                                  dim3(kThreads), args, 0, l.stream.stream()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -236,14 +276,17 @@ at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_
   return out;
 }
 
-at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type) {
+at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor) {
   const GradTable g = build_table(tensors, "total_norm");
-  return norm_and_maybe_clip(g, 0.0, norm_type, false, g.acc_dtype());
+  return norm_and_maybe_clip(g, 0.0, norm_type, false, g.acc_dtype(), ClipExtras{per_tensor, {}, {}});
 }
 
-at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type) {
+at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type,
+                     const std::optional<at::Tensor>& per_tensor, const std::optional<at::Tensor>& inv_scale,
+                     const std::optional<at::Tensor>& found_inf) {
   const GradTable g = build_table(grads, "clip_");
-  return norm_and_maybe_clip(g, max_norm, norm_type, true, g.result_dtype);
+  return norm_and_maybe_clip(g, max_norm, norm_type, true, g.result_dtype,
+                             ClipExtras{per_tensor, inv_scale, found_inf});
 }
 
 void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {

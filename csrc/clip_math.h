@@ -132,24 +132,61 @@ C10_HOST_DEVICE inline acc_t clip_coef(acc_t max_norm, acc_t norm) {
   return coef > acc_t(1) ? acc_t(1) : coef;
 }
 
-// Only a coef of exactly 1 leaves the gradients alone; NaN must still spread.
+// Only a factor of exactly 1 leaves the gradients alone; NaN must still spread.
+// (The factor is the clip coef, times AMP's inverse scale when unscaling.)
 template <typename acc_t>
-C10_HOST_DEVICE inline bool needs_scaling(acc_t coef) { return !(coef >= acc_t(1)); }
+C10_HOST_DEVICE inline bool needs_scaling(acc_t factor) { return !(factor == acc_t(1)); }
+
+// What a lane, a block or a chunk accumulates: the norm partial, and a detector
+// of non-finite values (x * 0 is NaN exactly when x is inf or NaN, so the sum
+// stays 0 while every value seen is finite). The detector is what AMP's
+// found_inf needs: the norm alone can overflow with finite values.
+template <typename acc_t>
+struct Partial {
+  acc_t norm;
+  acc_t nonfinite;
+};
+
+template <NormKind K, typename acc_t>
+C10_HOST_DEVICE inline Partial<acc_t> partial_identity() {
+  return {norm_identity<K, acc_t>(), acc_t(0)};
+}
+
+template <NormKind K, typename acc_t>
+C10_HOST_DEVICE inline Partial<acc_t> partial_combine(Partial<acc_t> a, Partial<acc_t> b) {
+  return {norm_combine<K>(a.norm, b.norm), a.nonfinite + b.nonfinite};
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline bool saw_nonfinite(Partial<acc_t> a) { return a.nonfinite != acc_t(0); }
+
+template <typename acc_t>
+C10_HOST_DEVICE inline Partial<acc_t> load_partial(const Partial<acc_t>* p) {
+#ifdef __CUDA_ARCH__
+  return {__ldcg(&p->norm), __ldcg(&p->nonfinite)};  // written by other blocks: skip L1
+#else
+  return *p;
+#endif
+}
 
 // The fixed order in which partials are combined: lane l takes partials
 // l, l + nlanes, ... in increasing order. With one lane this is a plain
 // left-to-right sum; on the GPU the lanes are then combined by a fixed tree.
 template <NormKind K, typename acc_t>
-C10_HOST_DEVICE inline acc_t reduce_partials(const acc_t* partials, int64_t n, int64_t lane, int64_t nlanes) {
-  acc_t acc = norm_identity<K, acc_t>();
-  for (int64_t i = lane; i < n; i += nlanes) {
-#ifdef __CUDA_ARCH__
-    acc = norm_combine<K>(acc, __ldcg(partials + i));  // written by other blocks: skip L1
-#else
-    acc = norm_combine<K>(acc, partials[i]);
-#endif
-  }
+C10_HOST_DEVICE inline Partial<acc_t> reduce_partials(const Partial<acc_t>* partials, int64_t begin, int64_t end,
+                                                      int64_t lane, int64_t nlanes) {
+  Partial<acc_t> acc = partial_identity<K, acc_t>();
+  for (int64_t i = begin + lane; i < end; i += nlanes) acc = partial_combine<K>(acc, load_partial(partials + i));
   return acc;
+}
+
+// The norm of one tensor from its chunks' partials (chunks never span tensors);
+// an empty tensor has norm 0 whatever the norm type.
+template <NormKind K, typename acc_t>
+C10_HOST_DEVICE inline acc_t tensor_norm(const TableView& t, const Partial<acc_t>* chunk_partials, int64_t i,
+                                         acc_t pw) {
+  if (t.numel(i) == 0) return acc_t(0);
+  return norm_finish<K>(reduce_partials<K>(chunk_partials, t.chunk_begin(i), t.chunk_begin(i + 1), 0, 1).norm, pw);
 }
 
 // ---- per-dtype element access ----
@@ -192,37 +229,49 @@ C10_HOST_DEVICE inline void store_vec(T* p, const Vec<T, W>& x) {
 #endif
 }
 
-// Accumulate one chunk (n elements at p) into W lane-local accumulators.
+// Accumulate one chunk (n elements at p, each multiplied by mul first: AMP's
+// inverse scale, or 1) into W lane-local accumulators and detectors.
 // This lane takes vectors lane, lane + nlanes, ...; the tail that does not fill
 // a vector (or everything, when p is not aligned for vector loads) goes
-// element by element into acc[0].
+// element by element into slot 0.
 template <NormKind K, int W, typename T, typename acc_t>
-C10_HOST_DEVICE inline void accumulate_chunk(acc_t (&acc)[W], const T* p, int64_t n,
-                                             int64_t lane, int64_t nlanes, acc_t pw) {
+C10_HOST_DEVICE inline void accumulate_chunk(acc_t (&acc)[W], acc_t (&nonfinite)[W], const T* p, int64_t n,
+                                             int64_t lane, int64_t nlanes, acc_t pw, acc_t mul) {
   int64_t done = 0;
   if (vector_loadable<T, W>(p)) {
     const int64_t nvec = n / W;
     for (int64_t v = lane; v < nvec; v += nlanes) {
       const Vec<T, W> x = load_vec<T, W>(p + v * W);
 FC_UNROLL
-      for (int j = 0; j < W; ++j) acc[j] = norm_accumulate<K>(acc[j], static_cast<acc_t>(x.v[j]), pw);
+      for (int j = 0; j < W; ++j) {
+        const acc_t u = static_cast<acc_t>(x.v[j]) * mul;
+        acc[j] = norm_accumulate<K>(acc[j], u, pw);
+        nonfinite[j] += u * acc_t(0);
+      }
     }
     done = nvec * W;
   }
-  for (int64_t i = done + lane; i < n; i += nlanes)
-    acc[0] = norm_accumulate<K>(acc[0], static_cast<acc_t>(p[i]), pw);
+  for (int64_t i = done + lane; i < n; i += nlanes) {
+    const acc_t u = static_cast<acc_t>(p[i]) * mul;
+    acc[0] = norm_accumulate<K>(acc[0], u, pw);
+    nonfinite[0] += u * acc_t(0);
+  }
 }
 
-// One chunk's contribution for this lane, folded to a single value.
+// One chunk's contribution for this lane, folded to a single Partial.
 template <NormKind K, int W, typename T, typename acc_t>
-C10_HOST_DEVICE inline acc_t chunk_partial(const T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t pw) {
-  acc_t acc[W];
+C10_HOST_DEVICE inline Partial<acc_t> chunk_partial(const T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t pw,
+                                                    acc_t mul) {
+  acc_t acc[W], nonfinite[W];
 FC_UNROLL
-  for (int j = 0; j < W; ++j) acc[j] = norm_identity<K, acc_t>();
-  accumulate_chunk<K, W>(acc, p, n, lane, nlanes, pw);
-  acc_t r = acc[0];
+  for (int j = 0; j < W; ++j) {
+    acc[j] = norm_identity<K, acc_t>();
+    nonfinite[j] = acc_t(0);
+  }
+  accumulate_chunk<K, W>(acc, nonfinite, p, n, lane, nlanes, pw, mul);
+  Partial<acc_t> r{acc[0], nonfinite[0]};
 FC_UNROLL
-  for (int j = 1; j < W; ++j) r = norm_combine<K>(r, acc[j]);
+  for (int j = 1; j < W; ++j) r = partial_combine<K>(r, Partial<acc_t>{acc[j], nonfinite[j]});
   return r;
 }
 

@@ -64,6 +64,23 @@ GradTable build_table(at::TensorList tensors, const char* op) {
   return g;
 }
 
+void check_extras(const GradTable& g, const ClipExtras& x) {
+  if (x.per_tensor) {
+    const at::Tensor& t = *x.per_tensor;
+    TORCH_CHECK_VALUE(t.device() == g.device && t.scalar_type() == g.acc_dtype() && t.numel() == g.n_tensors &&
+                          t.is_contiguous(),
+                      "fusedclip: per_tensor must be a contiguous ", g.acc_dtype(), " tensor of ", g.n_tensors,
+                      " elements on ", g.device);
+  }
+  for (const auto* opt : {&x.inv_scale, &x.found_inf}) {
+    if (!*opt) continue;
+    const at::Tensor& t = **opt;
+    TORCH_CHECK_VALUE(t.device() == g.device && t.scalar_type() == at::kFloat && t.numel() == 1,
+                      "fusedclip: inv_scale and found_inf must be one-element float32 tensors on ", g.device,
+                      " (as torch.amp.GradScaler's are)");
+  }
+}
+
 GradTable build_dense_table(at::TensorList tensors) {
   GradTable g = build_table(tensors, "table");
   TORCH_CHECK_VALUE(g.copies.empty(), "fusedclip.table: every tensor must be dense (is_non_overlapping_and_dense)");

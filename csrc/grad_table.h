@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -30,6 +31,13 @@ struct GradTable {
   void write_back() const;
 };
 
+// The optional extras of the fused clip (the same for both kernels).
+struct ClipExtras {
+  std::optional<at::Tensor> per_tensor;  // out: [n_tensors] norms in the accumulation dtype
+  std::optional<at::Tensor> inv_scale;   // in: one fp32 value; every element is multiplied by it first (AMP)
+  std::optional<at::Tensor> found_inf;   // out: one fp32 value, set to 1 if an (unscaled) element is inf/NaN
+};
+
 // Validates tensors (non-empty list, strided floating tensors on one device)
 // and builds their table. Raises before anything is written.
 GradTable build_table(at::TensorList tensors, const char* op);
@@ -52,6 +60,9 @@ template <typename F>
 void dispatch_acc(bool use_double, F&& f) {
   if (use_double) f(double{}); else f(float{});
 }
+
+// Checks the extras against the table (devices, dtypes, sizes). Raises before anything is written.
+void check_extras(const GradTable& g, const ClipExtras& x);
 
 // For the `table` op: tensors must be dense, since the caller cannot be handed copies to write back.
 GradTable build_dense_table(at::TensorList tensors);

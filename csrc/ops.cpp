@@ -37,11 +37,16 @@ std::string build_info() {
 }
 
 TORCH_LIBRARY(fusedclip, m) {
-  // Norm of all tensors, accumulated and returned in fp32 (fp64 if any is fp64).
-  m.def("total_norm(Tensor[] tensors, float norm_type) -> Tensor");
+  // Norm of all tensors, accumulated and returned in fp32 (fp64 if any is fp64);
+  // each tensor's own norm into per_tensor when given (same pass).
+  m.def("total_norm(Tensor[] tensors, float norm_type, Tensor(b!)? per_tensor=None) -> Tensor");
   // The fused clip: norm, then (only if coef < 1) in-place scaling; returns the
-  // norm in the promotion of the grads' dtypes, as torch does.
-  m.def("clip_(Tensor(a!)[] grads, float max_norm, float norm_type) -> Tensor");
+  // norm in the promotion of the grads' dtypes, as torch does. AMP in the same
+  // pass: with inv_scale, every element is unscaled first (the norm is the
+  // unscaled gradients'), found_inf is set to 1 if an unscaled element is not
+  // finite, and the grads are written as grad * inv_scale * coef.
+  m.def("clip_(Tensor(a!)[] grads, float max_norm, float norm_type, Tensor(b!)? per_tensor=None, "
+        "Tensor? inv_scale=None, Tensor(c!)? found_inf=None) -> Tensor");
   // Scale by max_norm / (total_norm + 1e-6) when that is < 1.
   m.def("scale_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()");
   // clamp(-clip_value, clip_value) in place.

@@ -8,11 +8,17 @@ launch computes the norm of all gradients and scales them in place; on CPU one
 fused C++ kernel does the same.
 """
 from . import _ext  # noqa: F401  (loads the compiled operators first)
+from .amp import clip_into_, unscale_clip_
 from .backends import available_backends
 from .clip import (clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, clip_value_,
                    get_total_norm)
 
+try:
+    from . import triton_backend  # noqa: F401  (registers backend="triton")
+except ImportError:  # Triton is not installed
+    pass
+
 __version__ = "0.1.0"
 
 __all__ = ["clip_", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_value_",
-           "clip_grad_value_", "available_backends"]
+           "clip_grad_value_", "available_backends", "unscale_clip_", "clip_into_"]

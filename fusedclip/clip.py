@@ -31,7 +31,8 @@ def _as_list(tensors):
 
 def _grads(params, fn):
     try:
-        return [g for p in params if (g := p.grad) is not None]
+        grads = [p.grad for p in params]  # one attribute read per parameter
+        return [g for g in grads if g is not None]
     except AttributeError:
         _check_tensors(params, fn, "parameters")
         raise
@@ -83,20 +84,41 @@ def _call(op, tensors, fn, *args):
         raise
 
 
-def _total_norm(grads, p, be, fn):
-    """The norm of all grads in the accumulation dtype (fp32, or fp64 when any grad is fp64), any devices."""
+def _new_per_tensor(grads, be):
+    """The output buffer for per-tensor norms when the backend fills it in its own pass, else None."""
+    if getattr(be, "fused_extras", False):
+        return torch.empty(len(grads), dtype=acc_dtype(grads), device=grads[0].device)
+    return None
+
+
+def _per_tensor_norms(grads, p):
+    """Each grad's norm in the accumulation dtype, with torch ops: the path for several devices, norm_type 0 and
+    backends without fused per-tensor norms (an extra read of the gradients). Empty tensors have norm 0."""
+    dtype = acc_dtype(grads)
+    first = grads[0].device
+    return torch.stack([(torch.linalg.vector_norm(g, p, dtype=dtype) if g.numel() else g.new_zeros((), dtype=dtype))
+                        .to(first) for g in grads])
+
+
+def _total_norm(grads, p, be, fn, per_tensor=False):
+    """The norm of all grads in the accumulation dtype (fp32, or fp64 when any grad is fp64), any devices;
+    with per_tensor, also each grad's norm (returns the pair)."""
     if p == 0.0:
         # torch's definition (the norm of the per-tensor norms) makes p=0 count the tensors with a nonzero
         # (or NaN) element; fusedclip keeps that.
         first = grads[0].device
-        return torch.stack([(g != 0).any().to(first) for g in grads]).sum().to(acc_dtype(grads))
-    ok, norm = _call(be.total_norm, grads, fn, p)
-    if ok:
+        norm = torch.stack([(g != 0).any().to(first) for g in grads]).sum().to(acc_dtype(grads))
+        return (norm, _per_tensor_norms(grads, p)) if per_tensor else norm
+    out = _new_per_tensor(grads, be) if per_tensor else None
+    ok, norm = _call(be.total_norm, grads, fn, p, *([out] if out is not None else []))
+    if not ok:
+        dtype = acc_dtype(grads)
+        first = grads[0].device
+        norms = [be.total_norm(group, p).to(first, dtype) for group in _by_device(grads).values()]
+        norm, out = torch.linalg.vector_norm(torch.stack(norms), p), None
+    if not per_tensor:
         return norm
-    dtype = acc_dtype(grads)
-    first = grads[0].device
-    norms = [be.total_norm(group, p).to(first, dtype) for group in _by_device(grads).values()]
-    return torch.linalg.vector_norm(torch.stack(norms), p)
+    return norm, (out if out is not None else _per_tensor_norms(grads, p))
 
 
 def _scale(grads, max_norm, norm, be, fn):
@@ -112,11 +134,14 @@ def _check_finite(norm, p):
 
 
 @torch.no_grad()
-def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto"):
+def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto",
+          per_tensor=False):
     """Clips the gradient norm of `parameters` in place; returns the total norm (before clipping).
 
     Same arguments and result as torch.nn.utils.clip_grad_norm_. `foreach` is accepted and ignored: the
     fused kernels handle every tensor in one pass. `backend`: "auto", "native", "triton" or "torch".
+    With per_tensor=True returns (total_norm, norms): norms[i] is the i-th non-None gradient's norm before
+    clipping (accumulation dtype), computed in the same pass on the fused path.
     """
     params = _as_list(parameters)
     grads = _grads(params, "clip_")
@@ -125,39 +150,51 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     p = _norm_type(norm_type, "clip_")
     max_norm = _number(max_norm, "clip_", "max_norm")
     if be.name == "torch":
-        return _torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
+        norms = _per_tensor_norms(grads, p) if per_tensor and grads else torch.empty(0)
+        norm = _torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
+        return (norm, norms) if per_tensor else norm
     if not grads:
-        return torch.tensor(0.0)
+        return (torch.tensor(0.0), torch.empty(0)) if per_tensor else torch.tensor(0.0)
     if p != 0.0 and not error_if_nonfinite:
-        ok, norm = _call(be.clip, grads, "clip_", max_norm, p)
-        if ok:
-            return norm
-    norm = _total_norm(grads, p, be, "clip_")
+        out = _new_per_tensor(grads, be) if per_tensor else None
+        if out is not None or not per_tensor:
+            ok, norm = _call(be.clip, grads, "clip_", max_norm, p, *([out] if out is not None else []))
+            if ok:
+                return (norm, out) if per_tensor else norm
+    result = _total_norm(grads, p, be, "clip_", per_tensor)
+    norm = result[0] if per_tensor else result
     if error_if_nonfinite:
         _check_finite(norm, p)
     _scale(grads, max_norm, norm, be, "clip_")
-    return norm.to(result_dtype(grads))
+    total = norm.to(result_dtype(grads))
+    return (total, result[1]) if per_tensor else total
 
 
 clip_grad_norm_ = clip_
 
 
 @torch.no_grad()
-def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto"):
+def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto",
+                   per_tensor=False):
     """The norm of `tensors` (usually gradients) as if they were one vector; like
-    torch.nn.utils.get_total_norm, but accumulated in fp32 (fp64 for fp64 tensors) whatever their dtype."""
+    torch.nn.utils.get_total_norm, but accumulated in fp32 (fp64 for fp64 tensors) whatever their dtype.
+    With per_tensor=True returns (total_norm, norms), norms[i] being tensors[i]'s norm, from the same pass."""
     tensors = _as_list(tensors)
     device_type = tensors[0].device.type if tensors and isinstance(tensors[0], torch.Tensor) else "cpu"
     be = backends.resolve(backend, device_type)
     p = _norm_type(norm_type, "get_total_norm")
     if be.name == "torch":
-        return _torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
+        norms = _per_tensor_norms(tensors, p) if per_tensor and tensors else torch.empty(0)
+        norm = _torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
+        return (norm, norms) if per_tensor else norm
     if not tensors:
-        return torch.tensor(0.0)
-    norm = _total_norm(tensors, p, be, "get_total_norm")
+        return (torch.tensor(0.0), torch.empty(0)) if per_tensor else torch.tensor(0.0)
+    result = _total_norm(tensors, p, be, "get_total_norm", per_tensor)
+    norm = result[0] if per_tensor else result
     if error_if_nonfinite:
         _check_finite(norm, p)
-    return norm.to(result_dtype(tensors))
+    total = norm.to(result_dtype(tensors))
+    return (total, result[1]) if per_tensor else total
 
 
 @torch.no_grad()

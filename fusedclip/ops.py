@@ -21,11 +21,11 @@ def acc_dtype(tensors):
 if _ext.LOADED:
 
     @torch.library.register_fake("fusedclip::total_norm")
-    def _total_norm_fake(tensors, norm_type):
+    def _total_norm_fake(tensors, norm_type, per_tensor=None):
         return tensors[0].new_empty((), dtype=acc_dtype(tensors))
 
     @torch.library.register_fake("fusedclip::clip_")
-    def _clip_fake(grads, max_norm, norm_type):
+    def _clip_fake(grads, max_norm, norm_type, per_tensor=None, inv_scale=None, found_inf=None):
         return grads[0].new_empty((), dtype=result_dtype(grads))
 
     @torch.library.register_fake("fusedclip::scale_")
@@ -57,15 +57,20 @@ class NativeBackend:
             return True, ""
         return False, f"there is no native kernel for {device_type} tensors"
 
-    @staticmethod
-    def total_norm(tensors, norm_type):
-        """0-dim norm in the accumulation dtype (fp32, fp64 when any tensor is fp64)."""
-        return torch.ops.fusedclip.total_norm(tensors, norm_type)
+    # The fused extras (per-tensor norms, AMP unscale) run in the same pass.
+    fused_extras = True
 
     @staticmethod
-    def clip(grads, max_norm, norm_type):
-        """The fused clip; returns the norm in the promoted dtype of the grads."""
-        return torch.ops.fusedclip.clip_(grads, max_norm, norm_type)
+    def total_norm(tensors, norm_type, per_tensor=None):
+        """0-dim norm in the accumulation dtype (fp32, fp64 when any tensor is fp64); each tensor's norm into
+        per_tensor (a 1-D tensor of that dtype) when given."""
+        return torch.ops.fusedclip.total_norm(tensors, norm_type, per_tensor)
+
+    @staticmethod
+    def clip(grads, max_norm, norm_type, per_tensor=None, inv_scale=None, found_inf=None):
+        """The fused clip; returns the norm in the promoted dtype of the grads. With inv_scale (AMP), the
+        grads are unscaled in the same pass and found_inf set when an unscaled value is inf/NaN."""
+        return torch.ops.fusedclip.clip_(grads, max_norm, norm_type, per_tensor, inv_scale, found_inf)
 
     @staticmethod
     def scale(grads, max_norm, total_norm):

@@ -1,0 +1,107 @@
+"""Clipping fused with what surrounds it in a training loop: AMP's unscale (unscale_clip_) and the
+optimizer step (clip_into_)."""
+import torch
+from torch.amp.grad_scaler import OptState
+
+from . import backends
+from .clip import _call, _grads, _norm_type, _number, clip_, get_total_norm
+from .ops import acc_dtype, result_dtype
+
+
+def _optimizer_params(optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@torch.no_grad()
+def unscale_clip_(scaler, optimizer, max_norm, norm_type=2.0, *, error_if_nonfinite=False, backend="auto"):
+    """`scaler.unscale_(optimizer)` then `clip_(<optimizer's params>, max_norm, norm_type)`, reading and
+    writing each gradient once (on CUDA: one launch). Returns the norm of the unscaled gradients.
+
+    Afterwards the optimizer counts as unscaled for the scaler: `scaler.step(optimizer)` skips the step when
+    a gradient was inf/NaN, `scaler.update()` lowers the scale, and a second `scaler.unscale_(optimizer)`
+    raises, exactly as after the two calls. With a disabled scaler this is clip_. With error_if_nonfinite=True
+    (which needs a host sync anyway), on several devices, or with a backend without the fused pass, it runs
+    the two calls.
+    """
+    params = _optimizer_params(optimizer)
+    if not scaler.is_enabled():
+        return clip_(params, max_norm, norm_type, error_if_nonfinite, backend=backend)
+    grads = _grads(params, "unscale_clip_")
+    be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
+    p = _norm_type(norm_type, "unscale_clip_")
+    max_norm = _number(max_norm, "unscale_clip_", "max_norm")
+    if error_if_nonfinite or not grads or p == 0.0 or not getattr(be, "fused_extras", False):
+        scaler.unscale_(optimizer)
+        return clip_(params, max_norm, p, error_if_nonfinite, backend=backend)
+
+    # GradScaler.unscale_'s own checks, in its words, before anything is written
+    scaler._check_scale_growth_tracker("unscale_")
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.UNSCALED:
+        raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError("unscale_() is being called after step().")
+    if any(g.dtype == torch.float16 for g in grads):
+        raise ValueError("Attempting to unscale FP16 gradients.")
+
+    device = grads[0].device
+    inv_scale = scaler._scale.double().reciprocal().float().to(device)  # as GradScaler computes it
+    found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    ok, norm = _call(be.clip, grads, "unscale_clip_", max_norm, p, None, inv_scale, found_inf)
+    if not ok:  # several devices
+        scaler.unscale_(optimizer)
+        return clip_(params, max_norm, p, backend=backend)
+    state["found_inf_per_device"] = {device: found_inf}
+    state["stage"] = OptState.UNSCALED
+    return norm
+
+
+def _fused_step_takes_grad_scale(optimizer):
+    """torch's fused optimizers (Adam, AdamW, SGD, ... with fused=True) divide every gradient by the device
+    tensor `optimizer.grad_scale` inside their step."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"))
+
+
+def _forget_grad_scale_after_step(optimizer, _args, _kwargs):
+    # Ours is for one step only. A GradScaler that manages the attribute deletes it itself after the step;
+    # leaving None keeps that `del` working and makes a later plain step unscaled.
+    if getattr(optimizer, "grad_scale", None) is getattr(optimizer, "_fusedclip_grad_scale", None):
+        optimizer.grad_scale = None
+    optimizer._fusedclip_grad_scale = None
+
+
+@torch.no_grad()
+def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto"):
+    """Clips by handing the coefficient to the optimizer instead of rewriting the gradients: one read of the
+    gradients for the norm, no write; the next `optimizer.step()` (or `scaler.step(optimizer)`) applies
+    grad * coef. Returns the total norm (of the unscaled gradients).
+
+    Works with torch's fused optimizers (fused=True: Adam, AdamW, SGD, Adagrad), which take a device-side
+    grad_scale. Other optimizers fall back to clip_ (or unscale_clip_ with a scaler), which writes the
+    gradients. With a GradScaler: either call `scaler.unscale_(optimizer)` first, or pass `scaler=` so the
+    norm of the still-scaled gradients is unscaled on the device. After the step, the parameters equal those
+    of clip_ followed by step() (up to the rounding of grad / (1 / coef) versus grad * coef).
+    """
+    params = _optimizer_params(optimizer)
+    state = scaler._per_optimizer_states[id(optimizer)] if scaler is not None and scaler.is_enabled() else None
+    still_scaled = state is not None and state["stage"] is OptState.READY
+    if not _fused_step_takes_grad_scale(optimizer):
+        if still_scaled:
+            return unscale_clip_(scaler, optimizer, max_norm, norm_type, backend=backend)
+        return clip_(params, max_norm, norm_type, backend=backend)
+    grads = _grads(params, "clip_into_")
+    max_norm = _number(max_norm, "clip_into_", "max_norm")
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0].device
+    norm = get_total_norm(grads, norm_type, backend=backend).to(device, acc_dtype(grads))
+    if still_scaled:  # the grads are scaled: the norm of the unscaled ones is norm / scale
+        norm = norm * scaler._scale.double().reciprocal().to(device, norm.dtype)
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    grad_scale = coef.reciprocal().float()  # the fused step divides by it
+    if not getattr(optimizer, "_fusedclip_hooked", False):
+        optimizer.register_step_post_hook(_forget_grad_scale_after_step)
+        optimizer._fusedclip_hooked = True
+    optimizer.grad_scale = grad_scale
+    optimizer._fusedclip_grad_scale = grad_scale
+    return norm.to(result_dtype(grads))
