@@ -218,6 +218,35 @@ def two_streams(device, backend):
 
 
 @check(gpu_only=True)
+def amp_and_per_tensor(device, backend):
+    torch.manual_seed(18)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 10)).to(device)
+    twin = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 10)).to(device)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(64, 256, device=device)
+    results = []
+    for m, fused in ((model, True), (twin, False)):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
+        scaler = torch.amp.GradScaler("cuda", init_scale=2.0**14)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = m(x).float().square().mean()
+        scaler.scale(loss).backward()
+        if fused:
+            total, norms = fusedclip.clip_([q for q in m.parameters()], 1e30, per_tensor=True, backend=backend)
+            assert norms.numel() == 4
+            n = fusedclip.unscale_clip_(scaler, opt, 0.5, backend=backend)
+        else:
+            scaler.unscale_(opt)
+            n = torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+        scaler.step(opt)
+        scaler.update()
+        results.append((n, scaler.get_scale()))
+    assert close(results[0][0].item(), results[1][0].item(), 1e-5) and results[0][1] == results[1][1]
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@check(gpu_only=True)
 def several_devices(device, backend):
     params = make([(1000,), (77, 3)], torch.float32, "cpu", 16) + make([(5000,), (9, 9)], torch.bfloat16, device, 17)
     ref = ref_norm([q.grad for q in params])

@@ -33,6 +33,13 @@ def main():
             n = fusedclip.clip_(params, 0.5, p, backend=backend)
             assert abs(n.double().item() - ref.item()) <= 1e-5 * ref.item(), (backend, p, n.item(), ref.item())
             fusedclip.clip_(params, 1e9, p, backend=backend)  # the no-write path
+            total, norms = fusedclip.clip_(params, 0.5, p, per_tensor=True, backend=backend)  # per-tensor pass
+            assert norms.numel() == len(params)
+        if backend == "native":  # AMP in the same pass: unscale, found_inf
+            gs = grads(device, 3)
+            found_inf = torch.zeros((), device=device)
+            torch.ops.fusedclip.clip_(gs, 1.0, 2.0, None, torch.tensor(0.5, device=device), found_inf)
+            assert float(found_inf) == 0.0
         gs = grads(device, 2)
         fusedclip.get_total_norm(gs, backend=backend)
         fusedclip.clip_grads_with_norm_([torch.nn.Parameter(torch.zeros_like(x)) for x in gs], 1.0,
