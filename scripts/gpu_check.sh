@@ -75,7 +75,7 @@ fi
 {
   echo
   grep -h "ERROR SUMMARY" "$OUT/sanitizer.txt" | sed 's/^/sanitizer: /'
-  tail -1 "$OUT/pytest.txt" | sed 's/^/pytest: /'
+  grep -E "[0-9]+ (passed|failed)" "$OUT/pytest.txt" | tail -1 | sed 's/^/pytest: /'
   grep -h "gpu_checks:\|triton_gpu_check" "$OUT/checks.txt" | tail -3
   echo
   printf '%s\n' "${ROWS[@]}"
