@@ -13,6 +13,8 @@ $(VENV)/.installed:
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "torch>=2.6" ninja pybind11 pytest numpy expecttest matplotlib cmake
+	# the frameworks tests/test_patch.py runs real training steps with (they keep the installed torch)
+	$(PYTHON) -m pip install -q accelerate lightning
 	touch $@
 
 # Rebuilt only when a source or build file changed.

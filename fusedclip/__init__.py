@@ -10,6 +10,8 @@ fused C++ kernel does the same.
 from . import _ext  # noqa: F401  (loads the compiled operators first)
 from .amp import clip_into_, unscale_clip_
 from .backends import available_backends
+from .distributed import DDPNormState, ddp_norm_hook
+from .patch import is_patched, patch_torch, patched, unpatch_torch
 from .clip import (clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, clip_value_,
                    get_total_norm)
 
@@ -21,4 +23,5 @@ except ImportError:  # Triton is not installed
 __version__ = "0.1.0"
 
 __all__ = ["clip_", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_value_",
-           "clip_grad_value_", "available_backends", "unscale_clip_", "clip_into_"]
+           "clip_grad_value_", "available_backends", "unscale_clip_", "clip_into_",
+           "patch_torch", "unpatch_torch", "patched", "is_patched", "DDPNormState", "ddp_norm_hook"]

@@ -9,6 +9,7 @@ import math
 import torch
 
 from . import backends
+from . import distributed as _distributed
 from .ops import acc_dtype, result_dtype
 
 # torch's own functions, captured at import: backend="torch" calls these, so fusedclip.patch_torch() (which
@@ -128,6 +129,12 @@ def _scale(grads, max_norm, norm, be, fn):
             be.scale(group, max_norm, norm.to(device))
 
 
+def _no_per_tensor_when_sharded(per_tensor, fn):
+    if per_tensor:
+        raise NotImplementedError(f"fusedclip.{fn}: per_tensor=True is not supported with process_group or "
+                                  "DTensor gradients (the norms would be of this rank's shards)")
+
+
 def _check_finite(norm, p):
     if not torch.isfinite(norm):  # a host sync, as in torch: only with error_if_nonfinite=True
         raise RuntimeError(_NONFINITE.format(p=p))
@@ -135,13 +142,15 @@ def _check_finite(norm, p):
 
 @torch.no_grad()
 def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto",
-          per_tensor=False):
+          per_tensor=False, process_group=None):
     """Clips the gradient norm of `parameters` in place; returns the total norm (before clipping).
 
     Same arguments and result as torch.nn.utils.clip_grad_norm_. `foreach` is accepted and ignored: the
     fused kernels handle every tensor in one pass. `backend`: "auto", "native", "triton" or "torch".
     With per_tensor=True returns (total_norm, norms): norms[i] is the i-th non-None gradient's norm before
     clipping (accumulation dtype), computed in the same pass on the fused path.
+    `process_group`: the gradients are this rank's shards; the norm is that of all ranks' shards (one
+    all_reduce; every rank of the group must call). DTensor gradients are reduced over their mesh.
     """
     params = _as_list(parameters)
     grads = _grads(params, "clip_")
@@ -149,6 +158,9 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     be = backends.resolve(backend, device_type)
     p = _norm_type(norm_type, "clip_")
     max_norm = _number(max_norm, "clip_", "max_norm")
+    if process_group is not None or (grads and _distributed.is_dtensor(grads[0])):
+        _no_per_tensor_when_sharded(per_tensor, "clip_")
+        return _distributed.clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach)
     if be.name == "torch":
         norms = _per_tensor_norms(grads, p) if per_tensor and grads else torch.empty(0)
         norm = _torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
@@ -175,14 +187,18 @@ clip_grad_norm_ = clip_
 
 @torch.no_grad()
 def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto",
-                   per_tensor=False):
+                   per_tensor=False, process_group=None):
     """The norm of `tensors` (usually gradients) as if they were one vector; like
     torch.nn.utils.get_total_norm, but accumulated in fp32 (fp64 for fp64 tensors) whatever their dtype.
-    With per_tensor=True returns (total_norm, norms), norms[i] being tensors[i]'s norm, from the same pass."""
+    With per_tensor=True returns (total_norm, norms), norms[i] being tensors[i]'s norm, from the same pass.
+    `process_group`: the tensors are this rank's shards; every rank gets the norm of all shards."""
     tensors = _as_list(tensors)
     device_type = tensors[0].device.type if tensors and isinstance(tensors[0], torch.Tensor) else "cpu"
     be = backends.resolve(backend, device_type)
     p = _norm_type(norm_type, "get_total_norm")
+    if process_group is not None or (tensors and _distributed.is_dtensor(tensors[0])):
+        _no_per_tensor_when_sharded(per_tensor, "get_total_norm")
+        return _distributed.total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach)
     if be.name == "torch":
         norms = _per_tensor_norms(tensors, p) if per_tensor and tensors else torch.empty(0)
         norm = _torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
@@ -205,6 +221,8 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     grads = _grads(params, "clip_grads_with_norm_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
     max_norm = _number(max_norm, "clip_grads_with_norm_", "max_norm")
+    if grads and _distributed.is_dtensor(grads[0]):
+        return _distributed.scale_(params, grads, max_norm, total_norm, be, foreach)
     if be.name == "torch":
         return _torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
     if not grads:

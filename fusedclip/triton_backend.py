@@ -1,0 +1,701 @@
+"""The Triton backend (backend="triton"): the fused clip written in Triton, kernels and launchers side by side.
+
+Addressing: one int64 table per call, from the core's torch.ops.fusedclip.table (csrc/clip_math.h, TableView):
+[ptr[n] | numel[n] | dtype[n] | chunk_begin[n+1]], dtype codes 0=fp32 1=fp16 2=bf16 3=fp64. Work is split into
+chunks of CHUNK elements that never span two tensors; a program finds a chunk's tensor by binary search over
+chunk_begin and casts the tensor's address to a typed pointer. Accumulation is in fp32 (fp64 when any tensor is
+fp64). Every chunk writes one partial; partials are combined in a fixed order by every program, so the norm does
+not depend on the number of programs (one-launch and two-launch agree bit for bit) and runs are deterministic.
+
+Kernels:
+  - one launch (GPU default): a persistent kernel, programs <= SM count, that writes the chunk partials, crosses
+    an in-kernel grid barrier (atomics on two int32 counters, reset by the last program out), reduces the
+    partials, and scales its own chunks in place (in reverse, so the data it read last is written first) only
+    when coef < 1. The counters belong to one stream (or to one CUDA-graph capture), so concurrent calls on two
+    streams never share them; 4 warps per program keep at least two programs per SM resident whatever the
+    register count, so two concurrent one-launch calls stay co-resident.
+  - two launches (the interpreter's default; FUSEDCLIP_TRITON_LAUNCH=two): a partials kernel, then a finish
+    kernel that reads the partials (or, for clip_grads_with_norm_, the norm) from device memory and scales.
+    No host sync either way.
+
+Under TRITON_INTERPRET=1 (set before importing fusedclip) the kernels run in Triton's interpreter on CPU
+tensors; the one-launch kernel then runs with a single program, since the interpreter runs programs one
+after another and a barrier across several would never open.
+"""
+import math
+import os
+import struct
+import threading
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
+
+from . import _ext, backends
+from .ops import acc_dtype, result_dtype
+
+CHUNK = 16384  # csrc/clip_math.h kChunkElems: the table's chunk size
+_CHUNK = tl.constexpr(CHUNK)  # the same, visible inside kernels
+L2, INF, NEG_INF, P_NORM = 0, 1, 2, 3  # norm kinds (constexpr NORM)
+OP_NORM, OP_SCALE, OP_CLAMP = 0, 1, 2  # what a chunk visit does (constexpr OP)
+NUM_WARPS = 4  # 128 threads: even at 255 registers a thread, two programs fit on one SM
+BLOCK_GPU = 4096  # elements per step of a program (32 per thread: 16-byte vector loads)
+BLOCK_INTERPRET = CHUNK  # the interpreter pays per operation, not per element: one step per chunk
+PBLOCK = 1024  # partials per step of the final reduction
+INTERPRET_PROGRAMS = 2  # programs per launch in the interpreter (~0.5 ms each); several, to test striding
+TWO_LAUNCH_PROGRAMS_PER_SM = 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device code
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _max_nan(a, b):
+    """max that lets a NaN win (torch's norms propagate NaN; tl.maximum may drop it)."""
+    return tl.where((b > a) | (b != b), b, a)
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.where((b < a) | (b != b), b, a)
+
+
+@triton.jit
+def _f64(bits):
+    """A double passed as its int64 bit pattern (Triton passes Python floats as fp32)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _div(a, b, ACC: tl.constexpr):
+    """IEEE division in the accumulation type (fp32 '/' is approximate in Triton)."""
+    if ACC == tl.float64:
+        q = a / b
+    else:
+        q = tl.div_rn(a, b)
+    return q
+
+
+@triton.jit
+def _pow(a, p, EXACT_POW: tl.constexpr):
+    """a ** p. libdevice's pow where it exists (compiled kernels); the interpreter has no libdevice, so there
+    exp2(p * log2(a)) in fp64, rounded once to a's type."""
+    if EXACT_POW:
+        r = libdevice.pow(a, p)
+    else:
+        r = tl.exp2(p.to(tl.float64) * tl.log2(a.to(tl.float64))).to(a.dtype)
+    return r
+
+
+@triton.jit
+def _contribution(x, pw, NORM: tl.constexpr, EXACT_POW: tl.constexpr):
+    """One element's term of the norm (x already in the accumulation type)."""
+    if NORM == 0:
+        r = x * x
+    elif NORM == 3:
+        r = _pow(tl.abs(x), pw, EXACT_POW)
+    else:
+        r = tl.abs(x)
+    return r
+
+
+@triton.jit
+def _combine(a, b, NORM: tl.constexpr):
+    if NORM == 1:
+        r = _max_nan(a, b)
+    elif NORM == 2:
+        r = _min_nan(a, b)
+    else:
+        r = a + b
+    return r
+
+
+@triton.jit
+def _fold(v, NORM: tl.constexpr):
+    """A block of accumulators to one value, by a fixed tree (deterministic)."""
+    if NORM == 1 or NORM == 2:
+        # max/min over the non-NaN lanes, then NaN if any lane is NaN (tl.max may drop NaN; tl.reduce with
+        # _max_nan is the same tree but crawls in the interpreter)
+        is_nan = v != v
+        if NORM == 1:
+            r = tl.max(tl.where(is_nan, 0.0, v), 0)
+        else:
+            r = tl.min(tl.where(is_nan, float("inf"), v), 0)
+        r = tl.where(tl.max(is_nan.to(tl.int32), 0) > 0, float("nan"), r)
+    else:
+        r = tl.sum(v, 0)
+    return r
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> bf16, round to nearest even, NaN -> quiet NaN: c10::BFloat16's rule, in integer ops (the
+    interpreter's own fp32 -> bf16 cast truncates; on a GPU this gives what cvt.rn.bf16.f32 does)."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).to(tl.uint16)
+    return tl.where(x != x, 0x7FC0, r).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _store_as(ptrs, y, mask, T: tl.constexpr):
+    """Store y (fp32 or fp64) as T; fp16/bf16 go through fp32, as the native kernels' casts do."""
+    if T == tl.float64:
+        tl.store(ptrs, y.to(tl.float64), mask=mask)
+    elif T == tl.bfloat16:
+        tl.store(ptrs, _bf16_rne(y.to(tl.float32)), mask=mask)
+    else:
+        tl.store(ptrs, y.to(tl.float32).to(T), mask=mask)
+
+
+@triton.jit
+def _clamp_block(x, c):
+    """clamp_min(-c), then clamp_max(c): a NaN passes through (both comparisons are false)."""
+    x = tl.where(x < -c, -c, x)
+    return tl.where(x > c, c, x)
+
+
+@triton.jit
+def _chunk_work(p, length, pw, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+                BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+    """One chunk at typed pointer p, `length` elements: its norm partial (OP_NORM), or scale it in place by coef
+    (OP_SCALE), or clamp it to [-c, c] (OP_CLAMP). Full blocks load unmasked (vector loads when p is aligned);
+    the tail block, if any, is masked. Returns the partial (the identity for the in-place ops)."""
+    T: tl.constexpr = p.dtype.element_ty
+    if NORM == 2:
+        ident: tl.constexpr = float("inf")
+    else:
+        ident: tl.constexpr = 0.0
+    lane = tl.arange(0, BLOCK)
+    n_full = length // BLOCK
+    tail = n_full * BLOCK
+    r = tl.full([], ident, ACC)
+    if OP == 0:
+        acc = tl.full([BLOCK], ident, ACC)
+        for i in range(0, n_full):
+            x = tl.load(p + (i * BLOCK + lane)).to(ACC)
+            acc = _combine(acc, _contribution(x, pw, NORM, EXACT_POW), NORM)
+        if tail < length:
+            idx = tail + lane
+            m = idx < length
+            x = tl.load(p + idx, mask=m, other=0.0).to(ACC)
+            acc = _combine(acc, tl.where(m, _contribution(x, pw, NORM, EXACT_POW), ident), NORM)
+        r = _fold(acc, NORM)
+    elif OP == 1:
+        for i in range(0, n_full):
+            ptrs = p + (i * BLOCK + lane)
+            _store_as(ptrs, tl.load(ptrs).to(ACC) * coef, None, T)
+        if tail < length:
+            idx = tail + lane
+            m = idx < length
+            _store_as(p + idx, tl.load(p + idx, mask=m, other=0.0).to(ACC) * coef, m, T)
+    else:
+        # in fp32 (fp64 for fp64 tensors)
+        if T == tl.float64:
+            c = clamp64
+        else:
+            c = clamp32
+        for i in range(0, n_full):
+            ptrs = p + (i * BLOCK + lane)
+            _store_as(ptrs, _clamp_block(tl.load(ptrs).to(c.dtype), c), None, T)
+        if tail < length:
+            idx = tail + lane
+            m = idx < length
+            _store_as(p + idx, _clamp_block(tl.load(p + idx, mask=m, other=0.0).to(c.dtype), c), m, T)
+    return r
+
+
+@triton.jit
+def _chunk(table, n, c, pw, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+           BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+    """Visit chunk c (int64) of the table: find its tensor (binary search over chunk_begin; empty tensors own no
+    chunk), type the pointer by the tensor's dtype code, and run _chunk_work on it."""
+    lo = c * 0
+    hi = lo + n
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        if tl.load(table + 3 * n + mid) <= c:
+            lo = mid
+        else:
+            hi = mid
+    start = (c - tl.load(table + 3 * n + lo)) * _CHUNK
+    length = tl.minimum(tl.load(table + n + lo) - start, _CHUNK).to(tl.int32)
+    addr = tl.load(table + lo)
+    dtype = tl.load(table + 2 * n + lo)
+    # chunk starts are CHUNK elements apart, so a chunk is 16-byte aligned when its tensor is
+    aligned = (addr % 16) == 0
+    r = tl.full([], 0.0, ACC)
+    # one name per pointer type: Triton types a variable once across the branches
+    if dtype == 0:
+        p_f32 = addr.to(tl.pointer_type(tl.float32)) + start
+        if aligned:
+            r = _chunk_work(tl.multiple_of(p_f32, 16), length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK,
+                            EXACT_POW)
+        else:
+            r = _chunk_work(p_f32, length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK, EXACT_POW)
+    elif dtype == 1:
+        p_f16 = addr.to(tl.pointer_type(tl.float16)) + start
+        if aligned:
+            r = _chunk_work(tl.multiple_of(p_f16, 16), length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK,
+                            EXACT_POW)
+        else:
+            r = _chunk_work(p_f16, length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK, EXACT_POW)
+    elif dtype == 2:
+        p_bf16 = addr.to(tl.pointer_type(tl.bfloat16)) + start
+        if aligned:
+            r = _chunk_work(tl.multiple_of(p_bf16, 16), length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK,
+                            EXACT_POW)
+        else:
+            r = _chunk_work(p_bf16, length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK, EXACT_POW)
+    else:
+        if ACC == tl.float64:  # fp64 tensors only exist in fp64-accumulating calls
+            p_f64 = addr.to(tl.pointer_type(tl.float64)) + start
+            if aligned:
+                r = _chunk_work(tl.multiple_of(p_f64, 16), length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK,
+                                EXACT_POW)
+            else:
+                r = _chunk_work(p_f64, length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK, EXACT_POW)
+    return r
+
+
+@triton.jit
+def _write_partials(table, n, n_chunks, partials, pw, NORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                    EXACT_POW: tl.constexpr):
+    """Phase 1: program i takes chunks i, i + programs, ...; one partial per chunk."""
+    zero = tl.full([], 0.0, ACC)
+    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+        part = _chunk(table, n, tl.cast(c, tl.int64), pw, zero, zero, zero, 0, NORM, ACC, BLOCK, EXACT_POW)
+        tl.store(partials + c, part)
+
+
+@triton.jit
+def _reduce_partials(partials, n_chunks, pw, NORM: tl.constexpr, ACC: tl.constexpr, PBLOCK: tl.constexpr,
+                     EXACT_POW: tl.constexpr):
+    """Phase 2: the norm from all partials, combined in the same fixed order by every program."""
+    if NORM == 2:
+        ident: tl.constexpr = float("inf")
+    else:
+        ident: tl.constexpr = 0.0
+    acc = tl.full([PBLOCK], ident, ACC)
+    lane = tl.arange(0, PBLOCK)
+    for start in range(0, n_chunks, PBLOCK):
+        idx = start + lane
+        # written by other programs: skip L1
+        v = tl.load(partials + idx, mask=idx < n_chunks, other=ident, cache_modifier=".cg")
+        acc = _combine(acc, v, NORM)
+    total = _fold(acc, NORM)
+    if NORM == 0:
+        if ACC == tl.float64:
+            norm = tl.sqrt(total)
+        else:
+            norm = tl.sqrt_rn(total)
+    elif NORM == 3:
+        norm = _pow(total, _div(1.0, pw, ACC), EXACT_POW)
+    else:
+        norm = total
+    return norm
+
+
+@triton.jit
+def _clip_coef(max_norm, norm, ACC: tl.constexpr):
+    """torch's rule: max_norm / (norm + 1e-6), clamped to at most 1 (NaN stays NaN)."""
+    coef = _div(max_norm, norm + tl.full([], 1e-6, ACC), ACC)
+    return tl.where(coef > 1.0, 1.0, coef)
+
+
+@triton.jit
+def _scale_mine(table, n, n_chunks, coef, ACC: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+    """Scale this program's chunks in place, the last one first (it was read last: likely still in L2)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    count = (n_chunks - pid + programs - 1) // programs
+    zero = tl.full([], 0.0, ACC)
+    for i in range(0, count):
+        c = pid + (count - 1 - i) * programs
+        _chunk(table, n, tl.cast(c, tl.int64), zero, coef, zero, zero, 1, 0, ACC, BLOCK, EXACT_POW)
+
+
+@triton.jit
+def _grid_barrier(ws):
+    """Every program waits here until all have arrived. ws: two int32 counters (arrivals, departures), zero on
+    entry; the last program to leave sets both back to zero, so the next kernel on this stream finds them
+    ready. Only safe when all programs are resident at once."""
+    programs = tl.num_programs(0)
+    tl.debug_barrier()  # this program's partial stores are done before its arrival is published
+    tl.atomic_add(ws, 1, sem="release", scope="gpu")
+    while tl.atomic_add(ws, 0, sem="acquire", scope="gpu") < programs:
+        pass
+    tl.debug_barrier()
+    if tl.atomic_add(ws + 1, 1, sem="acq_rel", scope="gpu") == programs - 1:
+        # everyone has seen the arrivals count complete: reset for the next call
+        tl.atomic_xchg(ws, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(ws + 1, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit(do_not_specialize=["n", "n_chunks", "p_bits", "max_norm_bits"])
+def _one_launch_kernel(table, n, n_chunks, partials, ws, norm_out, p_bits, max_norm_bits, CLIP: tl.constexpr,
+                       NORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
+                       EXACT_POW: tl.constexpr):
+    """The fused clip in one launch: partials, grid barrier, norm (program 0 stores it), scaling if coef < 1."""
+    pw = _f64(p_bits).to(ACC)
+    _write_partials(table, n, n_chunks, partials, pw, NORM, ACC, BLOCK, EXACT_POW)
+    _grid_barrier(ws)
+    norm = _reduce_partials(partials, n_chunks, pw, NORM, ACC, PBLOCK, EXACT_POW)
+    if tl.program_id(0) == 0:
+        tl.store(norm_out, norm.to(norm_out.dtype.element_ty))
+    if CLIP:
+        coef = _clip_coef(_f64(max_norm_bits).to(ACC), norm, ACC)
+        if (coef < 1.0) | (coef != coef):  # only coef == 1 leaves the grads alone; NaN must spread
+            _scale_mine(table, n, n_chunks, coef, ACC, BLOCK, EXACT_POW)
+
+
+@triton.jit(do_not_specialize=["n", "n_chunks", "p_bits"])
+def _partials_kernel(table, n, n_chunks, partials, p_bits, NORM: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+    """Two-launch variant, launch 1: the chunk partials."""
+    _write_partials(table, n, n_chunks, partials, _f64(p_bits).to(ACC), NORM, ACC, BLOCK, EXACT_POW)
+
+
+@triton.jit(do_not_specialize=["n", "n_chunks", "p_bits", "max_norm_bits"])
+def _finish_kernel(table, n, n_chunks, partials, norm_in, norm_out, p_bits, max_norm_bits,
+                   FROM_PARTIALS: tl.constexpr, WRITE_NORM: tl.constexpr, CLIP: tl.constexpr, NORM: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+    """Two-launch variant, launch 2 (and clip_grads_with_norm_): the norm from the partials (or read from
+    norm_in), stored by program 0 when WRITE_NORM, then the in-place scaling when coef < 1."""
+    if FROM_PARTIALS:
+        norm = _reduce_partials(partials, n_chunks, _f64(p_bits).to(ACC), NORM, ACC, PBLOCK, EXACT_POW)
+    else:
+        given = tl.load(norm_in)
+        if norm_in.dtype.element_ty == tl.float64:
+            norm = given.to(ACC)
+        else:
+            norm = given.to(tl.float32).to(ACC)
+    if WRITE_NORM:
+        if tl.program_id(0) == 0:
+            tl.store(norm_out, norm.to(norm_out.dtype.element_ty))
+    if CLIP:
+        coef = _clip_coef(_f64(max_norm_bits).to(ACC), norm, ACC)
+        if (coef < 1.0) | (coef != coef):
+            _scale_mine(table, n, n_chunks, coef, ACC, BLOCK, EXACT_POW)
+
+
+@triton.jit(do_not_specialize=["n", "n_chunks", "clip_bits"])
+def _clamp_kernel(table, n, n_chunks, clip_bits, BLOCK: tl.constexpr):
+    """clip_value_: clamp every chunk in place."""
+    c64 = _f64(clip_bits)
+    zero = tl.full([], 0.0, tl.float64)
+    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+        _chunk(table, n, tl.cast(c, tl.int64), zero, zero, c64.to(tl.float32), c64, 2, 0, tl.float64, BLOCK, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host code: launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+INTERPRET = isinstance(_one_launch_kernel, InterpretedFunction)  # TRITON_INTERPRET=1 when this module loaded
+EXACT_POW = not INTERPRET
+BLOCK = BLOCK_INTERPRET if INTERPRET else BLOCK_GPU
+
+# "auto" (one launch on a GPU, two in the interpreter), "one" or "two"
+LAUNCH = os.environ.get("FUSEDCLIP_TRITON_LAUNCH", "auto")
+if LAUNCH not in ("auto", "one", "two"):
+    raise ValueError(f"FUSEDCLIP_TRITON_LAUNCH must be 'auto', 'one' or 'two', got {LAUNCH!r}")
+
+
+def one_launch(launch=None):
+    """Whether a call uses the one-launch kernel: `launch` ("one", "two", "auto" or None for LAUNCH)."""
+    mode = LAUNCH if launch is None else launch
+    if mode not in ("auto", "one", "two"):
+        raise ValueError(f"fusedclip triton: launch must be 'auto', 'one' or 'two', got {mode!r}")
+    return (not INTERPRET) if mode == "auto" else mode == "one"
+
+
+def _bits(x):
+    """A Python float as the int64 bit pattern of the double."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _norm_kind(p):
+    p = float(p)
+    if math.isnan(p):
+        raise ValueError("fusedclip: norm_type must not be NaN")
+    if p == 0.0:
+        raise ValueError("fusedclip: norm_type 0 is handled by the Python layer, not by the kernels")
+    if p == 2.0:
+        return L2
+    if math.isinf(p):
+        return INF if p > 0 else NEG_INF
+    return P_NORM
+
+
+def _tl_acc(any_double):
+    return tl.float64 if any_double else tl.float32
+
+
+_sm_counts = {}
+
+
+def _programs(device, n_chunks, one):
+    """Programs per launch. One launch: at most the SM count (NUM_WARPS keeps two per SM resident, so even two
+    concurrent calls are all resident: the barrier's condition). The interpreter runs programs in turn: one."""
+    if INTERPRET:
+        return 1 if one else min(n_chunks, INTERPRET_PROGRAMS)
+    sms = _sm_counts.get(device.index)
+    if sms is None:
+        sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(n_chunks, sms if one else TWO_LAUNCH_PROGRAMS_PER_SM * sms)
+
+
+_compiled = {}  # kernel name -> the last CompiledKernel launched (registers, shared memory: scripts/ check them)
+
+
+def _launch(kernel, programs, *args, **constexprs):
+    if INTERPRET:
+        import numpy as np  # log2(0), NaN inputs: expected, not worth a warning
+
+        with np.errstate(all="ignore"):
+            kernel[(programs,)](*args, **constexprs)
+        return
+    _compiled[kernel.__name__] = kernel[(programs,)](*args, num_warps=NUM_WARPS, **constexprs)
+
+
+class _Workspaces:
+    """The one-launch kernel's barrier counters: two int32 per slot, zero between kernels (the kernel resets
+    them). Each stream has its own slot, so concurrent calls on two streams never share one; each call captured
+    into a CUDA graph gets a slot of its own for good (the graph may be replayed on any stream, any time). Slots
+    are zeroed once, outside any capture, in arenas of 64."""
+
+    ARENA = 64
+    LOW = 16  # refill below this many free slots, so that captures find some
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_stream = {}
+        self._free = {}
+        self._arenas = []
+
+    def get(self, device):
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        with self._lock:
+            free = self._free.setdefault(device, [])
+            if capturing:
+                if not free:
+                    raise RuntimeError("fusedclip triton: no barrier workspace left for this CUDA-graph capture; "
+                                       "call clip_ once outside the capture first (a warm-up step)")
+                return free.pop()
+            if len(free) < self.LOW:
+                arena = torch.zeros(2 * self.ARENA, dtype=torch.int32, device=device)
+                if device.type == "cuda":  # zeroed before any stream uses a slot (once per arena)
+                    torch.cuda.current_stream(device).synchronize()
+                self._arenas.append(arena)
+                free.extend(arena[2 * i:2 * i + 2] for i in reversed(range(self.ARENA)))
+            ws = self._by_stream.get((device, stream))
+            if ws is None:
+                ws = self._by_stream[(device, stream)] = free.pop()
+            return ws
+
+
+_WORKSPACES = _Workspaces()
+
+
+def _is_dense(t):
+    """is_non_overlapping_and_dense: the elements fill [data_ptr, data_ptr + numel) exactly once."""
+    expected = 1
+    for stride, size in sorted((s, z) for s, z in zip(t.stride(), t.shape) if z != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _table(tensors):
+    """(table, n_chunks, any_double, copies): the core's table of the tensors. Tensors that are not dense are
+    replaced by dense copies; in-place ops copy the results back (copies: pairs of original, copy)."""
+    try:
+        table, n_chunks, any_double = torch.ops.fusedclip.table(tensors)
+        return table, n_chunks, any_double, ()
+    except ValueError:
+        copies = [(i, t.contiguous()) for i, t in enumerate(tensors)
+                  if t.layout == torch.strided and t.numel() > 0 and not _is_dense(t)]
+        if not copies:
+            raise
+    dense = list(tensors)
+    for i, copy in copies:
+        dense[i] = copy
+    table, n_chunks, any_double = torch.ops.fusedclip.table(dense)
+    return table, n_chunks, any_double, [(tensors[i], copy) for i, copy in copies]
+
+
+def _write_back(copies):
+    for original, copy in copies:
+        original.copy_(copy)
+
+
+def _norm_and_maybe_clip(tensors, max_norm, norm_type, clip, out_dtype, launch=None):
+    kind = _norm_kind(norm_type)
+    table, n_chunks, any_double, copies = _table(tensors)
+    device = tensors[0].device
+    if n_chunks == 0:  # only empty tensors: norm 0, nothing to scale
+        return torch.zeros((), dtype=out_dtype, device=device)
+    acc = _tl_acc(any_double)
+    out = torch.empty((), dtype=out_dtype, device=device)
+    partials = torch.empty(n_chunks, dtype=torch.float64 if any_double else torch.float32, device=device)
+    n = len(tensors)
+    p_bits, max_norm_bits = _bits(norm_type), _bits(max_norm)
+    if one_launch(launch):
+        ws = _WORKSPACES.get(device)
+        _launch(_one_launch_kernel, _programs(device, n_chunks, True), table, n, n_chunks, partials, ws, out, p_bits,
+                max_norm_bits, CLIP=clip, NORM=kind, ACC=acc, BLOCK=BLOCK, PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
+    else:
+        programs = _programs(device, n_chunks, False)
+        _launch(_partials_kernel, programs, table, n, n_chunks, partials, p_bits, NORM=kind, ACC=acc, BLOCK=BLOCK,
+                EXACT_POW=EXACT_POW)
+        _launch(_finish_kernel, programs if clip else 1, table, n, n_chunks, partials, partials, out, p_bits,
+                max_norm_bits, FROM_PARTIALS=True, WRITE_NORM=True, CLIP=clip, NORM=kind, ACC=acc, BLOCK=BLOCK,
+                PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
+    if clip:
+        _write_back(copies)
+    return out
+
+
+def total_norm(tensors, norm_type, launch=None):
+    """The norm of all tensors as one vector, 0-dim, in fp32 (fp64 when any tensor is fp64)."""
+    return _norm_and_maybe_clip(tensors, 0.0, norm_type, False, acc_dtype(tensors), launch)
+
+
+def clip(grads, max_norm, norm_type, launch=None):
+    """The fused clip: norm, then (only if coef < 1) in-place scaling. Returns the norm in the promoted dtype."""
+    return _norm_and_maybe_clip(grads, max_norm, norm_type, True, result_dtype(grads), launch)
+
+
+def scale(grads, max_norm, norm):
+    """grads *= max_norm / (norm + 1e-6) when that is < 1; norm: a one-element tensor on the grads' device."""
+    table, n_chunks, any_double, copies = _table(grads)
+    device = grads[0].device
+    if not isinstance(norm, torch.Tensor) or norm.device != device or norm.numel() != 1:
+        raise ValueError(f"fusedclip.clip_grads_with_norm_: total_norm must be a one-element tensor on {device}")
+    if norm.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"fusedclip: total_norm must be float32, float64, float16 or bfloat16, got {norm.dtype}")
+    if n_chunks == 0:
+        return
+    norm = norm.reshape(()).contiguous()
+    acc = _tl_acc(any_double or norm.dtype == torch.float64)
+    _launch(_finish_kernel, _programs(device, n_chunks, False), table, len(grads), n_chunks, norm, norm, norm, 0,
+            _bits(max_norm), FROM_PARTIALS=False, WRITE_NORM=False, CLIP=True, NORM=L2, ACC=acc, BLOCK=BLOCK,
+            PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
+    _write_back(copies)
+
+
+def clamp(grads, clip_value):
+    """clamp(-clip_value, clip_value) in place, NaN passing through."""
+    table, n_chunks, _, copies = _table(grads)
+    if n_chunks == 0:
+        return
+    _launch(_clamp_kernel, _programs(grads[0].device, n_chunks, False), table, len(grads), n_chunks,
+            _bits(clip_value), BLOCK=BLOCK)
+    _write_back(copies)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Operators (torch.library, so torch.compile(fullgraph=True) traces through them) and the backend
+# ---------------------------------------------------------------------------------------------------------------
+
+def _define_ops():
+    # Opaque custom ops (not triton_op): the kernels write through pointers from the table, which no tracer can
+    # see, so the mutation is declared in the schema instead. The bodies look the launchers up at call time.
+    @torch.library.custom_op("fusedclip_triton::total_norm", mutates_args=())
+    def _total_norm_op(tensors: List[torch.Tensor], norm_type: float) -> torch.Tensor:
+        return total_norm(tensors, norm_type)
+
+    @_total_norm_op.register_fake
+    def _(tensors, norm_type):
+        return tensors[0].new_empty((), dtype=acc_dtype(tensors))
+
+    @torch.library.custom_op("fusedclip_triton::clip_", mutates_args=("grads",))
+    def _clip_op(grads: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
+        return clip(grads, max_norm, norm_type)
+
+    @_clip_op.register_fake
+    def _(grads, max_norm, norm_type):
+        return grads[0].new_empty((), dtype=result_dtype(grads))
+
+    @torch.library.custom_op("fusedclip_triton::scale_", mutates_args=("grads",))
+    def _scale_op(grads: List[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+        scale(grads, max_norm, total_norm)
+
+    @_scale_op.register_fake
+    def _(grads, max_norm, total_norm):
+        return None
+
+    @torch.library.custom_op("fusedclip_triton::clamp_", mutates_args=("grads",))
+    def _clamp_op(grads: List[torch.Tensor], clip_value: float) -> None:
+        clamp(grads, clip_value)
+
+    @_clamp_op.register_fake
+    def _(grads, clip_value):
+        return None
+
+
+if not hasattr(torch.ops.fusedclip_triton, "clip_"):  # once per process
+    _define_ops()
+
+
+def _chunk_mismatch():
+    chunk = _ext.build_info().get("chunk_elems")
+    if chunk is not None and int(chunk) != CHUNK:
+        return f"the extension's chunk size ({chunk}) differs from the Triton kernels' ({CHUNK}): rebuild it"
+    return None
+
+
+class TritonBackend:
+    """backend="triton": the Triton kernels above, on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1).
+    Every method takes a non-empty list of tensors on one device."""
+
+    name = "triton"
+
+    @staticmethod
+    def available(device_type):
+        if not _ext.LOADED:
+            return False, (f"it needs the fusedclip extension's table op, and the extension did not load "
+                           f"({_ext.LOAD_ERROR}): {_ext.HOW_TO_BUILD}")
+        mismatch = _chunk_mismatch()
+        if mismatch:
+            return False, mismatch
+        if device_type == "cpu":
+            if not INTERPRET:
+                return False, ("Triton kernels run on CPU tensors only in Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before importing fusedclip")
+            return True, ""
+        if device_type == "cuda":
+            if INTERPRET:
+                return False, ("TRITON_INTERPRET=1 is set: the interpreter runs the kernels on host memory, so the "
+                               "Triton backend takes CPU tensors only; unset it for CUDA tensors")
+            if not _ext.HAS_CUDA_KERNELS:
+                return False, f"the extension was built without CUDA (the table op needs it): {_ext.HOW_TO_BUILD_CUDA}"
+            if not torch.cuda.is_available():
+                return False, "no CUDA GPU is visible"
+            return True, ""
+        return False, f"there are no Triton kernels for {device_type} tensors"
+
+    @staticmethod
+    def total_norm(tensors, norm_type):
+        return torch.ops.fusedclip_triton.total_norm(tensors, norm_type)
+
+    @staticmethod
+    def clip(grads, max_norm, norm_type):
+        return torch.ops.fusedclip_triton.clip_(grads, max_norm, norm_type)
+
+    @staticmethod
+    def scale(grads, max_norm, total_norm):
+        torch.ops.fusedclip_triton.scale_(grads, max_norm, total_norm)
+
+    @staticmethod
+    def clamp(grads, clip_value):
+        torch.ops.fusedclip_triton.clamp_(grads, clip_value)
+
+
+backends.register(TritonBackend)

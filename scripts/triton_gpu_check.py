@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""GPU check of the Triton backend (called by scripts/gpu_check.sh).
+
+  python scripts/triton_gpu_check.py [--first-launch-timeout S] [--timeout S]
+
+Runs in child processes, each under a time limit, so a deadlocked grid barrier fails the check instead of
+hanging it:
+  1. first launch: one small and one large one-launch clip (compiles the kernel; a barrier that never opens
+     times out here);
+  2. checks: one launch against two launches, bit for bit (dtypes x norms x clipping) and against the native
+     backend and a float64 reference; the barrier counters back at zero; at least two programs per SM fit
+     (registers and shared memory of the compiled kernel), the condition for two concurrent calls; CUDA-graph
+     capture and replay with new gradients copied in between, equal to eager; two streams clipping at once.
+Prints one summary line, last; exits 0 only if everything passed (2 when no GPU is visible: nothing checked).
+"""
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bits_equal(a, b):
+    import torch
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+def _grads(seed, dtypes, shapes=None):
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    shapes = shapes or [(4096, 1024), (1024,), (3000, 77), (5,), (0,), (50257, 64), (16385,), (7,)]
+    return [(torch.randn(s, device="cuda", generator=g) * 0.1).to(dtypes[i % len(dtypes)]) for i, s in
+            enumerate(shapes)]
+
+
+def child_first_launch():
+    import torch
+    from fusedclip import triton_backend as tb
+    for grads in ([torch.randn(1000, device="cuda")], _grads(0, [torch.float32, torch.bfloat16])):
+        tb.clip(grads, 0.1, 2.0, launch="one")
+        torch.cuda.synchronize()
+    print("first launch ok")
+
+
+def child_checks():
+    import torch
+    import fusedclip
+    from fusedclip import triton_backend as tb
+
+    failures, passed = [], 0
+
+    def check(ok, what):
+        nonlocal passed
+        if ok:
+            passed += 1
+        else:
+            failures.append(what)
+            print("FAIL", what, flush=True)
+
+    dtype_sets = {"fp32": [torch.float32], "fp16": [torch.float16], "bf16": [torch.bfloat16],
+                  "mixed": [torch.float32, torch.bfloat16, torch.float16], "mixed64": [torch.float32, torch.float64]}
+    for name, dtypes in dtype_sets.items():
+        for p in (2.0, math.inf, -math.inf, 1.0, 3.0):
+            for clipping in (True, False):
+                grads = _grads(1, dtypes)
+                flat = torch.cat([x.double().flatten() for x in grads])
+                ref = float(torch.linalg.vector_norm(flat, p))
+                max_norm = ref * (0.5 if clipping else 2.0)
+                a, b, c = ([x.clone() for x in grads] for _ in range(3))
+                na = tb.clip(a, max_norm, p, launch="one")
+                nb = tb.clip(b, max_norm, p, launch="two")
+                nc = fusedclip.clip_(c, max_norm, p, backend="native")
+                tag = f"{name} p={p} clipping={clipping}"
+                check(_bits_equal(na, nb) and all(_bits_equal(x, y) for x, y in zip(a, b)),
+                      f"one launch != two launches bitwise ({tag})")
+                rounding = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}.get(na.dtype, 0.0)
+                check(abs(float(na) - ref) <= (2e-6 + rounding) * ref,
+                      f"norm {float(na)} vs float64 reference {ref} ({tag})")
+                check(abs(float(na) - float(nc)) <= 1e-5 * abs(float(nc)) + 1e-30,
+                      f"norm {float(na)} vs native {float(nc)} ({tag})")
+                if not clipping:
+                    check(all(_bits_equal(x, y) for x, y in zip(a, grads)), f"grads written with coef 1 ({tag})")
+                else:
+                    coef = min(max_norm / (ref + 1e-6), 1.0)
+                    check(all(torch.allclose(x.double(), y.double() * coef, rtol=1.6e-2, atol=1e-5)
+                              for x, y in zip(a, grads)), f"grads not scaled by coef ({tag})")
+    device = torch.device("cuda", torch.cuda.current_device())
+    ws = tb._WORKSPACES.get(device)
+    torch.cuda.synchronize()
+    check(ws.tolist() == [0, 0], f"barrier counters not reset: {ws.tolist()}")
+
+    # residency: two programs per SM, or two concurrent one-launch calls could deadlock
+    props = torch.cuda.get_device_properties(device)
+    compiled = tb._compiled.get("_one_launch_kernel")
+    if compiled is None:
+        check(False, "no compiled one-launch kernel recorded")
+    else:
+        regs = getattr(compiled, "n_regs", None)
+        shared = compiled.metadata.shared
+        threads = 32 * tb.NUM_WARPS
+        by_regs = 65536 // (max(regs, 1) * threads) if regs else 0
+        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        by_smem = smem // max(shared, 1)
+        print(f"one-launch kernel: {regs} registers/thread, {shared} B shared, {threads} threads: "
+              f"{min(by_regs, by_smem)} programs per SM fit", flush=True)
+        check(min(by_regs, by_smem) >= 2, f"fewer than 2 programs per SM fit ({regs} regs, {shared} B shared)")
+
+    # CUDA graph: capture after a warm-up, replay with new grads copied in, compare with eager
+    grads = _grads(2, [torch.float32, torch.bfloat16])
+    static = [x.clone() for x in grads]
+    tb.clip(static, 1.0, 2.0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm = tb.clip(static, 1.0, 2.0)
+    for step in range(6):
+        fresh = [torch.randn_like(x) * (0.001 if step % 2 else 1.0) for x in grads]
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        eager = [f.clone() for f in fresh]
+        eager_norm = tb.clip(eager, 1.0, 2.0)
+        torch.cuda.synchronize()
+        check(_bits_equal(norm, eager_norm) and all(_bits_equal(s, e) for s, e in zip(static, eager)),
+              f"CUDA-graph replay {step} differs from eager")
+
+    # two streams at once
+    sets = [_grads(3, [torch.float32]), _grads(4, [torch.bfloat16, torch.float32])]
+    expected = []
+    for g in sets:
+        e = [x.clone() for x in g]
+        expected.append((tb.clip(e, 0.5, 2.0), e))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    torch.cuda.synchronize()
+    ok = True
+    for _ in range(30):
+        work = [[x.clone() for x in g] for g in sets]
+        torch.cuda.synchronize()
+        norms = []
+        for s, w in zip(streams, work):
+            with torch.cuda.stream(s):
+                norms.append(tb.clip(w, 0.5, 2.0))
+        torch.cuda.synchronize()
+        for (en, eg), n, w in zip(expected, norms, work):
+            ok &= _bits_equal(n, en) and all(_bits_equal(x, y) for x, y in zip(w, eg))
+    check(ok, "two concurrent streams differ from sequential results")
+
+    print(f"checks: {passed} passed, {len(failures)} failed", flush=True)
+    return 0 if not failures else 1
+
+
+def run_child(mode, timeout):
+    start = time.time()
+    try:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode], cwd=ROOT,
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stdout or b"")[-2000:]
+        return False, f"{mode}: no result within {timeout} s (grid-barrier deadlock?) {tail!r}"
+    sys.stdout.write(out.stdout)
+    sys.stderr.write(out.stderr[-4000:])
+    return out.returncode == 0, f"{mode}: rc={out.returncode} in {time.time() - start:.0f} s"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--first-launch-timeout", type=float, default=240.0)
+    ap.add_argument("--timeout", type=float, default=480.0)
+    ap.add_argument("--child", choices=["first-launch", "checks"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    sys.path.insert(0, ROOT)
+    if args.child == "first-launch":
+        child_first_launch()
+        return 0
+    if args.child == "checks":
+        return child_checks()
+
+    import torch
+    if not torch.cuda.is_available():
+        print("triton_gpu_check: NOT RUN: no CUDA GPU visible (nothing was checked)")
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("triton_gpu_check: NOT RUN: TRITON_INTERPRET=1 is set; unset it to check the compiled kernels")
+        return 2
+    import triton
+    gpu = torch.cuda.get_device_name()
+    ok1, msg1 = run_child("first-launch", args.first_launch_timeout)
+    ok2, msg2 = run_child("checks", args.timeout) if ok1 else (False, "checks: not run (first launch failed)")
+    verdict = "PASS" if ok1 and ok2 else "FAIL"
+    print(f"triton_gpu_check: {verdict} on {gpu} (torch {torch.__version__}, triton {triton.__version__}): "
+          f"{msg1}; {msg2}")
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

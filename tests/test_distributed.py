@@ -1,0 +1,416 @@
+"""Sharded clipping on torch.distributed, with Gloo on CPU: several processes (2 and 4 ranks).
+
+Process start-up is the expensive part (seconds per rank on a small machine), so each world size is one
+spawn: every rank runs every case below in turn on one process group and records, per case, "ok" or
+its traceback; the pytest tests then read those records. Everything is bounded: the process group
+times out after 20 s, the whole spawn is killed after SPAWN_TIMEOUT.
+
+References are computed in each process on the unsharded data: float64 norms of the concatenated
+gradients, fusedclip.clip_ / torch.nn.utils.clip_grad_norm_ without a process group, DDP with its default
+hook, and torch's own clip_grad_norm_ on DTensors (total_norm.full_tensor()).
+"""
+import datetime
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedclip
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with Gloo is not available")
+
+SPAWN_TIMEOUT = 150  # seconds, for one world size (start-up included)
+INF = math.inf
+CASES = {}  # name -> function(rank, world_size, group)
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers (run inside the ranks)
+# ---------------------------------------------------------------------------------------------------------
+
+def full_grads(seed, dtype=torch.float32, scale=1.0):
+    """The unsharded gradients, the same on every rank: odd sizes, one empty, one > 16K elements."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7,), (3, 5), (0,), (33, 129), (), (20001,), (4, 4)]
+    return [(torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype) for s in shapes]
+
+
+def shard(full, rank, world, seed):
+    """This rank's shards: each flattened tensor cut at random (uneven) points, so some ranks get empty
+    pieces, as FSDP1 flat parameters and ZeRO partitions are. Returns views into `full`'s flat copies."""
+    g = torch.Generator().manual_seed(seed + 1)
+    flats, mine = [t.reshape(-1) for t in full], []
+    for f in flats:
+        cuts = sorted(torch.randint(0, f.numel() + 1, (world - 1,), generator=g).tolist())
+        bounds = [0] + cuts + [f.numel()]
+        mine.append(f[bounds[rank]:bounds[rank + 1]])
+    return flats, mine
+
+
+def ref_norm(tensors, p):
+    flat = torch.cat([t.reshape(-1).double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
+    if flat.numel() == 0:
+        return torch.tensor(0.0, dtype=torch.float64)
+    return torch.linalg.vector_norm(flat, p)
+
+
+def params_with(grads):
+    out = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g
+        out.append(p)
+    return out
+
+
+def close(actual, expected, **kw):
+    torch.testing.assert_close(actual.double(), expected.double(), **({"rtol": 2e-6, "atol": 1e-6} | kw))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------------------
+
+@case
+def sharded_lists(rank, world, group):
+    """Uneven shards of the same gradients on every rank: the global norm and the clipped shards equal the
+    unsharded clip_, for p = 2, inf, 1 (and -inf, 3), clipping and not."""
+    for p in [2.0, INF, 1.0, -INF, 3.0]:
+        for max_norm in [0.5, 1e9]:
+            full = full_grads(seed=7)
+            ref = [t.clone() for t in full]
+            expected = ref_norm(full, p)
+            ref_total = fusedclip.clip_(params_with(ref), max_norm, p)  # single process, unsharded
+            close(ref_total, expected)
+            flats, mine = shard(full, rank, world, seed=7)
+            before = [t.clone() for t in mine]
+            total = fusedclip.clip_(params_with([t.clone() for t in mine]), max_norm, p, process_group=group)
+            close(total, expected)
+            assert total.dtype == torch.float32
+            params = params_with(mine)  # views into flats: scaling in place shows in flats
+            fusedclip.clip_(params, max_norm, p, process_group=group)
+            for got, r_full, f in zip(mine, ref, flats):  # each shard is a view: compare its piece
+                off = got.storage_offset() - f.storage_offset()
+                close(got, r_full.reshape(-1)[off:off + got.numel()])
+            if max_norm == 1e9:  # no clipping: bit-identical
+                for a, b in zip(mine, before):
+                    assert torch.equal(a, b)
+            close(fusedclip.get_total_norm(before, p, process_group=group), expected)
+
+
+@case
+def dtypes_and_torch_backend(rank, world, group):
+    """fp64 on one rank and bf16 on another still reduce together (the partial is float64 on every rank);
+    backend="torch" with a process group gives the same norm."""
+    full = full_grads(seed=3)
+    dtypes = [torch.float64, torch.bfloat16, torch.float32, torch.float16]
+    every = [[t.to(dtypes[r % 4]) for t in shard(full, r, world, seed=3)[1]] for r in range(world)]
+    mine, dtype = every[rank], dtypes[rank % 4]
+    expected = ref_norm([t for shards in every for t in shards], 2.0)  # the same on every rank
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype in (torch.float32, torch.float64) else {"rtol": 1e-2, "atol": 1e-2}
+    close(fusedclip.get_total_norm(mine, process_group=group), expected, **tol)  # returned in its dtype
+    # backend="torch" rounds the bf16/fp16 ranks' local norms to their dtype (as torch does): looser
+    loose = {"rtol": 1e-2, "atol": 1e-2}
+    close(fusedclip.get_total_norm(mine, backend="torch", process_group=group), expected, **loose)
+    grads = [t.clone() for t in mine]
+    fusedclip.clip_(params_with(grads), 0.1, backend="torch", process_group=group)
+    coef = 0.1 / (expected + 1e-6)
+    for a, b in zip(grads, mine):
+        close(a, b.double() * coef, **loose)
+
+
+@case
+def empty_ranks(rank, world, group):
+    """Rank 0 has no gradients at all, rank 1 only empty ones; the others hold everything. Every rank gets
+    the global norm (and the -inf norm is not spoilt by ranks without elements)."""
+    full = full_grads(seed=11)
+    if rank == 0:
+        mine = []
+    elif rank == 1:
+        mine = [torch.zeros(0), torch.zeros(0, 3)]
+    else:
+        mine = [t.clone() for t in full]
+    holders = max(world - 2, 0)
+    for p in [2.0, INF, 1.0, -INF]:
+        if holders == 0:
+            expected = torch.tensor(0.0) if p != -INF else torch.tensor(0.0)
+        else:
+            expected = ref_norm(full * holders, p)
+        grads = [t.clone() for t in mine]
+        total = fusedclip.clip_(params_with(grads), 1.0, p, process_group=group)
+        close(total, expected)
+        coef = min(1.0, 1.0 / (float(expected) + 1e-6))
+        for a, b in zip(grads, mine):
+            close(a, b * coef)
+    assert fusedclip.clip_([], 1.0, process_group=group).dtype == torch.float32 or rank != 0
+
+
+@case
+def count_norm(rank, world, group):
+    """norm_type=0 with a process group: the tensors are the shards, so the count adds up over the ranks."""
+    mine = [torch.zeros(3), torch.ones(rank + 1), torch.zeros(0)]
+    total = fusedclip.get_total_norm(mine, 0, process_group=group)
+    close(total, torch.tensor(float(world)))
+
+
+@case
+def nonfinite(rank, world, group):
+    """A non-finite shard on one rank: with error_if_nonfinite every rank raises and no gradient changes on
+    any rank; without it every rank returns the non-finite norm (NaN survives the MAX of p=inf)."""
+    bad_rank = world - 1
+    for bad in [math.nan, math.inf]:
+        for p in [2.0, INF, 1.0]:
+            full = full_grads(seed=5, scale=10.0)
+            _, mine = shard(full, rank, world, seed=5)
+            mine = [t.clone() for t in mine] + [torch.full((3,), bad if rank == bad_rank else 1.0)]
+            before = [t.clone() for t in mine]
+            with_error = True
+            try:
+                fusedclip.clip_(params_with(mine), 0.1, p, error_if_nonfinite=True, process_group=group)
+                with_error = False
+            except RuntimeError as e:
+                assert "non-finite" in str(e)
+            assert with_error, f"rank {rank} did not raise for {bad} with p={p}"
+            for a, b in zip(mine, before):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # nothing changed, NaN too
+            try:
+                fusedclip.get_total_norm(mine, p, error_if_nonfinite=True, process_group=group)
+                raise AssertionError("get_total_norm did not raise")
+            except RuntimeError as e:
+                assert "non-finite" in str(e)
+            total = fusedclip.get_total_norm(mine, p, process_group=group)
+            assert (math.isnan(bad) and torch.isnan(total)) or (math.isinf(bad) and torch.isinf(total)), total
+
+
+def _ddp_pair(seed, bucket_cap_mb):
+    torch.manual_seed(seed)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 3))
+    copy = type(base)(*[type(m)(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else type(m)()
+                        for m in base])
+    copy.load_state_dict(base.state_dict())
+    ref = torch.nn.parallel.DistributedDataParallel(base, bucket_cap_mb=bucket_cap_mb)
+    hooked = torch.nn.parallel.DistributedDataParallel(copy, bucket_cap_mb=bucket_cap_mb)
+    return ref, hooked
+
+
+@case
+def ddp_hook(rank, world, group):
+    """fusedclip.ddp_norm_hook against DDP's default reduction + fusedclip.clip_: same averaged gradients
+    (bit for bit), same norm, same clipped gradients, over several steps (the state resets itself) and
+    several buckets."""
+    ref, hooked = _ddp_pair(seed=0, bucket_cap_mb=0.01)  # ~2.6K floats per bucket: several buckets
+    state = fusedclip.DDPNormState()
+    hooked.register_comm_hook(state, fusedclip.ddp_norm_hook)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_h = torch.optim.SGD(hooked.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(100 + rank)  # different data on every rank
+    for step in range(3):
+        x, y = torch.randn(8, 16, generator=g) * (step + 1), torch.randn(8, 3, generator=g)
+        for model in (ref, hooked):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        for a, b in zip(ref.parameters(), hooked.parameters()):
+            assert torch.equal(a.grad, b.grad)  # the hook averages exactly as DDP does
+        max_norm = 0.05 if step != 1 else 1e9
+        n_ref = fusedclip.clip_(ref.parameters(), max_norm)
+        close(state.total_norm(), n_ref)
+        n_h = state.clip_(hooked.parameters(), max_norm)
+        close(n_h, n_ref)
+        assert n_h.dtype == torch.float32
+        for a, b in zip(ref.parameters(), hooked.parameters()):
+            close(b.grad, a.grad)
+        for opt in (opt_r, opt_h):
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():  # the norms differ in the last bits, so would the weights: keep them equal
+            for a, b in zip(ref.parameters(), hooked.parameters()):
+                b.copy_(a)
+    state.reset()
+    try:
+        state.total_norm()
+        raise AssertionError("total_norm after reset() did not raise")
+    except RuntimeError as e:
+        assert "no complete DDP backward" in str(e)
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    # out_features 3 and 1: with 4 ranks some shards are empty
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3), torch.nn.Tanh(),
+                               torch.nn.Linear(3, 1))
+
+
+@case
+def fsdp2(rank, world, group):
+    """FSDP2 (fully_shard, DTensor grads sharded on dim 0, uneven and empty shards): fusedclip.clip_ equals
+    the unsharded float64 reference and torch.nn.utils.clip_grad_norm_ on the same model (norm.full_tensor(),
+    clipped grads); for inf/-inf torch itself raises on the empty shard, so only the reference is compared."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    models = []
+    for _ in range(2):
+        m = _mlp(seed=1)
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        models.append(m)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(5, 6, generator=g) * 3
+    for p in [2.0, INF, 1.0, 0.0, -INF]:
+        for m in models:
+            m.zero_grad()
+            m(x).pow(2).sum().backward()
+        ours, theirs = models
+        assert all(isinstance(q.grad, DTensor) for q in ours.parameters())
+        full = [q.grad.full_tensor() for q in ours.parameters()]
+        expected = ref_norm(full, p) if p != 0.0 else torch.tensor(float(sum(bool((t != 0).any()) for t in full)))
+        n_o = fusedclip.clip_(ours.parameters(), 0.5, p)
+        assert isinstance(n_o, DTensor)
+        close(n_o.full_tensor(), expected, rtol=1e-5)
+        coef = min(1.0, 0.5 / (float(expected) + 1e-6))
+        for q, t in zip(ours.parameters(), full):
+            close(q.grad.full_tensor(), t * coef, rtol=1e-5)
+        if math.isinf(p) and world > 1:
+            # torch 2.14's _foreach_norm raises for inf/-inf on the empty shard (Linear(3, 1) has one row)
+            continue
+        n_t = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5, p)
+        close(n_o.full_tensor(), n_t.full_tensor(), rtol=1e-5)
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            close(a.grad.full_tensor(), b.grad.full_tensor(), rtol=1e-5)
+        n2 = fusedclip.get_total_norm([q.grad for q in theirs.parameters()], p)  # theirs: clipped the same
+        close(n2.full_tensor(), torch.nn.utils.get_total_norm([q.grad for q in theirs.parameters()], p).full_tensor(),
+              rtol=1e-5)
+    # the two-step API: get_total_norm, then clip_grads_with_norm_ with the (DTensor) norm
+    for m in models:
+        m.zero_grad()
+        m(x).pow(2).sum().backward()
+    ours, theirs = models
+    n_o = fusedclip.get_total_norm([q.grad for q in ours.parameters()])
+    fusedclip.clip_grads_with_norm_(ours.parameters(), 0.1, n_o)
+    torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.1)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        close(a.grad.full_tensor(), b.grad.full_tensor(), rtol=1e-5)
+
+
+@case
+def dtensor_placements(rank, world, group):
+    """Tensor-parallel style DTensors: Shard(0), Shard(1) and Replicate on a 1-D mesh, and at 4 ranks a 2-D
+    mesh with (Shard, Replicate) and (Replicate, Shard); replicas are counted once. Against the unsharded
+    float64 norm and torch's get_total_norm(...).full_tensor()."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    full = full_grads(seed=9)
+    full = [t for t in full if t.dim() == 2] + [torch.randn(5, 2), torch.randn(1, 7)]
+    meshes = [(init_device_mesh("cpu", (world,)), [[Shard(0)], [Shard(1)], [Replicate()]])]
+    if world == 4:
+        meshes.append((init_device_mesh("cpu", (2, 2)), [[Shard(0), Replicate()], [Replicate(), Shard(1)],
+                                                         [Replicate(), Replicate()], [Shard(0), Shard(1)]]))
+    for mesh, layouts in meshes:
+        for p in [2.0, INF, 1.0, 0.0]:
+            dts = [distribute_tensor(t.clone(), mesh, layouts[i % len(layouts)]) for i, t in enumerate(full)]
+            expected = ref_norm(full, p) if p != 0.0 else torch.tensor(float(len(full)))
+            n = fusedclip.get_total_norm(dts, p)
+            close(n.full_tensor(), expected, rtol=1e-5)
+            if not math.isinf(p):
+                # torch 2.14's own inf norm raises on empty shards and, on the 2-D mesh over Gloo, times out
+                close(n.full_tensor(), torch.nn.utils.get_total_norm(dts, p).full_tensor(), rtol=1e-5)
+            if p == 0.0:
+                continue
+            total = fusedclip.clip_(params_with(dts), 0.5, p)
+            close(total.full_tensor(), expected, rtol=1e-5)
+            coef = 0.5 / (expected + 1e-6)
+            for d, t in zip(dts, full):
+                close(d.full_tensor(), t.double() * coef, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The spawn
+# ---------------------------------------------------------------------------------------------------------
+
+def _worker(rank, world, port, out_dir):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    group = dist.new_group(list(range(world)))  # an explicit group, not only the default one
+    results = {}
+    for name, fn in CASES.items():
+        try:
+            fn(rank, world, group)
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:  # after every case: a hang loses none
+            json.dump(results, f)
+        try:
+            dist.barrier()
+        except RuntimeError:  # a case failed part-way on some rank and left the collectives out of step
+            break
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RUNS = {}
+
+
+def _run(world):
+    """Runs every case on `world` ranks once per test session; returns {rank: {case: "ok" | traceback}}."""
+    if world in _RUNS:
+        return _RUNS[world]
+    out_dir = tempfile.mkdtemp(prefix=f"fusedclip_dist{world}_")
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    error = None
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                error = f"the {world}-rank run did not finish in {SPAWN_TIMEOUT} s"
+                break
+    except Exception as e:  # a rank died
+        error = f"a rank failed: {e}"
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+    results = {}
+    for rank in range(world):
+        path = os.path.join(out_dir, f"rank{rank}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[rank] = json.load(f)
+    _RUNS[world] = (results, error)
+    return _RUNS[world]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", list(CASES))
+def test_distributed(world, name):
+    results, error = _run(world)
+    assert len(results) == world, error or "some ranks wrote no results"
+    failures = {r: res.get(name, f"not run ({error})") for r, res in results.items() if res.get(name) != "ok"}
+    assert not failures, "\n".join(f"rank {r}:\n{tb}" for r, tb in failures.items())

@@ -1,0 +1,59 @@
+"""The examples run, with their smallest settings, on CPU, and what they print makes sense."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_example(script, *args, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")  # small models: threads only contend
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def number(text):
+    return float(text)  # float() reads "nan" and "inf" as well
+
+
+def test_train_transformer_small():
+    out = run_example("train_transformer.py", "--small", "--device", "cpu", "--steps", "24", "--spike-step", "16",
+                      "--log-every", "8")
+    m = re.search(r"summary: 24 steps in [\d.]+ s = ([\d.]+) steps/s on cpu; loss ([\d.]+) -> ([\d.]+); "
+                  r"(\d+) jump warning", out)
+    assert m, out
+    steps_per_s, first, last, warnings = float(m[1]), float(m[2]), float(m[3]), int(m[4])
+    assert steps_per_s > 0 and last < first  # the copy task is learning
+    # the simulated bad batch is caught, in the layer it hit, and only there
+    spikes = re.findall(r"WARNING step (\d+): gradient norm of (\S+) jumped", out)
+    assert ("16", "decoder.layers.0") in spikes and warnings == len(spikes), out
+    assert re.search(r"step +16 +loss [\d.]+ +grad norm (\d[\d.e+]*)", out)
+    assert float(re.search(r"step +16 +loss [\d.]+ +grad norm (\S+)", out)[1]) > 10  # the spike reached the clip
+    m = re.search(r"per step: fusedclip ([\d.]+) ms, torch.nn.utils.clip_grad_norm_ ([\d.]+) ms .*"
+                  r"largest relative difference of their norms (\S+)", out)
+    assert m, out
+    assert float(m[1]) > 0 and float(m[2]) > 0
+    assert float(m[3]) < 1e-5  # fusedclip and torch clipped the same gradients to the same norm
+
+
+def test_train_lstm_explodes_without_clipping(tmp_path):
+    png = tmp_path / "lstm.png"
+    out = run_example("train_lstm.py", "--steps", "40", "--batch", "16", "--out", str(png))
+    runs = {}
+    for m in re.finditer(r"^(without clipping|with fusedclip\S*): loss (\S+) -> (\S+) \(final\); gradient norm at "
+                         r"step 0 (\S+), largest finite (\S+)", out, re.M):
+        runs[m[1].split(":")[0].split("(")[0]] = [number(x.rstrip(",")) for x in m.groups()[1:]]
+    assert set(runs) == {"without clipping", "with fusedclip.clip_"}, out
+    first, last, norm0, peak = runs["without clipping"]
+    assert peak > 1000 * norm0  # the explosion is real: the gradient norm grew by orders of magnitude
+    assert not math.isfinite(last) or last > 10 * first
+    c_first, c_last, _, _ = runs["with fusedclip.clip_"]
+    assert c_first == first  # same initial weights and data
+    assert math.isfinite(c_last) and c_last < c_first
+    assert not math.isfinite(last) or c_last < last
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
