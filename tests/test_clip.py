@@ -7,48 +7,9 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import (BACKENDS, DEVICES, SHAPES, TOL, assert_bit_identical, clone_params, grads_of, make_params,
-                      ref_coef, ref_norm, rel_err)
-
-DTYPE_SETS = {
-    "fp32": [torch.float32],
-    "fp64": [torch.float64],
-    "fp16": [torch.float16],
-    "bf16": [torch.bfloat16],
-    "mixed": [torch.float32, torch.bfloat16, torch.float16],
-    "mixed64": [torch.float32, torch.float64, torch.bfloat16],
-}
-NORMS = [2.0, math.inf, 1.0, 3.0]
-
-
-def low_precision_tol(dtypes):
-    """The loosest assert_close tolerance among the dtypes (for values stored in them)."""
-    return max(TOL[d] for d in dtypes)
-
-
-def check_against_reference(params, orig, norm, max_norm, p):
-    """norm equals the float64 reference to fp32 accuracy (fp64 for fp64-only lists), whatever the grads'
-    dtypes; every grad equals orig * coef (coef from the reference norm) to its dtype's accuracy."""
-    grads0 = grads_of(orig)
-    ref = ref_norm(grads0, p)
-    all64 = all(g.dtype == torch.float64 for g in grads0)
-    # fp32-accurate, then rounded once to the returned dtype (fp16/bf16 when all grads are; an fp16 norm
-    # may overflow to inf there, while the coef is still computed from the finite fp32 norm)
-    rounding = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}.get(norm.dtype, 0.0)
-    if not math.isinf(float(ref.to(norm.dtype))):
-        assert rel_err(norm, ref) <= (1e-12 if all64 else 2e-6) + rounding, (float(norm), float(ref))
-    else:
-        assert math.isinf(float(norm))
-    coef = ref_coef(max_norm, ref)
-    for q, q0 in zip(params, orig):
-        if q0.grad is None:
-            assert q.grad is None
-            continue
-        expected = (q0.grad.double() * coef).to(q0.grad.dtype)
-        rtol, atol = TOL[q0.grad.dtype]
-        torch.testing.assert_close(q.grad, expected, rtol=rtol, atol=atol)
-        assert q.grad.stride() == q0.grad.stride()
-
+from conftest import (BACKENDS, DEVICES, DTYPE_SETS, NORMS, SHAPES, TOL, assert_bit_identical,
+                      check_against_reference, clip_parity_case, clone_params, grads_of, make_params, ref_norm,
+                      rel_err)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -56,35 +17,7 @@ def check_against_reference(params, orig, norm, max_norm, p):
 @pytest.mark.parametrize("p", NORMS, ids=str)
 @pytest.mark.parametrize("clipping", [True, False], ids=["clipping", "not-clipping"])
 def test_clip_parity(device, backend, dtypes, p, clipping):
-    dtypes = DTYPE_SETS[dtypes]
-    # scale 0.1 keeps fp16 norms (p=1 sums 100K values) below fp16's max, where torch's norm would overflow
-    params = make_params(SHAPES + [(5, 9), (1,), (300,)], dtypes, device=device, seed=NORMS.index(p) * 2 + clipping,
-                         scale=0.1, none_every=4)
-    orig = clone_params(params)
-    ref = float(ref_norm(grads_of(orig), p))
-    max_norm = ref * (0.3 if clipping else 3.0)
-
-    norm = fusedclip.clip_(params, max_norm, p, backend=backend)
-    check_against_reference(params, orig, norm, max_norm, p)
-
-    # against torch itself, in the dtype torch returns (torch raises for inf on empty tensors: leave them out)
-    theirs = [q for q in clone_params(orig) if q.grad is None or q.grad.numel() > 0]
-    torch_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm, p)
-    assert norm.dtype == torch_norm.dtype and norm.shape == () and norm.device == torch_norm.device
-    assert not norm.requires_grad
-    # two fp32 sums of 100K terms in different orders differ by ~1e-6
-    rtol, atol = low_precision_tol(dtypes)
-    rtol = max(rtol, 1e-5)
-    torch.testing.assert_close(norm, torch_norm, rtol=rtol, atol=atol)
-    # torch's coef carries the error of its low-precision per-tensor norms: compare at the loosest dtype's tolerance
-    ours = [q for q in params if q.grad is None or q.grad.numel() > 0]
-    for a, b in zip(ours, theirs):
-        if b.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=2 * rtol, atol=atol)
-    if not clipping:
-        for a, b in zip(params, orig):
-            if b.grad is not None:
-                assert_bit_identical(a.grad, b.grad)
+    clip_parity_case(device, backend, dtypes, p, clipping)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import (BACKENDS, DEVICES, SHAPES, TOL, assert_bit_identical, clone_params, grads_of, make_params,
+from conftest import (BACKENDS, DEVICES, SHAPES, assert_bit_identical, clone_params, grads_of, make_params,
                       ref_norm, rel_err)
 
 

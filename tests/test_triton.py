@@ -21,44 +21,14 @@ pytest.importorskip("triton")
 import fusedclip  # noqa: E402
 from fusedclip import triton_backend as tb  # noqa: E402
 
-from conftest import (SHAPES, TOL, assert_bit_identical, clone_params, grads_of, make_params, ref_coef,  # noqa: E402
-                      ref_norm, rel_err)
+from conftest import (DTYPE_SETS, NORMS, SHAPES, assert_bit_identical, check_against_reference,  # noqa: E402
+                      clip_parity_case, clone_params, grads_of, make_params, ref_norm, rel_err)
 
 DEVICE = "cpu" if tb.INTERPRET else "cuda"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tb.INTERPRET,
                                reason="needs a CUDA GPU and the compiled Triton kernels")
 
-DTYPE_SETS = {
-    "fp32": [torch.float32],
-    "fp64": [torch.float64],
-    "fp16": [torch.float16],
-    "bf16": [torch.bfloat16],
-    "mixed": [torch.float32, torch.bfloat16, torch.float16],
-    "mixed64": [torch.float32, torch.float64, torch.bfloat16],
-}
-NORMS = [2.0, math.inf, 1.0, 3.0]
 LAUNCHES = ["one", "two"]
-
-
-def check_against_reference(params, orig, norm, max_norm, p):
-    """The norm equals the float64 reference to fp32 accuracy (fp64 for fp64-only lists) whatever the dtypes;
-    each grad equals orig * coef to its dtype's accuracy and keeps its strides."""
-    grads0 = grads_of(orig)
-    ref = ref_norm(grads0, p)
-    all64 = all(g.dtype == torch.float64 for g in grads0)
-    rounding = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}.get(norm.dtype, 0.0)
-    if not math.isinf(float(ref.to(norm.dtype))):
-        assert rel_err(norm, ref) <= (1e-12 if all64 else 2e-6) + rounding, (float(norm), float(ref))
-    else:
-        assert math.isinf(float(norm))
-    coef = ref_coef(max_norm, ref)
-    for q, q0 in zip(params, orig):
-        if q0.grad is None:
-            continue
-        expected = (q0.grad.double() * coef).to(q0.grad.dtype)
-        rtol, atol = TOL[q0.grad.dtype]
-        torch.testing.assert_close(q.grad, expected, rtol=rtol, atol=atol)
-        assert q.grad.stride() == q0.grad.stride()
 
 
 def test_availability_here():
@@ -97,30 +67,7 @@ def test_unavailable_for_cpu_without_the_interpreter():
 @pytest.mark.parametrize("p", NORMS, ids=str)
 @pytest.mark.parametrize("clipping", [True, False], ids=["clipping", "not-clipping"])
 def test_clip_parity(dtypes, p, clipping):
-    dtypes = DTYPE_SETS[dtypes]
-    params = make_params(SHAPES + [(5, 9), (1,), (300,)], dtypes, device=DEVICE, seed=NORMS.index(p) * 2 + clipping,
-                         scale=0.1, none_every=4)
-    orig = clone_params(params)
-    ref = float(ref_norm(grads_of(orig), p))
-    max_norm = ref * (0.3 if clipping else 3.0)
-
-    norm = fusedclip.clip_(params, max_norm, p, backend="triton")
-    check_against_reference(params, orig, norm, max_norm, p)
-
-    theirs = [q for q in clone_params(orig) if q.grad is None or q.grad.numel() > 0]
-    torch_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm, p)
-    assert norm.dtype == torch_norm.dtype and norm.shape == () and norm.device == torch_norm.device
-    rtol, atol = max(TOL[d] for d in dtypes)
-    rtol = max(rtol, 1e-5)
-    torch.testing.assert_close(norm, torch_norm, rtol=rtol, atol=atol)
-    ours = [q for q in params if q.grad is None or q.grad.numel() > 0]
-    for a, b in zip(ours, theirs):
-        if b.grad is not None:
-            torch.testing.assert_close(a.grad, b.grad, rtol=2 * rtol, atol=atol)
-    if not clipping:
-        for a, b in zip(params, orig):
-            if b.grad is not None:
-                assert_bit_identical(a.grad, b.grad)
+    clip_parity_case(DEVICE, "triton", dtypes, p, clipping)
 
 
 @pytest.mark.parametrize("launch", LAUNCHES)
