@@ -14,14 +14,17 @@
 namespace fusedclip {
 namespace {
 
-// 64-byte groups: enough independent accumulators for the compiler to keep a
-// full SIMD register busy per dtype.
-constexpr int kCpuVecBytes = 64;
+// 32-byte groups of independent accumulators: what GCC vectorizes best here
+// (measured: 8 fp32 lanes beat 4 and 16).
+constexpr int kCpuVecBytes = 32;
 
+// Each thread takes a contiguous range of chunks; `reversed` walks it backwards, so the scaling pass
+// starts on the chunks the norm pass read last (still in cache).
 template <typename F>
-void for_each_chunk(const TableView& t, F&& f) {
+void for_each_chunk(const TableView& t, F&& f, bool reversed = false) {
   at::parallel_for(0, t.n_chunks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = reversed ? end - 1 - (i - begin) : i;
       const Chunk ch = locate_chunk(t, c);
       with_typed_ptr<kCpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor),
                                    [&](auto w, auto* p) { f(c, w, p + ch.offset, ch.len); });
@@ -31,7 +34,9 @@ void for_each_chunk(const TableView& t, F&& f) {
 
 template <typename acc_t>
 void scale_all(const TableView& t, acc_t factor) {
-  for_each_chunk(t, [&](int64_t, auto w, auto* p, int64_t len) { scale_chunk<decltype(w)::value>(p, len, 0, 1, factor); });
+  for_each_chunk(
+      t, [&](int64_t, auto w, auto* p, int64_t len) { scale_chunk<decltype(w)::value>(p, len, 0, 1, factor); },
+      /*reversed=*/true);
 }
 
 // The norm (accumulated in fp32, fp64 when any tensor is fp64) of all tensors, each element multiplied by
@@ -43,9 +48,16 @@ double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bo
   const acc_t pw = static_cast<acc_t>(norm_type);
   const acc_t mul = x.inv_scale ? static_cast<acc_t>(x.inv_scale->item<float>()) : acc_t(1);
   std::vector<Partial<acc_t>> partials(t.n_chunks());
-  for_each_chunk(t, [&](int64_t c, auto w, auto* p, int64_t len) {
-    partials[c] = chunk_partial<K, decltype(w)::value>(p, len, 0, 1, pw, mul);
-  });
+  // The plain norm loop carries no unscale work: on the CPU it would halve the throughput.
+  if (x.inv_scale) {
+    for_each_chunk(t, [&](int64_t c, auto w, auto* p, int64_t len) {
+      partials[c] = chunk_partial<K, decltype(w)::value, true>(p, len, 0, 1, pw, mul);
+    });
+  } else {
+    for_each_chunk(t, [&](int64_t c, auto w, auto* p, int64_t len) {
+      partials[c] = chunk_partial<K, decltype(w)::value, false>(p, len, 0, 1, pw, mul);
+    });
+  }
   const Partial<acc_t> total = reduce_partials<K>(partials.data(), 0, t.n_chunks(), 0, 1);
   const acc_t norm = t.n_chunks() ? norm_finish<K>(total.norm, pw) : acc_t(0);
   if (x.per_tensor) {

@@ -108,7 +108,8 @@ __global__ void __launch_bounds__(kThreads) fused_norm_clip_kernel(const FusedAr
   Partial<acc_t> acc = partial_identity<K, acc_t>();
   for (int64_t c = blockIdx.x; c < t.n_chunks(); c += gridDim.x)
     visit_chunk(t, c, [&](auto w, auto* p, int64_t len) {
-      Partial<acc_t> part = chunk_partial<K, decltype(w)::value>(p, len, threadIdx.x, kThreads, a.pw, mul);
+      // Always with the unscale work (mul is 1 without AMP): free in this memory-bound loop on a GPU.
+      Partial<acc_t> part = chunk_partial<K, decltype(w)::value, true>(p, len, threadIdx.x, kThreads, a.pw, mul);
       if (a.chunk_partials) {  // per-tensor norms: keep every chunk's partial; thread 0 carries the block's
         part = block_reduce<K>(part, smem);
         if (threadIdx.x == 0) a.chunk_partials[c] = part;

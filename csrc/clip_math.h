@@ -229,12 +229,13 @@ C10_HOST_DEVICE inline void store_vec(T* p, const Vec<T, W>& x) {
 #endif
 }
 
-// Accumulate one chunk (n elements at p, each multiplied by mul first: AMP's
-// inverse scale, or 1) into W lane-local accumulators and detectors.
+// Accumulate one chunk (n elements at p) into W lane-local accumulators. With
+// Amp (AMP's unscale), each element is multiplied by mul first and non-finite
+// values are counted in the detectors; without, the loop does nothing else.
 // This lane takes vectors lane, lane + nlanes, ...; the tail that does not fill
 // a vector (or everything, when p is not aligned for vector loads) goes
 // element by element into slot 0.
-template <NormKind K, int W, typename T, typename acc_t>
+template <NormKind K, int W, bool Amp, typename T, typename acc_t>
 C10_HOST_DEVICE inline void accumulate_chunk(acc_t (&acc)[W], acc_t (&nonfinite)[W], const T* p, int64_t n,
                                              int64_t lane, int64_t nlanes, acc_t pw, acc_t mul) {
   int64_t done = 0;
@@ -244,22 +245,26 @@ C10_HOST_DEVICE inline void accumulate_chunk(acc_t (&acc)[W], acc_t (&nonfinite)
       const Vec<T, W> x = load_vec<T, W>(p + v * W);
 FC_UNROLL
       for (int j = 0; j < W; ++j) {
-        const acc_t u = static_cast<acc_t>(x.v[j]) * mul;
-        acc[j] = norm_accumulate<K>(acc[j], u, pw);
-        nonfinite[j] += u * acc_t(0);
+        if constexpr (Amp) {
+          const acc_t u = static_cast<acc_t>(x.v[j]) * mul;
+          acc[j] = norm_accumulate<K>(acc[j], u, pw);
+          nonfinite[j] += u * acc_t(0);
+        } else {
+          acc[j] = norm_accumulate<K>(acc[j], static_cast<acc_t>(x.v[j]), pw);
+        }
       }
     }
     done = nvec * W;
   }
   for (int64_t i = done + lane; i < n; i += nlanes) {
-    const acc_t u = static_cast<acc_t>(p[i]) * mul;
+    const acc_t u = Amp ? static_cast<acc_t>(p[i]) * mul : static_cast<acc_t>(p[i]);
     acc[0] = norm_accumulate<K>(acc[0], u, pw);
-    nonfinite[0] += u * acc_t(0);
+    if constexpr (Amp) nonfinite[0] += u * acc_t(0);
   }
 }
 
 // One chunk's contribution for this lane, folded to a single Partial.
-template <NormKind K, int W, typename T, typename acc_t>
+template <NormKind K, int W, bool Amp, typename T, typename acc_t>
 C10_HOST_DEVICE inline Partial<acc_t> chunk_partial(const T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t pw,
                                                     acc_t mul) {
   acc_t acc[W], nonfinite[W];
@@ -268,7 +273,7 @@ FC_UNROLL
     acc[j] = norm_identity<K, acc_t>();
     nonfinite[j] = acc_t(0);
   }
-  accumulate_chunk<K, W>(acc, nonfinite, p, n, lane, nlanes, pw, mul);
+  accumulate_chunk<K, W, Amp>(acc, nonfinite, p, n, lane, nlanes, pw, mul);
   Partial<acc_t> r{acc[0], nonfinite[0]};
 FC_UNROLL
   for (int j = 1; j < W; ++j) r = partial_combine<K>(r, Partial<acc_t>{acc[j], nonfinite[j]});

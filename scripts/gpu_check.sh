@@ -66,7 +66,8 @@ fi
 LEFT=$(( 470 - ($(date +%s) - T0) ))
 if [ $LEFT -gt 60 ]; then
   mkdir -p "$OUT/bench"
-  step bench $LEFT "$OUT/checks.txt" $PY -m fusedclip bench --device cuda --out "$OUT/bench" --time-budget $(( LEFT - 20 ))
+  step bench $LEFT "$OUT/checks.txt" $PY -m fusedclip bench --device cuda --out "$OUT/bench" \
+    --max-minutes "$(python3 -c "print(round(($LEFT - 40) / 60, 1))")"
 else
   ROWS+=("bench                  SKIPPED (no time left)")
 fi
