@@ -229,6 +229,22 @@ C10_HOST_DEVICE inline void store_vec(T* p, const Vec<T, W>& x) {
 #endif
 }
 
+// W consecutive elements: on the GPU one vector load into registers; on the
+// host plain loads, which the compiler vectorizes (a copy into a struct would
+// defeat it).
+template <typename T, int W>
+struct VecRead {
+#ifdef __CUDA_ARCH__
+  Vec<T, W> x;
+  C10_HOST_DEVICE explicit VecRead(const T* p) : x(load_vec<T, W>(p)) {}
+  C10_HOST_DEVICE T operator[](int j) const { return x.v[j]; }
+#else
+  const T* p;
+  C10_HOST_DEVICE explicit VecRead(const T* q) : p(q) {}
+  C10_HOST_DEVICE T operator[](int j) const { return p[j]; }
+#endif
+};
+
 // Accumulate one chunk (n elements at p) into W lane-local accumulators. With
 // Amp (AMP's unscale), each element is multiplied by mul first and non-finite
 // values are counted in the detectors; without, the loop does nothing else.
@@ -242,15 +258,15 @@ C10_HOST_DEVICE inline void accumulate_chunk(acc_t (&acc)[W], acc_t (&nonfinite)
   if (vector_loadable<T, W>(p)) {
     const int64_t nvec = n / W;
     for (int64_t v = lane; v < nvec; v += nlanes) {
-      const Vec<T, W> x = load_vec<T, W>(p + v * W);
+      const VecRead<T, W> x(p + v * W);
 FC_UNROLL
       for (int j = 0; j < W; ++j) {
         if constexpr (Amp) {
-          const acc_t u = static_cast<acc_t>(x.v[j]) * mul;
+          const acc_t u = static_cast<acc_t>(x[j]) * mul;
           acc[j] = norm_accumulate<K>(acc[j], u, pw);
           nonfinite[j] += u * acc_t(0);
         } else {
-          acc[j] = norm_accumulate<K>(acc[j], static_cast<acc_t>(x.v[j]), pw);
+          acc[j] = norm_accumulate<K>(acc[j], static_cast<acc_t>(x[j]), pw);
         }
       }
     }
@@ -280,22 +296,42 @@ FC_UNROLL
   return r;
 }
 
+// acc_t -> T. For bf16 the same round-to-nearest-even (NaN -> 0x7FC0) as
+// c10::BFloat16(float), written without branches so that host loops vectorize.
+template <typename T, typename acc_t>
+C10_HOST_DEVICE inline T from_acc(acc_t v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const float f = static_cast<float>(v);
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(f != f ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
 // Multiply a chunk in place by coef, computed in the accumulation type.
 template <int W, typename T, typename acc_t>
 C10_HOST_DEVICE inline void scale_chunk(T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t coef) {
+#ifndef __CUDA_ARCH__
+  if (nlanes == 1) {  // the host: a plain loop, which the compiler vectorizes
+    for (int64_t i = 0; i < n; ++i) p[i] = from_acc<T>(static_cast<acc_t>(p[i]) * coef);
+    return;
+  }
+#endif
   int64_t done = 0;
   if (vector_loadable<T, W>(p)) {
     const int64_t nvec = n / W;
     for (int64_t v = lane; v < nvec; v += nlanes) {
       Vec<T, W> x = load_vec<T, W>(p + v * W);
 FC_UNROLL
-      for (int j = 0; j < W; ++j) x.v[j] = static_cast<T>(static_cast<acc_t>(x.v[j]) * coef);
+      for (int j = 0; j < W; ++j) x.v[j] = from_acc<T>(static_cast<acc_t>(x.v[j]) * coef);
       store_vec<T, W>(p + v * W, x);
     }
     done = nvec * W;
   }
-  for (int64_t i = done + lane; i < n; i += nlanes)
-    p[i] = static_cast<T>(static_cast<acc_t>(p[i]) * coef);
+  for (int64_t i = done + lane; i < n; i += nlanes) p[i] = from_acc<T>(static_cast<acc_t>(p[i]) * coef);
 }
 
 // clamp(x, -c, c) as torch's clip_grad_value_ does it: clamp_min(-c), then
@@ -316,13 +352,13 @@ C10_HOST_DEVICE inline void clamp_chunk(T* p, int64_t n, int64_t lane, int64_t n
     for (int64_t v = lane; v < nvec; v += nlanes) {
       Vec<T, W> x = load_vec<T, W>(p + v * W);
 FC_UNROLL
-      for (int j = 0; j < W; ++j) x.v[j] = static_cast<T>(clamp_value(static_cast<op_t>(x.v[j]), c));
+      for (int j = 0; j < W; ++j) x.v[j] = from_acc<T>(clamp_value(static_cast<op_t>(x.v[j]), c));
       store_vec<T, W>(p + v * W, x);
     }
     done = nvec * W;
   }
   for (int64_t i = done + lane; i < n; i += nlanes)
-    p[i] = static_cast<T>(clamp_value(static_cast<op_t>(p[i]), c));
+    p[i] = from_acc<T>(clamp_value(static_cast<op_t>(p[i]), c));
 }
 
 // Calls f(std::integral_constant<int, W>, T*) with the chunk's pointer typed by
