@@ -4,7 +4,7 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from . import backends
-from .clip import _call, _grads, _norm_type, _number, clip_, get_total_norm
+from .clip import _call, _grads, _norm_type, _number, _total_norm, clip_, get_total_norm
 from .ops import acc_dtype, result_dtype
 
 
@@ -94,7 +94,12 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
     if not grads:
         return torch.tensor(0.0)
     device = grads[0].device
-    norm = get_total_norm(grads, norm_type, backend=backend).to(device, acc_dtype(grads))
+    be = backends.resolve(backend, device.type)
+    p = _norm_type(norm_type, "clip_into_")
+    if be.name == "torch":
+        norm = get_total_norm(grads, p, backend="torch").to(device, acc_dtype(grads))
+    else:  # the norm in the accumulation dtype (not rounded to bf16/fp16), so the coef is fp32-accurate
+        norm = _total_norm(grads, p, be, "clip_into_").to(device)
     if still_scaled:  # the grads are scaled: the norm of the unscaled ones is norm / scale
         norm = norm * scaler._scale.double().reciprocal().to(device, norm.dtype)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
