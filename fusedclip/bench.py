@@ -271,6 +271,8 @@ class Provider:
     make: object
     available: object
     compiles: bool = False
+    bytes_moved: object = None  # nbytes -> {"bytes_moved": ..., ...} for the row (default: 2N clip, N noclip)
+    check: object = None  # (fn, workload) -> '' or what is wrong (default: check_call)
 
 
 PROVIDERS = {p.key: p for p in [
@@ -328,8 +330,12 @@ class Workload:
     """`rotations` lists of parameters with gradients of the given specs, and a pristine copy of the
     gradients. Parameters are zero-stride views of one element, so only the gradients take memory."""
 
-    def __init__(self, specs, device, rotations, seed=0):
+    def __init__(self, specs, device, rotations, seed=0, grad_scale=1.0, real_params=False):
+        """grad_scale: the gradients are stored multiplied by it (an AMP loss scale; the reference norm stays
+        that of the unscaled gradients). real_params: parameters are real tensors (an optimizer can step
+        them) instead of zero-stride views."""
         self.specs, self.device = specs, device
+        self.on_restore = []  # callables(i), run after list i is restored (outside the timed region)
         self.numel = sum(numel(s) for s, _ in specs)
         self.nbytes = specs_bytes(specs)
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -343,11 +349,14 @@ class Workload:
         self.pristine = pristine
         self.ref_norm = float(torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(g, dtype=F32) for g in pristine])))
+        if grad_scale != 1.0:
+            torch._foreach_mul_(pristine, grad_scale)
         self.lists, self.grads = [], []
         for _ in range(rotations):
             params, grads = [], []
             for g0 in pristine:
-                p = torch.nn.Parameter(torch.zeros((), dtype=g0.dtype, device=device).expand(g0.shape))
+                p = torch.nn.Parameter(torch.zeros(g0.shape, dtype=g0.dtype, device=device) if real_params
+                                       else torch.zeros((), dtype=g0.dtype, device=device).expand(g0.shape))
                 p.grad = g0.clone()
                 params.append(p)
                 grads.append(p.grad)
@@ -357,7 +366,8 @@ class Workload:
         self.dirty = set()
 
     def set_regime(self, clipping):
-        """Clipping active: norm CLIP_NORM, restored after each call. Inactive: norm NOCLIP_NORM."""
+        """Clipping active: norm CLIP_NORM, restored after each call. Inactive: norm NOCLIP_NORM. The extras'
+        regimes (amp, optim) clip."""
         self.restore_all()
         if not clipping:  # nothing is restored in this regime
             for grads in self.grads:
@@ -366,6 +376,8 @@ class Workload:
 
     def restore(self, i):
         torch._foreach_copy_(self.grads[i], self.pristine)
+        for hook in self.on_restore:
+            hook(i)
 
     def restore_all(self):
         for i in range(len(self.lists)):
@@ -605,6 +617,7 @@ class Config:
     mem_fraction: float
     rounds: int = 3  # interleaved rounds of timing per set and regime
     max_s: float = 0.0  # soft time limit (0: none): later sets and points are skipped past it
+    extras: list = field(default_factory=list)  # sets that also get the AMP and optimizer rows (--extras)
     t0: float = field(default_factory=time.perf_counter)
     notes: list = field(default_factory=list)
 
@@ -646,16 +659,19 @@ def fit_set(pset, device, mem_fraction):
     return None, pset.name, f"{pset.name} skipped: needs {need / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB usable"
 
 
-def measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=True, kind="set"):
+def measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=True, kind="set", wl=None,
+                baseline=BASELINE):
     """Every provider on one set, in each regime; appends rows. Within a regime the providers are timed in
     interleaved rounds (cfg.rounds), so that a load that drifts during the run (a shared machine) biases
     none of them more than the others."""
     device = cfg.device
     nbytes = specs_bytes(specs)
-    rot = rotations_for(nbytes, device)
-    while rot > 1 and (rot + 1) * nbytes > cfg.mem_fraction * free_bytes(device):
-        rot -= 1
-    wl = Workload(specs, device, rot)
+    if wl is None:
+        rot = rotations_for(nbytes, device)
+        while rot > 1 and (rot + 1) * nbytes > cfg.mem_fraction * free_bytes(device):
+            rot -= 1
+        wl = Workload(specs, device, rot)
+    rot = len(wl.lists)
     fns, base, compiled = {}, {}, set()
 
     def fail(row, e):  # a provider failing must not lose the others' results
@@ -664,7 +680,7 @@ def measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=
 
     try:
         for regime in cfg.regimes:
-            wl.set_regime(regime == "clip")
+            wl.set_regime(regime != "noclip")
             active = []  # [row, fn, estimated seconds per call, times, host times]
             for prov in providers:
                 if prov.compiles and not compile_ok:
@@ -672,6 +688,8 @@ def measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=
                 row = {"kind": kind, "set": label, "regime": regime, "provider": prov.key, "label": prov.label,
                        "tensors": len(specs), "elements": wl.numel, "bytes": nbytes, "rotations": rot,
                        "bytes_moved": (2 if regime == "clip" else 1) * nbytes}
+                if getattr(prov, "bytes_moved", None):
+                    row.update(prov.bytes_moved(nbytes))
                 active.append([row, None, 0.0, [], []])
                 try:
                     if prov.key not in fns:
@@ -683,7 +701,7 @@ def measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=
                         rows.append({"kind": kind, "set": label, "regime": "compile_s", "provider": prov.key,
                                      "label": prov.label + " (compile)", "tensors": len(specs),
                                      "elements": wl.numel, "bytes": nbytes, "compile_s": first})
-                    row["check"] = check_call(fn, wl)
+                    row["check"] = (getattr(prov, "check", None) or check_call)(fn, wl)
                     active[-1][1:3] = [fn, min(first, clock.warmup(fn, wl, 1)[0])]
                 except Exception as e:  # noqa: BLE001
                     fail(row, e)
@@ -701,10 +719,10 @@ def measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=
                 if "error" not in row:
                     row.update(summarize(times, hosts))
                     try:
-                        row["launches"] = count_launches(fn, wl, device) if kind == "set" else None
+                        row["launches"] = count_launches(fn, wl, device) if kind != "scaling" else None
                     except Exception as e:  # noqa: BLE001
                         fail(row, e)
-                if row["provider"] == BASELINE and "median_s" in row:
+                if row["provider"] == baseline and "median_s" in row:
                     base[regime] = row["median_s"]
                 rows.append(row)
                 progress.step(status_line(row))
@@ -744,6 +762,139 @@ def per_tensor_cost(points):
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 5b. Extras (--extras): clipping fused with what surrounds it in a training loop, against the unfused
+#     sequences it replaces. Timed by measure_set like the providers, on workloads of their own.
+# ----------------------------------------------------------------------------------------------------------
+AMP_SCALE = 2.0 ** 12  # the loss scale the AMP rows' gradients carry
+ADAMW_BYTES = 7  # fused AdamW step: reads grad, param, exp_avg, exp_avg_sq; writes the last three (x N)
+EXTRAS_DEFAULT_SETS = ["gpt2-small", "many-small"]
+
+
+def _fresh_scaler_state(scaler):
+    scaler._per_optimizer_states = __import__("collections").defaultdict(
+        torch.amp.grad_scaler._refresh_per_optimizer_state)
+
+
+def _amp_providers(device, wl):
+    """Each call: gradients scaled by AMP_SCALE, a GradScaler whose per-optimizer stage is fresh (reset on
+    restore, outside the timed region); the call unscales and clips. Returns the unscaled norm."""
+    scaler = torch.amp.GradScaler(device.type, init_scale=AMP_SCALE)
+    scaler.scale(torch.ones((), device=device))  # creates the scale tensor (GradScaler's lazy init)
+    opts = {id(ps): torch.optim.SGD(ps, lr=0.0) for ps in wl.lists}  # holds the params; never steps
+    wl.on_restore.append(lambda i: _fresh_scaler_state(scaler))
+
+    def torch_seq(device):
+        def call(ps):
+            scaler.unscale_(opts[id(ps)])
+            return torch.nn.utils.clip_grad_norm_(ps, MAX_NORM)
+        return call
+
+    def fused_clip_seq(device):
+        def call(ps):
+            scaler.unscale_(opts[id(ps)])
+            return fusedclip.clip_(ps, MAX_NORM)
+        return call
+
+    def fused(device):
+        return lambda ps: fusedclip.unscale_clip_(scaler, opts[id(ps)], MAX_NORM)
+
+    unfused = lambda n: {"bytes_moved": 5 * n}  # noqa: E731  unscale r+w (2N) + norm r (N) + scale r+w (2N)
+    return [
+        Provider("amp-torch", "unscale_+torch clip", torch_seq, _always, bytes_moved=unfused),
+        Provider("amp-clip", "unscale_+fusedclip.clip_", fused_clip_seq, _always, bytes_moved=unfused),
+        Provider("amp-fused", "fusedclip.unscale_clip_", fused, _always, bytes_moved=lambda n: {"bytes_moved": 2 * n}),
+    ]
+
+
+def _optim_providers(device, wl):
+    """Each call: clip, then a fused AdamW step (one optimizer per list, shared by the three sequences).
+    bytes_moved is the whole step (clipping + AdamW's 7N); clip_bytes_moved the clipping part."""
+    opts = {id(ps): torch.optim.AdamW(ps, lr=1e-3, fused=True) for ps in wl.lists}
+    wl.optimizers = opts
+
+    def seq(clip):
+        def make(device):
+            def call(ps):
+                norm = clip(ps)
+                opts[id(ps)].step()
+                return norm
+            return call
+        return make
+
+    def check(fn, wl):
+        """The returned norm, and the parameters after the call against clip_grad_norm_ + step from the same
+        parameters and optimizer state."""
+        ps, opt = wl.lists[0], opts[id(wl.lists[0])]
+        p0 = [p.detach().clone() for p in ps]
+        st = __import__("copy").deepcopy(opt.state_dict())
+        got_norm = float(fn(ps))
+        got = [p.detach().clone() for p in ps]
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in ps], p0)
+        opt.load_state_dict(st)
+        wl.restore(0)
+        torch.nn.utils.clip_grad_norm_(ps, MAX_NORM)
+        opt.step()
+        wl.restore(0)
+        problems = []
+        want = wl.expected_norm()
+        if not math.isfinite(got_norm) or abs(got_norm - want) > 2e-2 * want:
+            problems.append(f"norm {got_norm:.6g}, expected {want:.6g}")
+        d_ref = torch.cat([(p.detach().float() - a.float()).flatten() for p, a in zip(ps, p0)])
+        d_got = torch.cat([(g.float() - a.float()).flatten() for g, a in zip(got, p0)])
+        err, size = float((d_got - d_ref).norm()), float(d_ref.norm())
+        if not (size > 0 and err <= 2e-2 * size):
+            problems.append(f"step differs from clip_grad_norm_ + step by {err:.3g} (update norm {size:.3g})")
+        return "; ".join(problems)
+
+    def by(clip_n):
+        return lambda n: {"bytes_moved": (clip_n + ADAMW_BYTES) * n, "clip_bytes_moved": clip_n * n}
+
+    def into(ps):
+        return fusedclip.clip_into_(opts[id(ps)], MAX_NORM)
+
+    return [
+        Provider("optim-torch", "torch clip+AdamW step", seq(lambda ps: torch.nn.utils.clip_grad_norm_(ps, MAX_NORM)),
+                 _always, bytes_moved=by(3), check=check),
+        Provider("optim-clip", "fusedclip.clip_+step", seq(lambda ps: fusedclip.clip_(ps, MAX_NORM)), _always,
+                 bytes_moved=by(3), check=check),
+        Provider("optim-into", "fusedclip.clip_into_+step", seq(into), _always, bytes_moved=by(1), check=check),
+    ]
+
+
+EXTRAS = [  # (regime, workload options, providers, baseline key, copies of the gradients' size per list)
+    ("amp", {"grad_scale": AMP_SCALE}, _amp_providers, "amp-torch", 1),
+    ("optim", {"real_params": True}, _optim_providers, "optim-torch", 4),  # grad, param, exp_avg, exp_avg_sq
+]
+
+
+def measure_extras(cfg, clock, specs, label, progress, rows):
+    """The AMP and optimizer rows of one set (regimes "amp" and "optim", speedups against the torch
+    sequence). The optimizer's per-list memory limits the rotations (on the CPU usually 1 for large sets)."""
+    device = cfg.device
+    nbytes = specs_bytes(specs)
+    for regime, opts, make_providers, baseline, per_list in EXTRAS:
+        budget = cfg.mem_fraction * free_bytes(device)
+        rot = rotations_for(nbytes, device)
+        while rot > 1 and (per_list * rot + 1) * nbytes > budget:
+            rot -= 1
+        if (per_list * rot + 1) * nbytes > budget:
+            cfg.notes.append(f"{regime} rows of {label} skipped: do not fit memory")
+            for _ in range(3):
+                progress.step(f"{label} {regime}: skipped (memory)")
+            continue
+        wl = Workload(specs, device, rot, **opts)
+        try:
+            providers = make_providers(device, wl)
+            measure_set(_with_regimes(cfg, [regime]), clock, specs, label, providers, progress, rows,
+                        kind="extra", wl=wl, baseline=baseline)
+        finally:
+            del wl
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
 def run(cfg):
     device = cfg.device
     clock = Clock(device, cfg.budget_s, cfg.min_n, cfg.max_n)
@@ -772,6 +923,7 @@ def run(cfg):
     scal_prov = [p for p in providers if p.key not in SCALING_SKIP]
     total = sum(n_prov[n] * len(cfg.regimes) for n, _, _ in plan)
     total += len(scal_prov) * sum(len(cfg.scaling_points[c]) for c in cfg.scaling)
+    total += 3 * len(EXTRAS) * sum(1 for n, _, _ in plan if n in cfg.extras)
     progress = Progress(total + 1)
 
     meta = environment(device)
@@ -794,6 +946,15 @@ def run(cfg):
             ok = False
             cfg.notes.append(f"torch.compile skipped on {label}: past half the time limit (--max-minutes)")
         measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=ok)
+        if name in cfg.extras:
+            measure_extras(cfg, clock, specs, label, progress, rows)
+    if any(name in cfg.extras for name, _, _ in plan):
+        cfg.notes.append(
+            f"amp rows: gradients scaled by {AMP_SCALE:g} (torch.amp.GradScaler), a fresh scaler stage and the "
+            "gradients restored before each call; bytes moved: unscale_clip_ 2N, unscale_ + clip 5N "
+            "(unscale r+w, norm r, scale r+w). optim rows: clip + torch.optim.AdamW(fused=True).step(); bytes "
+            "moved is the whole step: clipping (clip_into_ N, clip_ 3N) + AdamW's 7N. Speedups against the "
+            "torch sequence of the same regime.")
     add_bandwidth(rows, copy["bytes_per_s"])
 
     scaling = {"regime": cfg.scaling_regime, "points": {}, "per_tensor_s": {}}
@@ -891,7 +1052,7 @@ def config_json(cfg):
     return {"device": str(cfg.device), "sets": cfg.sets, "providers": cfg.providers, "regimes": cfg.regimes,
             "quick": cfg.quick, "budget_s": cfg.budget_s, "min_n": cfg.min_n, "max_n": cfg.max_n,
             "compile_sets": cfg.compile_sets, "scaling": cfg.scaling, "scaling_points": cfg.scaling_points,
-            "max_s": cfg.max_s, "rounds": cfg.rounds, "scaling_regime": cfg.scaling_regime, "tensors_elements": cfg.tensors_elements, "max_norm": MAX_NORM, "clip_norm": CLIP_NORM,
+            "max_s": cfg.max_s, "rounds": cfg.rounds, "extras": cfg.extras, "scaling_regime": cfg.scaling_regime, "tensors_elements": cfg.tensors_elements, "max_norm": MAX_NORM, "clip_norm": CLIP_NORM,
             "noclip_norm": NOCLIP_NORM}
 
 
@@ -1179,6 +1340,10 @@ def parse(argv):
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="soft time limit: sets and scaling points that start after it are skipped, torch.compile "
                          "after half of it (GPU default 7, CPU none)")
+    ap.add_argument("--extras", nargs="?", const="auto", default=None,
+                    help="also time AMP (unscale_clip_) and optimizer (clip_into_ + fused AdamW step) rows against "
+                         "the unfused sequences, on the listed sets (comma-separated, or 'all'; bare --extras: "
+                         f"{' and '.join(EXTRAS_DEFAULT_SETS)} when run, else every set of the run). Off by default")
     ap.add_argument("--list", action="store_true", help="list the sets and providers and exit")
     return ap.parse_args(argv)
 
@@ -1211,6 +1376,14 @@ def make_config(ns):
         compile_sets = None
     else:
         compile_sets = _csv(ns.compile_sets, SETS, "set")
+    if ns.extras is None:
+        extras = []
+    elif ns.extras == "all":
+        extras = list(sets)
+    elif ns.extras == "auto":
+        extras = [s for s in sets if s in EXTRAS_DEFAULT_SETS] or list(sets)
+    else:
+        extras = _csv(ns.extras, SETS, "set")
     scaling = [] if ns.scaling == "none" else _csv(ns.scaling, {"tensors", "elements"}, "scaling curve")
     points = dict(SCALING["quick" if ns.quick else dt])
     for curve, text in (("tensors", ns.tensors_points), ("elements", ns.elements_points)):
@@ -1230,7 +1403,7 @@ def make_config(ns):
                   scaling_points=points, scaling_regime=ns.scaling_regime,
                   tensors_elements=int(ns.tensors_elements), plot=not ns.no_plot, tag=ns.tag,
                   mem_fraction=ns.mem_fraction or (0.85 if dt == "cuda" else 0.5),
-                  rounds=max(1, ns.rounds or (2 if ns.quick else 3)),
+                  rounds=max(1, ns.rounds or (2 if ns.quick else 3)), extras=extras,
                   max_s=60 * (ns.max_minutes if ns.max_minutes is not None else (7 if dt == "cuda" else 0)))
 
 

@@ -66,3 +66,47 @@ def test_quick_run_writes_reports(tmp_path, capsys):
     if "triton" not in __import__("fusedclip").available_backends("cpu"):
         assert any("triton" in n for n in result["notes"])
     assert "| tiny | clip | fusedclip native |" in (tmp_path / files[1]).read_text()
+
+
+def test_extras_rows(tmp_path):
+    """--extras: the AMP (unscale_clip_) and optimizer (clip_into_ + fused AdamW step) rows, checked and timed
+    against the unfused sequences, with the bytes each sequence moves."""
+    rc = bench.main(["--sets", "tiny", "--providers", "torch", "--regimes", "clip", "--quick", "--time", "0.01",
+                     "--scaling", "none", "--no-plot", "--extras", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    result = json.loads((tmp_path / path).read_text())
+    rows = {r["provider"]: r for r in result["results"] if r.get("kind") == "extra"}
+    assert set(rows) == {"amp-torch", "amp-clip", "amp-fused", "optim-torch", "optim-clip", "optim-into"}
+    n = rows["amp-torch"]["bytes"]
+    for key, r in rows.items():
+        assert r["set"] == "tiny" and r["regime"] == key.split("-")[0], r
+        assert "error" not in r and r["check"] == "", r
+        assert 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["n"] >= 1
+        assert r["speedup"] > 0 and r["launches"] >= 1 and r["bytes_per_s"] > 0
+    assert math.isclose(rows["amp-torch"]["speedup"], 1.0) and math.isclose(rows["optim-torch"]["speedup"], 1.0)
+    assert rows["amp-fused"]["bytes_moved"] == 2 * n and rows["amp-torch"]["bytes_moved"] == 5 * n
+    assert rows["optim-into"]["clip_bytes_moved"] == n and rows["optim-torch"]["clip_bytes_moved"] == 3 * n
+    assert rows["optim-into"]["bytes_moved"] == (1 + bench.ADAMW_BYTES) * n
+    md = next(f for f in os.listdir(tmp_path) if f.endswith(".md"))
+    assert "| tiny | amp | fusedclip.unscale_clip_ |" in (tmp_path / md).read_text()
+
+
+def test_extras_checks_catch_a_wrong_sequence():
+    """The AMP check sees a sequence that does not unscale; the optimizer check one that skips clipping."""
+    dev = torch.device("cpu")
+    specs = bench.SETS["tiny"].specs()
+    wl = bench.Workload(specs, dev, rotations=1, grad_scale=bench.AMP_SCALE)
+    wl.set_regime(True)
+    provs = {p.key: p for p in bench._amp_providers(dev, wl)}
+    assert bench.check_call(provs["amp-fused"].make(dev), wl) == ""
+    assert "norm" in bench.check_call(lambda ps: torch.nn.utils.clip_grad_norm_(ps, bench.MAX_NORM), wl)
+    wl = bench.Workload(specs, dev, rotations=1, real_params=True)
+    wl.set_regime(True)
+    provs = {p.key: p for p in bench._optim_providers(dev, wl)}
+    check = provs["optim-into"].check
+    for _ in range(2):  # the second step has optimizer state, so the clip coefficient shows in the update
+        assert check(provs["optim-into"].make(dev), wl) == ""
+    # a step without clipping (the right norm returned), once the optimizer has state
+    unclipped = lambda ps: (wl.optimizers[id(ps)].step(), torch.nn.utils.get_total_norm([p.grad for p in ps]))[1]  # noqa: E731
+    assert "step differs" in check(unclipped, wl)
