@@ -41,11 +41,11 @@ if with_cuda:
     extra["cxx"] += cuda_defines
     extra["nvcc"] = build_config.NVCC_FLAGS + defines + cuda_defines
     print(f"fusedclip: building the CUDA kernels for {arch_list} with {home}")
-    ext = CUDAExtension("fusedclip._C", sources, extra_compile_args=extra,
+    ext = CUDAExtension("fusedclip._C", sources, extra_compile_args=extra, extra_link_args=build_config.LINK_FLAGS,
                         include_dirs=build_config.extra_include_dirs(home))
 else:
     print(f"fusedclip: building without CUDA kernels ({why_not}); the CPU kernel and the torch backend work")
-    ext = CppExtension("fusedclip._C", sources, extra_compile_args=extra)
+    ext = CppExtension("fusedclip._C", sources, extra_compile_args=extra, extra_link_args=build_config.LINK_FLAGS)
 
 # Name, version and packages are in pyproject.toml.
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

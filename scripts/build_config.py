@@ -18,7 +18,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/grad_table.cpp", "csrc/clip_cpu.cpp"]
 CUDA_SOURCES = ["csrc/clip_cuda.cu"]
-CXX_FLAGS = ["-O3"]
+# -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the CPU kernel runs on one thread.
+CXX_FLAGS = ["-O3", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
