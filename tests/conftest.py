@@ -188,3 +188,19 @@ def clip_parity_case(device, backend, dtypes, p, clipping):
         for a, b in zip(params, orig):
             if b.grad is not None:
                 assert_bit_identical(a.grad, b.grad)
+
+
+def no_write_case(device, clip, p):
+    """(d) coef == 1: grads stay bit-identical (NaN-free but with -0.0 and subnormals in them).
+    clip(params, max_norm, p) -> norm is the implementation under test."""
+    params = make_params(SHAPES, [torch.float32, torch.bfloat16, torch.float16, torch.float64], device=device)
+    for q in params:
+        if q.grad is not None and q.grad.numel() > 2:
+            first, second = (0,) * q.grad.dim(), (0,) * (q.grad.dim() - 1) + (1,)
+            q.grad[first] = -0.0
+            q.grad[second] = 1e-41 if q.grad.dtype in (torch.float32, torch.bfloat16) else 1e-7
+    orig = clone_params(params)
+    norm = clip(params, 1e30, p)
+    assert rel_err(norm, ref_norm(grads_of(orig), p)) < 1e-5
+    for a, b in zip(params, orig):
+        assert_bit_identical(a.grad, b.grad)
