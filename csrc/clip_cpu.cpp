@@ -76,8 +76,10 @@ double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bo
   return static_cast<double>(norm);
 }
 
-at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_type, bool clip,
-                               at::ScalarType out_dtype, const ClipExtras& x) {
+}  // namespace
+
+at::Tensor norm_and_maybe_clip_cpu(const GradTable& g, double max_norm, double norm_type, bool clip,
+                                   at::ScalarType out_dtype, const ClipExtras& x) {
   check_extras(g, x);
   double norm = 0.0;
   dispatch_norm_kind(norm_type, [&](auto kind) {
@@ -88,20 +90,22 @@ at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_
   return at::scalar_tensor(norm, at::TensorOptions().dtype(out_dtype));
 }
 
+namespace {
+
 at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor) {
-  const GradTable g = build_table(tensors, "total_norm");
-  return norm_and_maybe_clip(g, 0.0, norm_type, false, g.acc_dtype(), ClipExtras{per_tensor, {}, {}});
+  const GradTable g = build_table(tensors, "total_norm", Access::kReads);
+  return norm_and_maybe_clip_cpu(g, 0.0, norm_type, false, g.acc_dtype(), ClipExtras{per_tensor, {}, {}});
 }
 
 at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, const std::optional<at::Tensor>& per_tensor,
                     const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
-  const GradTable g = build_table(grads, "clip_");
-  return norm_and_maybe_clip(g, max_norm, norm_type, true, g.result_dtype,
-                             ClipExtras{per_tensor, inv_scale, found_inf});
+  const GradTable g = build_table(grads, "clip_", Access::kWrites);
+  return norm_and_maybe_clip_cpu(g, max_norm, norm_type, true, g.result_dtype,
+                                 ClipExtras{per_tensor, inv_scale, found_inf});
 }
 
 void scale_cpu(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
-  const GradTable g = build_table(grads, "clip_grads_with_norm_");
+  const GradTable g = build_table(grads, "clip_grads_with_norm_", Access::kWrites);
   TORCH_CHECK_VALUE(total_norm.device() == g.device && total_norm.numel() == 1,
                     "fusedclip.clip_grads_with_norm_: total_norm must be a one-element tensor on ", g.device);
   dtype_code(total_norm.scalar_type());
@@ -117,7 +121,7 @@ void scale_cpu(at::TensorList grads, double max_norm, const at::Tensor& total_no
 }
 
 void clamp_cpu(at::TensorList grads, double clip_value) {
-  const GradTable g = build_table(grads, "clip_value_");
+  const GradTable g = build_table(grads, "clip_value_", Access::kWrites);
   if (!g.n_chunks) return;
   for_each_chunk(g.view(), [&](int64_t, auto w, auto* p, int64_t len) {
     clamp_chunk<decltype(w)::value>(p, len, 0, 1, clip_value);

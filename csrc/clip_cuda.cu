@@ -235,8 +235,10 @@ struct Launch {
   }
 };
 
-at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_type, bool clip,
-                               at::ScalarType out_dtype, const ClipExtras& x) {
+}  // namespace
+
+at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double norm_type, bool clip,
+                                    at::ScalarType out_dtype, const ClipExtras& x) {
   check_extras(g, x);
   if (!g.n_chunks) {  // only empty tensors: norm 0, nothing to scale
     norm_kind(norm_type);
@@ -277,21 +279,23 @@ at::Tensor norm_and_maybe_clip(const GradTable& g, double max_norm, double norm_
   return out;
 }
 
+namespace {
+
 at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor) {
-  const GradTable g = build_table(tensors, "total_norm");
-  return norm_and_maybe_clip(g, 0.0, norm_type, false, g.acc_dtype(), ClipExtras{per_tensor, {}, {}});
+  const GradTable g = build_table(tensors, "total_norm", Access::kReads);
+  return norm_and_maybe_clip_cuda(g, 0.0, norm_type, false, g.acc_dtype(), ClipExtras{per_tensor, {}, {}});
 }
 
 at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type,
                      const std::optional<at::Tensor>& per_tensor, const std::optional<at::Tensor>& inv_scale,
                      const std::optional<at::Tensor>& found_inf) {
-  const GradTable g = build_table(grads, "clip_");
-  return norm_and_maybe_clip(g, max_norm, norm_type, true, g.result_dtype,
-                             ClipExtras{per_tensor, inv_scale, found_inf});
+  const GradTable g = build_table(grads, "clip_", Access::kWrites);
+  return norm_and_maybe_clip_cuda(g, max_norm, norm_type, true, g.result_dtype,
+                                  ClipExtras{per_tensor, inv_scale, found_inf});
 }
 
 void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
-  const GradTable g = build_table(grads, "clip_grads_with_norm_");
+  const GradTable g = build_table(grads, "clip_grads_with_norm_", Access::kWrites);
   TORCH_CHECK_VALUE(total_norm.device() == g.device && total_norm.numel() == 1,
                     "fusedclip.clip_grads_with_norm_: total_norm must be a one-element tensor on ", g.device);
   const int64_t norm_code = dtype_code(total_norm.scalar_type());
@@ -308,7 +312,7 @@ void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_n
 }
 
 void clamp_cuda(at::TensorList grads, double clip_value) {
-  const GradTable g = build_table(grads, "clip_value_");
+  const GradTable g = build_table(grads, "clip_value_", Access::kWrites);
   if (!g.n_chunks) return;
   Launch l(g);
   clamp_kernel<<<l.grid(g.n_chunks), kThreads, 0, l.stream.stream()>>>(l.table.data_ptr<int64_t>(), g.n_tensors,

@@ -315,8 +315,18 @@ C10_HOST_DEVICE inline T from_acc(acc_t v) {
 template <int W, typename T, typename acc_t>
 C10_HOST_DEVICE inline void scale_chunk(T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t coef) {
 #ifndef __CUDA_ARCH__
-  if (nlanes == 1) {  // the host: a plain loop, which the compiler vectorizes
-    for (int64_t i = 0; i < n; ++i) p[i] = from_acc<T>(static_cast<acc_t>(p[i]) * coef);
+  if (nlanes == 1) {
+    // The host walks the chunk from its end, in groups of plain loops the
+    // compiler vectorizes: the scaling pass takes chunks in reverse, so memory
+    // is read as one descending stream, which the prefetcher follows across
+    // chunk boundaries (ascending chunks taken in reverse restart it per chunk).
+    constexpr int64_t G = 4 * W;
+    int64_t end = n;
+    for (; end >= G; end -= G) {
+      T* q = p + end - G;
+      for (int64_t i = 0; i < G; ++i) q[i] = from_acc<T>(static_cast<acc_t>(q[i]) * coef);
+    }
+    for (int64_t i = 0; i < end; ++i) p[i] = from_acc<T>(static_cast<acc_t>(p[i]) * coef);
     return;
   }
 #endif

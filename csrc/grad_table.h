@@ -38,9 +38,27 @@ struct ClipExtras {
   std::optional<at::Tensor> found_inf;   // out: one fp32 value, set to 1 if an (unscaled) element is inf/NaN
 };
 
+// What an op does to its tensors: kReads leaves them alone; kWrites may write
+// them in place, so build_table bumps their version counters (as torch's
+// in-place ops do; autograd checks them) once every check has passed.
+enum class Access { kReads, kWrites };
+
 // Validates tensors (non-empty list, strided floating tensors on one device)
 // and builds their table. Raises before anything is written.
-GradTable build_table(at::TensorList tensors, const char* op);
+GradTable build_table(at::TensorList tensors, const char* op, Access access);
+// The same over pointers, for the fast path (python_module.cpp), which reads
+// the tensors out of Python objects without taking references.
+GradTable build_table(c10::ArrayRef<const at::Tensor*> tensors, const char* op, Access access);
+
+// The fused norm of a table, then, when `clip`, the in-place scaling (unless
+// the factor is exactly 1); the norm is returned as a 0-dim out_dtype tensor.
+// What the ops and the fast path run, per device.
+at::Tensor norm_and_maybe_clip_cpu(const GradTable& g, double max_norm, double norm_type, bool clip,
+                                   at::ScalarType out_dtype, const ClipExtras& x);
+#ifdef FUSEDCLIP_WITH_CUDA
+at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double norm_type, bool clip,
+                                    at::ScalarType out_dtype, const ClipExtras& x);
+#endif
 
 NormKind norm_kind(double norm_type);
 

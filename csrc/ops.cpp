@@ -1,6 +1,6 @@
-// The operator schemas (one place for both backends) and the Python module.
-// The CPU kernels are registered in clip_cpu.cpp, the CUDA ones in clip_cuda.cu.
-#include <Python.h>
+// The operator schemas (one place for both backends). The CPU kernels are
+// registered in clip_cpu.cpp, the CUDA ones in clip_cuda.cu; the Python module
+// and its eager fast path are python_module.cpp.
 #include <torch/library.h>
 
 #include <string>
@@ -14,14 +14,6 @@
 #ifndef FUSEDCLIP_TORCH_VERSION
 #define FUSEDCLIP_TORCH_VERSION "unknown"
 #endif
-
-extern "C" {
-// Importing fusedclip._C loads this library, and with it the registrations.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace fusedclip {
 

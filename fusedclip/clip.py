@@ -1,14 +1,16 @@
 """The public functions: torch.nn.utils' clipping API, backed by fused kernels.
 
-The hot path (clip_ with the default arguments, all grads on one device) is one
-list comprehension and one operator call; everything else (several devices,
-error_if_nonfinite, norm_type 0, bad input) goes through the slower paths below.
+The hot path (clip_ or get_total_norm in eager mode with the default arguments,
+plain tensors on one device) is one call into the extension, which reads the
+gradients in C++ (csrc/python_module.cpp); it declines anything unusual, and
+that (several devices, error_if_nonfinite, norm_type 0, subclasses, bad input,
+torch.compile) goes through the operator path below.
 """
 import math
 
 import torch
 
-from . import backends
+from . import _ext, backends
 from . import distributed as _distributed
 from .ops import acc_dtype, result_dtype
 
@@ -28,6 +30,13 @@ def _as_list(tensors):
     if isinstance(tensors, torch.Tensor):
         return [tensors]
     return tensors if isinstance(tensors, (list, tuple)) else list(tensors)
+
+
+def _fast_path(backend):
+    """Whether a call may try the compiled fast path (csrc/python_module.cpp): eager, and the native backend is
+    the one to run. The fast path itself declines (returns None) whatever the operator path must handle."""
+    return (_ext.LOADED and not torch.compiler.is_compiling()
+            and (backend == "native" or (backend == "auto" and backends.AUTO_ORDER[0] == "native")))
 
 
 def _grads(params, fn):
@@ -153,6 +162,10 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     all_reduce; every rank of the group must call). DTensor gradients are reduced over their mesh.
     """
     params = _as_list(parameters)
+    if not (per_tensor or error_if_nonfinite or process_group is not None) and _fast_path(backend):
+        norm = _ext._C.clip_grads(params, max_norm, norm_type)
+        if norm is not None:
+            return norm
     grads = _grads(params, "clip_")
     device_type = grads[0].device.type if grads else "cpu"
     be = backends.resolve(backend, device_type)
@@ -193,6 +206,10 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     With per_tensor=True returns (total_norm, norms), norms[i] being tensors[i]'s norm, from the same pass.
     `process_group`: the tensors are this rank's shards; every rank gets the norm of all shards."""
     tensors = _as_list(tensors)
+    if not (per_tensor or error_if_nonfinite or process_group is not None) and _fast_path(backend):
+        norm = _ext._C.total_norm(tensors, norm_type)
+        if norm is not None:
+            return norm
     device_type = tensors[0].device.type if tensors and isinstance(tensors[0], torch.Tensor) else "cpu"
     be = backends.resolve(backend, device_type)
     p = _norm_type(norm_type, "get_total_norm")

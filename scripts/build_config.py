@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/grad_table.cpp", "csrc/clip_cpu.cpp"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/grad_table.cpp", "csrc/clip_cpu.cpp", "csrc/python_module.cpp"]
 CUDA_SOURCES = ["csrc/clip_cuda.cu"]
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the CPU kernel runs on one thread.
 CXX_FLAGS = ["-O3", "-fopenmp"]

@@ -157,12 +157,14 @@ def check_against_reference(params, orig, norm, max_norm, p):
         assert q.grad.stride() == q0.grad.stride()
 
 
-def clip_parity_case(device, backend, dtypes, p, clipping):
-    """clip_ on a mixed bag of shapes against the float64 reference and torch.nn.utils, clipping or not."""
+def clip_parity_case(device, backend, dtypes, p, clipping, noncontig=True):
+    """clip_ on a mixed bag of shapes against the float64 reference and torch.nn.utils, clipping or not.
+    noncontig: some grads are permuted or strided slices (which the native backend's eager fast path leaves to
+    the operator path); without, every grad is contiguous."""
     dtypes = DTYPE_SETS[dtypes]
     # scale 0.1 keeps fp16 norms (p=1 sums 100K values) below fp16's max, where torch's norm would overflow
     params = make_params(SHAPES + [(5, 9), (1,), (300,)], dtypes, device=device, seed=NORMS.index(p) * 2 + clipping,
-                         scale=0.1, none_every=4)
+                         scale=0.1, none_every=4, noncontig=noncontig)
     orig = clone_params(params)
     ref = float(ref_norm(grads_of(orig), p))
     max_norm = ref * (0.3 if clipping else 3.0)

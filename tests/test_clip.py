@@ -16,8 +16,9 @@ from conftest import (BACKENDS, DEVICES, DTYPE_SETS, NORMS, SHAPES, TOL, assert_
 @pytest.mark.parametrize("dtypes", list(DTYPE_SETS), ids=str)
 @pytest.mark.parametrize("p", NORMS, ids=str)
 @pytest.mark.parametrize("clipping", [True, False], ids=["clipping", "not-clipping"])
-def test_clip_parity(device, backend, dtypes, p, clipping):
-    clip_parity_case(device, backend, dtypes, p, clipping)
+@pytest.mark.parametrize("noncontig", [True, False], ids=["some-noncontiguous", "contiguous"])
+def test_clip_parity(device, backend, dtypes, p, clipping, noncontig):
+    clip_parity_case(device, backend, dtypes, p, clipping, noncontig)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,154 @@
+// The Python module fusedclip._C. Importing it loads this library, and with it
+// the operator registrations (ops.cpp, clip_cpu.cpp, clip_cuda.cu). Its two
+// functions are the eager fast path of fusedclip.clip_ and get_total_norm.
+//
+// Why a fast path: for thousands of small tensors, handing the dispatcher a
+// Python list costs more than the kernel. Every tensor of the converted list
+// holds a reference that, on a tensor with a Python object, also references
+// that object, and the list is dropped with the GIL released, so each
+// tensor re-takes the GIL (~0.3 us a tensor, measured). Here the tensors are
+// read straight out of the Python objects with the GIL held and no reference
+// taken; only their storages are kept alive while the kernel runs without
+// the GIL.
+//
+// It takes only calls that the ops would run the same way: plain dense CPU or
+// CUDA tensors (no subclass, functorch or functionalization wrapper, no
+// inference tensor), no dispatch or torch-function mode active, one device,
+// valid dtypes. For anything else it returns None having touched nothing, and
+// the caller takes the op path, which handles the rest and raises the errors.
+#include <Python.h>
+
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cmath>
+#include <vector>
+
+#include "grad_table.h"
+
+namespace fusedclip {
+namespace {
+
+// Keys by which a tensor, or the thread, asks to see every operator call.
+const c10::DispatchKeySet kInterposingKeys({
+    c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Functionalize,
+    c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+    c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode,
+    c10::DispatchKey::BatchedNestedTensor, c10::DispatchKey::Conjugate, c10::DispatchKey::Negative,
+    c10::DispatchKey::ZeroTensor});
+
+bool plain_thread_state() {
+  return !c10::impl::tls_local_dispatch_key_set().included_.has_any(kInterposingKeys) &&
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !at::impl::torch_function_mode_enabled();
+}
+
+bool has_fused_kernel(c10::DeviceType type) {
+#ifdef FUSEDCLIP_WITH_CUDA
+  if (type == c10::DeviceType::CUDA) return true;
+#endif
+  return type == c10::DeviceType::CPU;
+}
+
+// A tensor the kernels read and write in place exactly as the op would.
+bool plain_tensor(const at::Tensor& t) {
+  return t.layout() == at::kStrided && has_fused_kernel(t.device().type()) && !t.is_nested() &&
+         !t.key_set().has_any(kInterposingKeys) && !t.is_inference() &&
+         (t.numel() == 0 || t.is_non_overlapping_and_dense());
+}
+
+// A Python float or int, as the op's `float` arguments take them; anything else
+// (a tensor, a string such as 'inf') goes the Python way.
+bool as_double(PyObject* o, double* out) {
+  if (PyFloat_CheckExact(o)) {
+    *out = PyFloat_AS_DOUBLE(o);
+    return true;
+  }
+  if (PyLong_CheckExact(o)) {
+    *out = PyLong_AsDouble(o);
+    if (*out == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+// The fused norm (and clip) of `items` (a list or tuple): of each item's .grad
+// when of_grads (None grads skipped), else of the items. The norm in the
+// promotion of the tensors' dtypes, or None when the op path must run.
+PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyObject* norm_type_obj, bool clip) {
+  double max_norm = 0.0, norm_type = 0.0;
+  // norm_type 0 is Python's (it counts tensors, as torch does).
+  if ((!PyList_Check(items) && !PyTuple_Check(items)) || !as_double(norm_type_obj, &norm_type) ||
+      norm_type == 0.0 || std::isnan(norm_type) || (clip && !as_double(max_norm_obj, &max_norm)) ||
+      !plain_thread_state())
+    Py_RETURN_NONE;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+  PyObject** objects = PySequence_Fast_ITEMS(items);
+  std::vector<const at::Tensor*> tensors;
+  tensors.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_CheckExact(objects[i])) Py_RETURN_NONE;  // subclasses may override .grad or ops
+    const at::Tensor& item = THPVariable_Unpack(objects[i]);
+    const at::Tensor& t = of_grads ? item.grad() : item;
+    if (of_grads && !t.defined()) continue;
+    if (!t.defined() || !plain_tensor(t)) Py_RETURN_NONE;
+    tensors.push_back(&t);
+  }
+  if (tensors.empty()) Py_RETURN_NONE;
+  GradTable g;
+  try {
+    g = build_table(tensors, clip ? "clip_" : "total_norm", clip ? Access::kWrites : Access::kReads);
+  } catch (const c10::Error&) {  // several devices, an integer tensor, ...: the op path explains
+    Py_RETURN_NONE;
+  }
+  std::vector<c10::Storage> keep_alive;  // released after the GIL is taken back
+  keep_alive.reserve(tensors.size());
+  for (const at::Tensor* t : tensors) keep_alive.push_back(t->storage());
+  RECORD_FUNCTION(clip ? "fusedclip::clip_" : "fusedclip::total_norm", std::vector<c10::IValue>());
+  at::Tensor norm;
+  {
+    pybind11::gil_scoped_release no_gil;
+#ifdef FUSEDCLIP_WITH_CUDA
+    if (g.device.is_cuda())
+      norm = norm_and_maybe_clip_cuda(g, max_norm, norm_type, clip, g.result_dtype, ClipExtras{});
+    else
+#endif
+      norm = norm_and_maybe_clip_cpu(g, max_norm, norm_type, clip, g.result_dtype, ClipExtras{});
+  }
+  return THPVariable_Wrap(std::move(norm));
+}
+
+PyObject* clip_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3, "clip_grads(params, max_norm, norm_type) takes 3 arguments");
+  return fused_norm(args[0], /*of_grads=*/true, args[1], args[2], /*clip=*/true);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* total_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 2, "total_norm(tensors, norm_type) takes 2 arguments");
+  return fused_norm(args[0], /*of_grads=*/false, nullptr, args[1], /*clip=*/false);
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef kMethods[] = {
+    {"clip_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&clip_grads)), METH_FASTCALL,
+     "clip_grads(params, max_norm, norm_type): the fused clip of the params' grads, or None (take the op path)"},
+    {"total_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&total_norm)), METH_FASTCALL,
+     "total_norm(tensors, norm_type): the fused norm of the tensors, or None (take the op path)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+}  // namespace fusedclip
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fusedclip::kMethods};
+  return PyModule_Create(&module_def);
+}
