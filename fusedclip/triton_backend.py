@@ -17,6 +17,10 @@ Kernels:
   - two launches (the interpreter's default; FUSEDCLIP_TRITON_LAUNCH=two): a partials kernel, then a finish
     kernel that reads the partials (or, for clip_grads_with_norm_, the norm) from device memory and scales.
     No host sync either way.
+Both variants take the native ops' extras in the same pass (shared tail: _after_norm): per-tensor norms, each
+reduced from its own chunks' partials (chunks never span tensors) in the same fixed order as the total; and AMP's
+unscale, which multiplies every element by inv_scale before it counts, keeps a per-chunk non-finite detector
+(sum of x * 0) for found_inf, and writes grad * (inv_scale * coef) once.
 
 Under TRITON_INTERPRET=1 (set before importing fusedclip) the kernels run in Triton's interpreter on CPU
 tensors; the one-launch kernel then runs with a single program, since the interpreter runs programs one
@@ -26,7 +30,7 @@ import math
 import os
 import struct
 import threading
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -159,11 +163,14 @@ def _clamp_block(x, c):
 
 
 @triton.jit
-def _chunk_work(p, length, pw, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-                BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr,
+                ACC: tl.constexpr, AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
     """One chunk at typed pointer p, `length` elements: its norm partial (OP_NORM), or scale it in place by coef
     (OP_SCALE), or clamp it to [-c, c] (OP_CLAMP). Full blocks load unmasked (vector loads when p is aligned);
-    the tail block, if any, is masked. Returns the partial (the identity for the in-place ops)."""
+    the tail block, if any, is masked. Returns (partial, nonfinite); the identity and 0 for the in-place ops.
+    With AMP every element is multiplied by mul (the inverse scale) before it counts, and nonfinite sums
+    x * 0 over those values: 0 while all are finite, NaN once one is inf/NaN (the norm alone cannot tell, as
+    finite values may overflow it)."""
     T: tl.constexpr = p.dtype.element_ty
     if NORM == 2:
         ident: tl.constexpr = float("inf")
@@ -173,17 +180,27 @@ def _chunk_work(p, length, pw, coef, clamp32, clamp64, OP: tl.constexpr, NORM: t
     n_full = length // BLOCK
     tail = n_full * BLOCK
     r = tl.full([], ident, ACC)
+    nonfinite = tl.full([], 0.0, ACC)
     if OP == 0:
         acc = tl.full([BLOCK], ident, ACC)
+        nf = tl.zeros([BLOCK], ACC)
         for i in range(0, n_full):
             x = tl.load(p + (i * BLOCK + lane)).to(ACC)
+            if AMP:
+                x = x * mul
+                nf += x * 0.0
             acc = _combine(acc, _contribution(x, pw, NORM, EXACT_POW), NORM)
         if tail < length:
             idx = tail + lane
             m = idx < length
             x = tl.load(p + idx, mask=m, other=0.0).to(ACC)
+            if AMP:
+                x = x * mul
+                nf += tl.where(m, x * 0.0, 0.0)
             acc = _combine(acc, tl.where(m, _contribution(x, pw, NORM, EXACT_POW), ident), NORM)
         r = _fold(acc, NORM)
+        if AMP:
+            nonfinite = tl.sum(nf, 0)
     elif OP == 1:
         for i in range(0, n_full):
             ptrs = p + (i * BLOCK + lane)
@@ -205,12 +222,24 @@ def _chunk_work(p, length, pw, coef, clamp32, clamp64, OP: tl.constexpr, NORM: t
             idx = tail + lane
             m = idx < length
             _store_as(p + idx, _clamp_block(tl.load(p + idx, mask=m, other=0.0).to(c.dtype), c), m, T)
-    return r
+    return r, nonfinite
 
 
 @triton.jit
-def _chunk(table, n, c, pw, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-           BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+def _chunk_aligned(p, aligned, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr,
+                   ACC: tl.constexpr, AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+    """_chunk_work, telling the compiler when p is 16-byte aligned (so that it emits vector loads)."""
+    if aligned:
+        r, nonfinite = _chunk_work(tl.multiple_of(p, 16), length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC,
+                                   AMP, BLOCK, EXACT_POW)
+    else:
+        r, nonfinite = _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC, AMP, BLOCK, EXACT_POW)
+    return r, nonfinite
+
+
+@triton.jit
+def _chunk(table, n, c, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+           AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
     """Visit chunk c (int64) of the table: find its tensor (binary search over chunk_begin; empty tensors own no
     chunk), type the pointer by the tensor's dtype code, and run _chunk_work on it."""
     lo = c * 0
@@ -228,65 +257,63 @@ def _chunk(table, n, c, pw, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.c
     # chunk starts are CHUNK elements apart, so a chunk is 16-byte aligned when its tensor is
     aligned = (addr % 16) == 0
     r = tl.full([], 0.0, ACC)
+    nonfinite = tl.full([], 0.0, ACC)
     # one name per pointer type: Triton types a variable once across the branches
     if dtype == 0:
         p_f32 = addr.to(tl.pointer_type(tl.float32)) + start
-        if aligned:
-            r = _chunk_work(tl.multiple_of(p_f32, 16), length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK,
-                            EXACT_POW)
-        else:
-            r = _chunk_work(p_f32, length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK, EXACT_POW)
+        r, nonfinite = _chunk_aligned(p_f32, aligned, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC, AMP,
+                                      BLOCK, EXACT_POW)
     elif dtype == 1:
         p_f16 = addr.to(tl.pointer_type(tl.float16)) + start
-        if aligned:
-            r = _chunk_work(tl.multiple_of(p_f16, 16), length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK,
-                            EXACT_POW)
-        else:
-            r = _chunk_work(p_f16, length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK, EXACT_POW)
+        r, nonfinite = _chunk_aligned(p_f16, aligned, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC, AMP,
+                                      BLOCK, EXACT_POW)
     elif dtype == 2:
         p_bf16 = addr.to(tl.pointer_type(tl.bfloat16)) + start
-        if aligned:
-            r = _chunk_work(tl.multiple_of(p_bf16, 16), length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK,
-                            EXACT_POW)
-        else:
-            r = _chunk_work(p_bf16, length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK, EXACT_POW)
+        r, nonfinite = _chunk_aligned(p_bf16, aligned, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC, AMP,
+                                      BLOCK, EXACT_POW)
     else:
         if ACC == tl.float64:  # fp64 tensors only exist in fp64-accumulating calls
             p_f64 = addr.to(tl.pointer_type(tl.float64)) + start
-            if aligned:
-                r = _chunk_work(tl.multiple_of(p_f64, 16), length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK,
-                                EXACT_POW)
-            else:
-                r = _chunk_work(p_f64, length, pw, coef, clamp32, clamp64, OP, NORM, ACC, BLOCK, EXACT_POW)
-    return r
+            r, nonfinite = _chunk_aligned(p_f64, aligned, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC,
+                                          AMP, BLOCK, EXACT_POW)
+    return r, nonfinite
 
 
 @triton.jit
-def _write_partials(table, n, n_chunks, partials, pw, NORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                    EXACT_POW: tl.constexpr):
-    """Phase 1: program i takes chunks i, i + programs, ...; one partial per chunk."""
+def _write_partials(table, n, n_chunks, partials, nonfinite, pw, mul, NORM: tl.constexpr, ACC: tl.constexpr,
+                    AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+    """Phase 1: program i takes chunks i, i + programs, ...; one partial per chunk (and, with AMP, one
+    non-finite detector per chunk)."""
     zero = tl.full([], 0.0, ACC)
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-        part = _chunk(table, n, tl.cast(c, tl.int64), pw, zero, zero, zero, 0, NORM, ACC, BLOCK, EXACT_POW)
+        part, nf = _chunk(table, n, tl.cast(c, tl.int64), pw, mul, zero, zero, zero, 0, NORM, ACC, AMP, BLOCK,
+                          EXACT_POW)
         tl.store(partials + c, part)
+        if AMP:
+            tl.store(nonfinite + c, nf)
 
 
 @triton.jit
-def _reduce_partials(partials, n_chunks, pw, NORM: tl.constexpr, ACC: tl.constexpr, PBLOCK: tl.constexpr,
-                     EXACT_POW: tl.constexpr):
-    """Phase 2: the norm from all partials, combined in the same fixed order by every program."""
+def _reduce(partials, count, NORM: tl.constexpr, ACC: tl.constexpr, PBLOCK: tl.constexpr):
+    """count partials combined in a fixed order (lane l takes l, l + PBLOCK, ...; then a fixed tree), the same
+    in every program, whatever the number of programs."""
     if NORM == 2:
         ident: tl.constexpr = float("inf")
     else:
         ident: tl.constexpr = 0.0
     acc = tl.full([PBLOCK], ident, ACC)
     lane = tl.arange(0, PBLOCK)
-    for start in range(0, n_chunks, PBLOCK):
+    for start in range(0, count, PBLOCK):
         idx = start + lane
         # written by other programs: skip L1
-        v = tl.load(partials + idx, mask=idx < n_chunks, other=ident, cache_modifier=".cg")
+        v = tl.load(partials + idx, mask=idx < count, other=ident, cache_modifier=".cg")
         acc = _combine(acc, v, NORM)
-    total = _fold(acc, NORM)
+    return _fold(acc, NORM)
+
+
+@triton.jit
+def _norm_of(total, pw, NORM: tl.constexpr, ACC: tl.constexpr, EXACT_POW: tl.constexpr):
+    """The norm from the combined partials."""
     if NORM == 0:
         if ACC == tl.float64:
             norm = tl.sqrt(total)
@@ -315,7 +342,46 @@ def _scale_mine(table, n, n_chunks, coef, ACC: tl.constexpr, BLOCK: tl.constexpr
     zero = tl.full([], 0.0, ACC)
     for i in range(0, count):
         c = pid + (count - 1 - i) * programs
-        _chunk(table, n, tl.cast(c, tl.int64), zero, coef, zero, zero, 1, 0, ACC, BLOCK, EXACT_POW)
+        _chunk(table, n, tl.cast(c, tl.int64), zero, zero, coef, zero, zero, 1, 0, ACC, False, BLOCK, EXACT_POW)
+
+
+@triton.jit
+def _unscale_mul(inv_scale, ACC: tl.constexpr, AMP: tl.constexpr):
+    """AMP's inverse scale (GradScaler keeps it in fp32), or 1."""
+    if AMP:
+        mul = tl.load(inv_scale).to(ACC)
+    else:
+        mul = tl.full([], 1.0, ACC)
+    return mul
+
+
+@triton.jit
+def _after_norm(table, n, n_chunks, partials, nonfinite, norm, norm_out, per_tensor, found_inf, pw, mul, max_norm,
+                WRITE_NORM: tl.constexpr, CLIP: tl.constexpr, AMP: tl.constexpr, PER_TENSOR: tl.constexpr,
+                NORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
+                EXACT_POW: tl.constexpr):
+    """What follows the norm in both variants, once every chunk's partials are in memory: program 0 stores the
+    norm and sets found_inf (never clears it: GradScaler accumulates it); each tensor's norm from its own chunks'
+    partials (chunks never span tensors), tensors spread over the programs; then the in-place scaling by
+    inv_scale * coef unless that is exactly 1."""
+    pid = tl.program_id(0)
+    if WRITE_NORM:
+        if pid == 0:
+            tl.store(norm_out, norm.to(norm_out.dtype.element_ty))
+    if AMP:
+        if pid == 0:
+            if _reduce(nonfinite, n_chunks, 0, ACC, PBLOCK) != 0.0:  # NaN counts: != is unordered
+                tl.store(found_inf, 1.0)
+    if PER_TENSOR:
+        for i in range(pid, n, tl.num_programs(0)):
+            begin = tl.load(table + 3 * n + i)
+            end = tl.load(table + 3 * n + i + 1)
+            t_norm = _norm_of(_reduce(partials + begin, end - begin, NORM, ACC, PBLOCK), pw, NORM, ACC, EXACT_POW)
+            tl.store(per_tensor + i, tl.where(end > begin, t_norm, 0.0))  # empty: 0 for every norm type
+    if CLIP:
+        factor = mul * _clip_coef(max_norm, norm, ACC)
+        if factor != 1.0:  # unordered: a NaN factor scales too, so NaN spreads as in torch
+            _scale_mine(table, n, n_chunks, factor, ACC, BLOCK, EXACT_POW)
 
 
 @triton.jit
@@ -336,50 +402,47 @@ def _grid_barrier(ws):
 
 
 @triton.jit(do_not_specialize=["n", "n_chunks", "p_bits", "max_norm_bits"])
-def _one_launch_kernel(table, n, n_chunks, partials, ws, norm_out, p_bits, max_norm_bits, CLIP: tl.constexpr,
+def _one_launch_kernel(table, n, n_chunks, partials, nonfinite, ws, norm_out, per_tensor, inv_scale, found_inf,
+                       p_bits, max_norm_bits, CLIP: tl.constexpr, AMP: tl.constexpr, PER_TENSOR: tl.constexpr,
                        NORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
                        EXACT_POW: tl.constexpr):
-    """The fused clip in one launch: partials, grid barrier, norm (program 0 stores it), scaling if coef < 1."""
+    """The fused clip in one launch: partials, grid barrier, norm, then _after_norm."""
     pw = _f64(p_bits).to(ACC)
-    _write_partials(table, n, n_chunks, partials, pw, NORM, ACC, BLOCK, EXACT_POW)
+    mul = _unscale_mul(inv_scale, ACC, AMP)
+    _write_partials(table, n, n_chunks, partials, nonfinite, pw, mul, NORM, ACC, AMP, BLOCK, EXACT_POW)
     _grid_barrier(ws)
-    norm = _reduce_partials(partials, n_chunks, pw, NORM, ACC, PBLOCK, EXACT_POW)
-    if tl.program_id(0) == 0:
-        tl.store(norm_out, norm.to(norm_out.dtype.element_ty))
-    if CLIP:
-        coef = _clip_coef(_f64(max_norm_bits).to(ACC), norm, ACC)
-        if (coef < 1.0) | (coef != coef):  # only coef == 1 leaves the grads alone; NaN must spread
-            _scale_mine(table, n, n_chunks, coef, ACC, BLOCK, EXACT_POW)
+    norm = _norm_of(_reduce(partials, n_chunks, NORM, ACC, PBLOCK), pw, NORM, ACC, EXACT_POW)
+    _after_norm(table, n, n_chunks, partials, nonfinite, norm, norm_out, per_tensor, found_inf, pw, mul,
+                _f64(max_norm_bits).to(ACC), True, CLIP, AMP, PER_TENSOR, NORM, ACC, BLOCK, PBLOCK, EXACT_POW)
 
 
 @triton.jit(do_not_specialize=["n", "n_chunks", "p_bits"])
-def _partials_kernel(table, n, n_chunks, partials, p_bits, NORM: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+def _partials_kernel(table, n, n_chunks, partials, nonfinite, inv_scale, p_bits, NORM: tl.constexpr,
+                     ACC: tl.constexpr, AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
     """Two-launch variant, launch 1: the chunk partials."""
-    _write_partials(table, n, n_chunks, partials, _f64(p_bits).to(ACC), NORM, ACC, BLOCK, EXACT_POW)
+    _write_partials(table, n, n_chunks, partials, nonfinite, _f64(p_bits).to(ACC), _unscale_mul(inv_scale, ACC, AMP),
+                    NORM, ACC, AMP, BLOCK, EXACT_POW)
 
 
 @triton.jit(do_not_specialize=["n", "n_chunks", "p_bits", "max_norm_bits"])
-def _finish_kernel(table, n, n_chunks, partials, norm_in, norm_out, p_bits, max_norm_bits,
-                   FROM_PARTIALS: tl.constexpr, WRITE_NORM: tl.constexpr, CLIP: tl.constexpr, NORM: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+def _finish_kernel(table, n, n_chunks, partials, nonfinite, norm_in, norm_out, per_tensor, inv_scale, found_inf,
+                   p_bits, max_norm_bits, FROM_PARTIALS: tl.constexpr, WRITE_NORM: tl.constexpr, CLIP: tl.constexpr,
+                   AMP: tl.constexpr, PER_TENSOR: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK: tl.constexpr, PBLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
     """Two-launch variant, launch 2 (and clip_grads_with_norm_): the norm from the partials (or read from
-    norm_in), stored by program 0 when WRITE_NORM, then the in-place scaling when coef < 1."""
+    norm_in), then _after_norm."""
+    pw = _f64(p_bits).to(ACC)
     if FROM_PARTIALS:
-        norm = _reduce_partials(partials, n_chunks, _f64(p_bits).to(ACC), NORM, ACC, PBLOCK, EXACT_POW)
+        norm = _norm_of(_reduce(partials, n_chunks, NORM, ACC, PBLOCK), pw, NORM, ACC, EXACT_POW)
     else:
         given = tl.load(norm_in)
         if norm_in.dtype.element_ty == tl.float64:
             norm = given.to(ACC)
         else:
             norm = given.to(tl.float32).to(ACC)
-    if WRITE_NORM:
-        if tl.program_id(0) == 0:
-            tl.store(norm_out, norm.to(norm_out.dtype.element_ty))
-    if CLIP:
-        coef = _clip_coef(_f64(max_norm_bits).to(ACC), norm, ACC)
-        if (coef < 1.0) | (coef != coef):
-            _scale_mine(table, n, n_chunks, coef, ACC, BLOCK, EXACT_POW)
+    _after_norm(table, n, n_chunks, partials, nonfinite, norm, norm_out, per_tensor, found_inf, pw,
+                _unscale_mul(inv_scale, ACC, AMP), _f64(max_norm_bits).to(ACC), WRITE_NORM, CLIP, AMP, PER_TENSOR,
+                NORM, ACC, BLOCK, PBLOCK, EXACT_POW)
 
 
 @triton.jit(do_not_specialize=["n", "n_chunks", "clip_bits"])
@@ -388,7 +451,8 @@ def _clamp_kernel(table, n, n_chunks, clip_bits, BLOCK: tl.constexpr):
     c64 = _f64(clip_bits)
     zero = tl.full([], 0.0, tl.float64)
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-        _chunk(table, n, tl.cast(c, tl.int64), zero, zero, c64.to(tl.float32), c64, 2, 0, tl.float64, BLOCK, False)
+        _chunk(table, n, tl.cast(c, tl.int64), zero, zero, zero, c64.to(tl.float32), c64, 2, 0, tl.float64, False,
+               BLOCK, False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -535,41 +599,73 @@ def _write_back(copies):
         original.copy_(copy)
 
 
-def _norm_and_maybe_clip(tensors, max_norm, norm_type, clip, out_dtype, launch=None):
+def _check_extras(n, device, acc_dtype_, per_tensor, inv_scale, found_inf):
+    """The native kernels' rules for the extras (csrc/grad_table.cpp, check_extras), before anything is written."""
+    if per_tensor is not None and not (per_tensor.device == device and per_tensor.dtype == acc_dtype_
+                                       and per_tensor.numel() == n and per_tensor.is_contiguous()):
+        raise ValueError(f"fusedclip: per_tensor must be a contiguous {acc_dtype_} tensor of {n} elements on "
+                         f"{device}")
+    for t in (inv_scale, found_inf):
+        if t is not None and not (t.device == device and t.dtype == torch.float32 and t.numel() == 1):
+            raise ValueError(f"fusedclip: inv_scale and found_inf must be one-element float32 tensors on {device} "
+                             "(as torch.amp.GradScaler's are)")
+
+
+def _norm_and_maybe_clip(tensors, max_norm, norm_type, clip, out_dtype, per_tensor=None, inv_scale=None,
+                         found_inf=None, launch=None):
     kind = _norm_kind(norm_type)
     table, n_chunks, any_double, copies = _table(tensors)
     device = tensors[0].device
-    if n_chunks == 0:  # only empty tensors: norm 0, nothing to scale
+    n = len(tensors)
+    acc_torch = torch.float64 if any_double else torch.float32
+    _check_extras(n, device, acc_torch, per_tensor, inv_scale, found_inf)
+    if n_chunks == 0:  # only empty tensors: norm 0, nothing to scale, nothing non-finite
+        if per_tensor is not None:
+            per_tensor.zero_()
         return torch.zeros((), dtype=out_dtype, device=device)
     acc = _tl_acc(any_double)
     out = torch.empty((), dtype=out_dtype, device=device)
-    partials = torch.empty(n_chunks, dtype=torch.float64 if any_double else torch.float32, device=device)
-    n = len(tensors)
+    partials = torch.empty(n_chunks, dtype=acc_torch, device=device)
+    amp = inv_scale is not None
+    nonfinite = torch.empty(n_chunks, dtype=acc_torch, device=device) if amp else partials
+    if amp and found_inf is None:
+        found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    # pointers a variant does not use (its constexpr switch is off) get any tensor of the right device
+    per_tensor_ = per_tensor if per_tensor is not None else partials
+    inv_scale_ = inv_scale.reshape(()) if amp else partials
+    found_inf_ = found_inf.reshape(()) if amp else partials
+    flags = dict(AMP=amp, NORM=kind, ACC=acc, BLOCK=BLOCK, EXACT_POW=EXACT_POW)
     p_bits, max_norm_bits = _bits(norm_type), _bits(max_norm)
     if one_launch(launch):
         ws = _WORKSPACES.get(device)
-        _launch(_one_launch_kernel, _programs(device, n_chunks, True), table, n, n_chunks, partials, ws, out, p_bits,
-                max_norm_bits, CLIP=clip, NORM=kind, ACC=acc, BLOCK=BLOCK, PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
+        _launch(_one_launch_kernel, _programs(device, n_chunks, True), table, n, n_chunks, partials, nonfinite, ws,
+                out, per_tensor_, inv_scale_, found_inf_, p_bits, max_norm_bits, CLIP=clip,
+                PER_TENSOR=per_tensor is not None, PBLOCK=PBLOCK, **flags)
     else:
         programs = _programs(device, n_chunks, False)
-        _launch(_partials_kernel, programs, table, n, n_chunks, partials, p_bits, NORM=kind, ACC=acc, BLOCK=BLOCK,
-                EXACT_POW=EXACT_POW)
-        _launch(_finish_kernel, programs if clip else 1, table, n, n_chunks, partials, partials, out, p_bits,
-                max_norm_bits, FROM_PARTIALS=True, WRITE_NORM=True, CLIP=clip, NORM=kind, ACC=acc, BLOCK=BLOCK,
-                PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
+        _launch(_partials_kernel, programs, table, n, n_chunks, partials, nonfinite, inv_scale_, p_bits, **flags)
+        _launch(_finish_kernel, programs if clip or per_tensor is not None else 1, table, n, n_chunks, partials,
+                nonfinite, partials, out, per_tensor_, inv_scale_, found_inf_, p_bits, max_norm_bits,
+                FROM_PARTIALS=True, WRITE_NORM=True, CLIP=clip, PER_TENSOR=per_tensor is not None, PBLOCK=PBLOCK,
+                **flags)
     if clip:
         _write_back(copies)
     return out
 
 
-def total_norm(tensors, norm_type, launch=None):
-    """The norm of all tensors as one vector, 0-dim, in fp32 (fp64 when any tensor is fp64)."""
-    return _norm_and_maybe_clip(tensors, 0.0, norm_type, False, acc_dtype(tensors), launch)
+def total_norm(tensors, norm_type, per_tensor=None, launch=None):
+    """The norm of all tensors as one vector, 0-dim, in fp32 (fp64 when any tensor is fp64); each tensor's own
+    norm into per_tensor (1-D, that dtype) when given, from the same partials."""
+    return _norm_and_maybe_clip(tensors, 0.0, norm_type, False, acc_dtype(tensors), per_tensor, launch=launch)
 
 
-def clip(grads, max_norm, norm_type, launch=None):
-    """The fused clip: norm, then (only if coef < 1) in-place scaling. Returns the norm in the promoted dtype."""
-    return _norm_and_maybe_clip(grads, max_norm, norm_type, True, result_dtype(grads), launch)
+def clip(grads, max_norm, norm_type, per_tensor=None, inv_scale=None, found_inf=None, launch=None):
+    """The fused clip: norm, then (only if the factor is not 1) in-place scaling. Returns the norm in the
+    promoted dtype. per_tensor: as in total_norm (norms before clipping). AMP: with inv_scale (and found_inf),
+    every element is multiplied by inv_scale before it counts, found_inf is set to 1 when an unscaled value is
+    inf/NaN, and the grads are written once, as grad * (inv_scale * coef)."""
+    return _norm_and_maybe_clip(grads, max_norm, norm_type, True, result_dtype(grads), per_tensor, inv_scale,
+                                found_inf, launch)
 
 
 def scale(grads, max_norm, norm):
@@ -584,9 +680,9 @@ def scale(grads, max_norm, norm):
         return
     norm = norm.reshape(()).contiguous()
     acc = _tl_acc(any_double or norm.dtype == torch.float64)
-    _launch(_finish_kernel, _programs(device, n_chunks, False), table, len(grads), n_chunks, norm, norm, norm, 0,
-            _bits(max_norm), FROM_PARTIALS=False, WRITE_NORM=False, CLIP=True, NORM=L2, ACC=acc, BLOCK=BLOCK,
-            PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
+    _launch(_finish_kernel, _programs(device, n_chunks, False), table, len(grads), n_chunks, norm, norm, norm, norm,
+            norm, norm, norm, 0, _bits(max_norm), FROM_PARTIALS=False, WRITE_NORM=False, CLIP=True, AMP=False,
+            PER_TENSOR=False, NORM=L2, ACC=acc, BLOCK=BLOCK, PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
     _write_back(copies)
 
 
@@ -607,20 +703,25 @@ def clamp(grads, clip_value):
 def _define_ops():
     # Opaque custom ops (not triton_op): the kernels write through pointers from the table, which no tracer can
     # see, so the mutation is declared in the schema instead. The bodies look the launchers up at call time.
-    @torch.library.custom_op("fusedclip_triton::total_norm", mutates_args=())
-    def _total_norm_op(tensors: List[torch.Tensor], norm_type: float) -> torch.Tensor:
-        return total_norm(tensors, norm_type)
+    # The same signatures as the native ops (csrc/ops.cpp), extras included, so the two backends are
+    # interchangeable in clip.py and amp.py.
+    @torch.library.custom_op("fusedclip_triton::total_norm", mutates_args=("per_tensor",))
+    def _total_norm_op(tensors: List[torch.Tensor], norm_type: float,
+                       per_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return total_norm(tensors, norm_type, per_tensor)
 
     @_total_norm_op.register_fake
-    def _(tensors, norm_type):
+    def _(tensors, norm_type, per_tensor=None):
         return tensors[0].new_empty((), dtype=acc_dtype(tensors))
 
-    @torch.library.custom_op("fusedclip_triton::clip_", mutates_args=("grads",))
-    def _clip_op(grads: List[torch.Tensor], max_norm: float, norm_type: float) -> torch.Tensor:
-        return clip(grads, max_norm, norm_type)
+    @torch.library.custom_op("fusedclip_triton::clip_", mutates_args=("grads", "per_tensor", "found_inf"))
+    def _clip_op(grads: List[torch.Tensor], max_norm: float, norm_type: float,
+                 per_tensor: Optional[torch.Tensor] = None, inv_scale: Optional[torch.Tensor] = None,
+                 found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return clip(grads, max_norm, norm_type, per_tensor, inv_scale, found_inf)
 
     @_clip_op.register_fake
-    def _(grads, max_norm, norm_type):
+    def _(grads, max_norm, norm_type, per_tensor=None, inv_scale=None, found_inf=None):
         return grads[0].new_empty((), dtype=result_dtype(grads))
 
     @torch.library.custom_op("fusedclip_triton::scale_", mutates_args=("grads",))
@@ -651,6 +752,10 @@ def _chunk_mismatch():
     return None
 
 
+# Once, at import: available() may first run inside torch.compile, which cannot trace build_info (it returns a str).
+_CHUNK_MISMATCH = _chunk_mismatch() if _ext.LOADED else None
+
+
 class TritonBackend:
     """backend="triton": the Triton kernels above, on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1).
     Every method takes a non-empty list of tensors on one device."""
@@ -662,9 +767,8 @@ class TritonBackend:
         if not _ext.LOADED:
             return False, (f"it needs the fusedclip extension's table op, and the extension did not load "
                            f"({_ext.LOAD_ERROR}): {_ext.HOW_TO_BUILD}")
-        mismatch = _chunk_mismatch()
-        if mismatch:
-            return False, mismatch
+        if _CHUNK_MISMATCH:
+            return False, _CHUNK_MISMATCH
         if device_type == "cpu":
             if not INTERPRET:
                 return False, ("Triton kernels run on CPU tensors only in Triton's interpreter: set "
@@ -681,13 +785,16 @@ class TritonBackend:
             return True, ""
         return False, f"there are no Triton kernels for {device_type} tensors"
 
-    @staticmethod
-    def total_norm(tensors, norm_type):
-        return torch.ops.fusedclip_triton.total_norm(tensors, norm_type)
+    # Per-tensor norms and AMP's unscale run in the kernels' own pass (clip.py and amp.py pass them on).
+    fused_extras = True
 
     @staticmethod
-    def clip(grads, max_norm, norm_type):
-        return torch.ops.fusedclip_triton.clip_(grads, max_norm, norm_type)
+    def total_norm(tensors, norm_type, per_tensor=None):
+        return torch.ops.fusedclip_triton.total_norm(tensors, norm_type, per_tensor)
+
+    @staticmethod
+    def clip(grads, max_norm, norm_type, per_tensor=None, inv_scale=None, found_inf=None):
+        return torch.ops.fusedclip_triton.clip_(grads, max_norm, norm_type, per_tensor, inv_scale, found_inf)
 
     @staticmethod
     def scale(grads, max_norm, total_norm):

@@ -10,7 +10,10 @@ hanging it:
   2. checks: one launch against two launches, bit for bit (dtypes x norms x clipping) and against the native
      backend and a float64 reference; the barrier counters back at zero; at least two programs per SM fit
      (registers and shared memory of the compiled kernel), the condition for two concurrent calls; CUDA-graph
-     capture and replay with new gradients copied in between, equal to eager; two streams clipping at once.
+     capture and replay with new gradients copied in between, equal to eager; two streams clipping at once;
+     the fused extras: per-tensor norms and AMP's unscale (inv_scale, found_inf) in both variants, against each
+     other, the native backend, a float64 reference and torch's unscale + clip, and fusedclip.unscale_clip_ with
+     GradScaler("cuda").
 Prints one summary line, last; exits 0 only if everything passed (2 when no GPU is visible: nothing checked).
 """
 import argparse
@@ -46,6 +49,85 @@ def child_first_launch():
         tb.clip(grads, 0.1, 2.0, launch="one")
         torch.cuda.synchronize()
     print("first launch ok")
+
+
+def _check_fused_extras(check):
+    """Per-tensor norms and AMP's unscale in the kernels' own pass, once each on CUDA."""
+    import torch
+    import fusedclip
+    from fusedclip import triton_backend as tb
+
+    for name, dtypes in {"mixed": [torch.float32, torch.bfloat16], "mixed64": [torch.float32, torch.float64]}.items():
+        grads0 = _grads(5, dtypes)
+        acc = torch.float64 if name == "mixed64" else torch.float32
+        runs = []
+        for launch in ("one", "two"):
+            norms = torch.randn(len(grads0), dtype=acc, device="cuda")
+            grads = [x.clone() for x in grads0]
+            runs.append((tb.clip(grads, 0.5, 2.0, per_tensor=norms, launch=launch), norms, grads))
+        (na, pa, ga), (nb, pb, gb) = runs
+        check(_bits_equal(na, nb) and _bits_equal(pa, pb) and all(_bits_equal(x, y) for x, y in zip(ga, gb)),
+              f"per-tensor: one launch != two launches bitwise ({name})")
+        ref = [float(x.double().norm()) if x.numel() else 0.0 for x in grads0]
+        tol = 1e-12 if acc == torch.float64 else 2e-6
+        check(all((n == r == 0.0) or abs(n - r) <= tol * r for n, r in zip(pa.tolist(), ref)),
+              f"per-tensor norms vs float64 reference ({name}): {pa.tolist()} vs {ref}")
+        _, native = fusedclip.get_total_norm(grads0, 2.0, per_tensor=True, backend="native")
+        check(torch.allclose(pa, native, rtol=1e-5, atol=0), f"per-tensor norms vs native ({name})")
+
+    grads0 = _grads(6, [torch.float32, torch.bfloat16])
+    grads0 = [x * 3000 for x in grads0]
+    inv = torch.tensor(1 / 3000.0, device="cuda")
+    ref = float(torch.cat([x.double().flatten() * float(inv) for x in grads0]).norm())
+    for bad in (None, float("inf"), float("nan")):
+        base = [x.clone() for x in grads0]
+        if bad is not None:
+            base[0][1, 2] = bad
+        runs = []
+        for launch in ("one", "two"):
+            grads, found = [x.clone() for x in base], torch.zeros((), device="cuda")
+            runs.append((tb.clip(grads, 0.5 * ref, 2.0, inv_scale=inv, found_inf=found, launch=launch), grads, found))
+        theirs, their_found = [x.clone() for x in base], torch.zeros((), device="cuda")
+        torch._amp_foreach_non_finite_check_and_unscale_(theirs, their_found, inv)
+        params = [torch.nn.Parameter(torch.empty_like(x)) for x in theirs]
+        for q, x in zip(params, theirs):
+            q.grad = x
+        their_norm = torch.nn.utils.clip_grad_norm_(params, 0.5 * ref)
+        tag = f"AMP bad={bad}"
+        (na, ga, fa), (nb, gb, fb) = runs
+        check(_bits_equal(na, nb) and _bits_equal(fa, fb) and all(_bits_equal(x, y) for x, y in zip(ga, gb)),
+              f"{tag}: one launch != two launches bitwise")
+        check(float(fa) == float(their_found) == (0.0 if bad is None else 1.0), f"{tag}: found_inf {float(fa)}")
+        check(torch.allclose(na, their_norm, rtol=1.6e-2, equal_nan=True) and all(
+            torch.allclose(x.double(), y.double(), rtol=3.2e-2, atol=1e-5, equal_nan=True)
+            for x, y in zip(ga, theirs)), f"{tag}: differs from torch's unscale + clip")
+        if bad is None:
+            check(abs(float(na) - ref) <= 2e-6 * ref, f"{tag}: norm {float(na)} vs float64 reference {ref}")
+            # fp32 division, as in the kernel (a Python float over a tensor would multiply by a reciprocal)
+            coef = torch.clamp(torch.tensor(0.5 * ref, device="cuda") / (na + 1e-6), max=1.0)
+            check(all(_bits_equal(x, (y.float() * (inv * coef)).to(y.dtype)) for x, y in zip(ga, base)),
+                  f"{tag}: grads not written once as grad * (inv_scale * coef)")
+
+    # the public path: GradScaler("cuda") + unscale_clip_ against scaler.unscale_ + clip_grad_norm_
+    def amp_model():
+        torch.manual_seed(7)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8)).cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cuda", init_scale=3000.0, growth_interval=1)
+        scaler.scale(model(torch.randn(32, 64, device="cuda")).square().mean()).backward()
+        model[2].weight.grad[0, 0] = float("inf")
+        return model, opt, scaler
+
+    (ma, oa, sa), (mb, ob, sb) = amp_model(), amp_model()
+    before = [p.detach().clone() for p in ma.parameters()]
+    fusedclip.unscale_clip_(sa, oa, 0.5, backend="triton")
+    sb.unscale_(ob)
+    torch.nn.utils.clip_grad_norm_(mb.parameters(), 0.5)
+    for s, o in ((sa, oa), (sb, ob)):
+        s.step(o)
+        s.update()
+    check(sa.get_scale() == sb.get_scale() < 3000.0 and all(torch.equal(p, b) for p, b in zip(ma.parameters(), before)),
+          "unscale_clip_ with GradScaler('cuda'): inf did not skip the step and lower the scale as torch does")
 
 
 def child_checks():
@@ -150,6 +232,8 @@ def child_checks():
         for (en, eg), n, w in zip(expected, norms, work):
             ok &= _bits_equal(n, en) and all(_bits_equal(x, y) for x, y in zip(w, eg))
     check(ok, "two concurrent streams differ from sequential results")
+
+    _check_fused_extras(check)
 
     print(f"checks: {passed} passed, {len(failures)} failed", flush=True)
     return 0 if not failures else 1

@@ -4,8 +4,10 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors. TRITON_INT
 Triton is imported, and conftest has imported fusedclip (and Triton) by the time this module loads; so when
 this process can run neither the compiled kernels (no GPU) nor the interpreted ones, this module runs itself in
 a child pytest with TRITON_INTERPRET=1 and reports that as one test (TRITON_INTERPRET=1 pytest
-tests/test_triton.py shows every case). With a GPU the cases run the compiled kernels on CUDA tensors, and the
-gpu-marked tests check one launch against two, CUDA-graph replay, two streams and that the first launch ends.
+tests/test_triton.py shows every case); the child also runs tests/test_fused_extras.py's cases for the "triton"
+backend, which it only offers under the interpreter on CPU. With a GPU the cases run the compiled kernels on CUDA
+tensors, and the gpu-marked tests check one launch against two, CUDA-graph replay, two streams and that the first
+launch ends.
 """
 import math
 import os
@@ -21,8 +23,9 @@ pytest.importorskip("triton")
 import fusedclip  # noqa: E402
 from fusedclip import triton_backend as tb  # noqa: E402
 
-from conftest import (DTYPE_SETS, NORMS, SHAPES, assert_bit_identical, check_against_reference,  # noqa: E402
-                      clip_parity_case, clone_params, grads_of, make_params, no_write_case, ref_norm, rel_err)
+from conftest import (DTYPE_SETS, NORMS, SHAPES, assert_bit_identical,  # noqa: E402
+                      check_against_reference, clip_parity_case, clone_params, grads_of, low_precision_tol,
+                      make_params, no_write_case, ref_norm, rel_err)
 
 DEVICE = "cpu" if tb.INTERPRET else "cuda"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tb.INTERPRET,
@@ -255,19 +258,24 @@ def test_opcheck():
     torch.library.opcheck(ops.total_norm.default, (sample(), 2.0))
     torch.library.opcheck(ops.clip_.default, (sample(), 0.5, 2.0))
     torch.library.opcheck(ops.clip_.default, (sample(), 0.5, float("inf")))
+    # the extras: per_tensor and found_inf written, inv_scale read
+    torch.library.opcheck(ops.total_norm.default, (sample(), 2.0, torch.randn(4, device=DEVICE)))
+    torch.library.opcheck(ops.clip_.default, (sample(), 0.5, 2.0, torch.randn(4, device=DEVICE),
+                                              torch.tensor(0.37, device=DEVICE), torch.zeros((), device=DEVICE)))
     torch.library.opcheck(ops.scale_.default, (sample(), 1.0, torch.tensor(123.0, device=DEVICE)))
     torch.library.opcheck(ops.clamp_.default, (sample(), 0.1))
 
 
-def _train_step(params, lr):
-    norm = fusedclip.clip_(params, 1.0, backend="triton")
+def _train_step(params, lr, per_tensor=False):
+    result = fusedclip.clip_(params, 1.0, backend="triton", per_tensor=per_tensor)
     with torch.no_grad():
         for p in params:
             p.sub_(lr * p.grad)
-    return norm
+    return result
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["total", "per-tensor"])
+def test_compile_fullgraph_matches_eager(per_tensor):
     torch._dynamo.reset()
     params = make_params([(64, 32), (32,), (10, 64), (10,)], [torch.float32], device=DEVICE, seed=31,
                          noncontig=False)
@@ -279,10 +287,222 @@ def test_compile_fullgraph_matches_eager():
         for a, b in zip(params, eager):
             a.grad = torch.randn_like(a) * (step + 1)
             b.grad = a.grad.clone()
-        torch.testing.assert_close(compiled(params, 0.1), _train_step(eager, 0.1), rtol=0, atol=0)
+        ours, ref = compiled(params, 0.1, per_tensor), _train_step(eager, 0.1, per_tensor)
+        if per_tensor:
+            assert_bit_identical(ours[1], ref[1])
+            assert ref[1].shape == (4,) and rel_err(torch.linalg.vector_norm(ref[1]), ref[0]) < 2e-6
+            ours, ref = ours[0], ref[0]
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
         for a, b in zip(params, eager):
             assert_bit_identical(a.detach(), b.detach())
             assert_bit_identical(a.grad, b.grad)
+
+
+# ---- the fused extras: per-tensor norms and AMP's unscale in the kernels' own pass ----
+
+# several chunks per tensor, chunk tails, empty tensors between non-empty ones, a 0-dim one
+EXTRAS_SHAPES = [(40000,), (0,), (33, 129), (7,), (), (2, 16384 + 5), (0, 3), (300,)]
+
+
+def _acc(grads):
+    return torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+
+
+@pytest.mark.parametrize("dtypes, p", [("mixed", 2.0), ("mixed64", 2.0), ("mixed", math.inf),
+                                       ("mixed64", -math.inf), ("mixed", 3.0), ("mixed64", 1.0)], ids=str)
+def test_per_tensor_norms(dtypes, p):
+    """Each tensor's norm from its own chunks' partials: against the float64 reference, torch and the native
+    backend; the same bits from one launch and from two; asking for them changes neither the total nor the
+    grads."""
+    grads0 = grads_of(make_params(EXTRAS_SHAPES, DTYPE_SETS[dtypes], device=DEVICE, seed=70))
+    acc = _acc(grads0)
+    max_norm = 0.5 * float(ref_norm(grads0, p))
+    runs = []
+    for launch in LAUNCHES:
+        grads = [g.clone() for g in grads0]
+        norms = torch.randn(len(grads), dtype=acc, device=DEVICE)  # every entry must be written
+        runs.append((tb.clip(grads, max_norm, p, per_tensor=norms, launch=launch), norms, grads))
+    for total, norms, grads in runs[1:]:
+        assert_bit_identical(total, runs[0][0])
+        assert_bit_identical(norms, runs[0][1])
+    plain = [g.clone() for g in grads0]
+    assert_bit_identical(tb.clip(plain, max_norm, p), runs[0][0])
+    for a, b in zip(runs[0][2], plain):
+        assert_bit_identical(a, b)
+
+    norms = runs[0][1]
+    tol = 1e-12 if acc == torch.float64 else 2e-6
+    for n, g in zip(norms.tolist(), grads0):
+        ref = float(torch.linalg.vector_norm(g.double().cpu(), p)) if g.numel() else 0.0
+        assert (n == 0.0) if ref == 0.0 else rel_err(n, ref) <= tol, (n, ref, g.shape)
+    nonempty = [i for i, g in enumerate(grads0) if g.numel()]
+    theirs = torch.stack([torch.linalg.vector_norm(grads0[i], p, dtype=acc) for i in nonempty])
+    torch.testing.assert_close(norms[nonempty], theirs, rtol=1e-5, atol=0)
+    _, native = fusedclip.get_total_norm(grads0, p, per_tensor=True, backend="native")
+    torch.testing.assert_close(norms, native, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_per_tensor_empty_and_single(launch):
+    """Only empty tensors: every norm 0 (whatever the norm type; -inf's identity is inf). One tensor: its norm
+    is the total, bit for bit (the same reduction over the same partials)."""
+    empty = [torch.randn(0, device=DEVICE), torch.randn(0, 3, device=DEVICE, dtype=torch.float64)]
+    for p in (2.0, -math.inf):
+        norms = torch.randn(2, dtype=torch.float64, device=DEVICE)
+        assert float(tb.clip(empty, 1.0, p, per_tensor=norms, launch=launch)) == 0.0
+        assert norms.tolist() == [0.0, 0.0]
+    g = [torch.randn(50000, device=DEVICE) * 3]
+    for p in (2.0, -math.inf):
+        norms = torch.randn(1, device=DEVICE)
+        total = tb.total_norm(g, p, per_tensor=norms, launch=launch)
+        assert_bit_identical(norms[0], total)
+        assert rel_err(total, ref_norm(g, p)) <= 2e-6
+
+
+def _params_with(grads):
+    """Parameters whose .grad are these very tensors (torch's clip takes parameters)."""
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+    for q, g in zip(params, grads):
+        q.grad = g
+    return params
+
+
+def _unscaled_clip_expected(grads0, inv, max_norm, norm):
+    """What the fused pass writes: grad * (inv_scale * coef), the factor in the accumulation dtype from the
+    returned norm (in that dtype for these grads), rounded once to the grad's dtype."""
+    acc = _acc(grads0)
+    coef = torch.clamp(torch.tensor(max_norm, dtype=acc, device=DEVICE) / (norm + 1e-6), max=1.0)
+    factor = inv.to(acc) * coef
+    return [(g.to(acc) * factor).to(g.dtype) for g in grads0]
+
+
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16, torch.float32],
+                                    [torch.float32, torch.float64, torch.bfloat16]], ids=str)
+@pytest.mark.parametrize("clipping", [True, False], ids=["clipping", "not-clipping"])
+def test_amp_unscale_in_the_same_pass(dtypes, clipping):
+    """With inv_scale: the norm is the unscaled grads' (float64 reference, torch's unscale + clip), the grads
+    are written once as grad * (inv_scale * coef), found_inf stays 0 on finite grads; one launch = two."""
+    grads0 = grads_of(make_params(EXTRAS_SHAPES, dtypes, device=DEVICE, seed=71, scale=3000.0))
+    inv = torch.tensor(1 / 3000.0, device=DEVICE)  # not a power of two: rounding matters
+    ref = float(ref_norm([g.double() * float(inv) for g in grads0], 2))
+    max_norm = ref * (0.5 if clipping else 2.0)
+    runs = []
+    for launch in LAUNCHES:
+        grads, found = [g.clone() for g in grads0], torch.zeros((), device=DEVICE)
+        runs.append((tb.clip(grads, max_norm, 2.0, inv_scale=inv, found_inf=found, launch=launch), grads, found))
+    for norm, grads, found in runs[1:]:
+        assert_bit_identical(norm, runs[0][0])
+        for a, b in zip(grads, runs[0][1]):
+            assert_bit_identical(a, b)
+    norm, grads, found = runs[0]
+    assert float(found) == 0.0 and norm.dtype == _acc(grads0)
+    assert rel_err(norm, ref) <= (1e-12 if norm.dtype == torch.float64 else 2e-6)
+    for a, e in zip(grads, _unscaled_clip_expected(grads0, inv, max_norm, norm)):
+        assert_bit_identical(a, e)
+    # torch: unscale in place, then clip (two roundings: compare at the dtype's tolerance)
+    theirs, their_found = [g.clone() for g in grads0], torch.zeros((), device=DEVICE)
+    torch._amp_foreach_non_finite_check_and_unscale_(theirs, their_found, inv)
+    torch_norm = torch.nn.utils.clip_grad_norm_(_params_with(theirs), max_norm)
+    assert float(their_found) == 0.0
+    # torch rounds unscaled bf16 grads to bf16 before its norm (the fused pass keeps them in fp32), and its coef
+    # carries that error into every grad: compare at the loosest dtype's tolerance
+    rtol, atol = low_precision_tol(dtypes)
+    torch.testing.assert_close(norm, torch_norm.to(norm.dtype), rtol=max(rtol, 1e-5), atol=0)
+    for a, b in zip(grads, theirs):
+        torch.testing.assert_close(a, b, rtol=2 * max(rtol, 1e-5), atol=atol)
+    # coef 1 and inv_scale 1: nothing written
+    same = [g.clone() for g in grads0]
+    tb.clip(same, 1e30, 2.0, inv_scale=torch.ones((), device=DEVICE), found_inf=torch.zeros((), device=DEVICE))
+    for a, b in zip(same, grads0):
+        assert_bit_identical(a, b)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")], ids=str)
+@pytest.mark.parametrize("p, where", [(2.0, 0), (-math.inf, 0), (-math.inf, -1)],
+                         ids=["2.0-full-block", "-inf-full-block", "-inf-chunk-tail"])
+def test_amp_found_inf(bad, p, where):
+    """An inf/NaN in an unmasked block or in a chunk's masked tail sets found_inf, also for -inf, whose norm
+    stays finite; norm and grads as after torch's unscale + clip."""
+    grads0 = grads_of(make_params([(40000,), (300,), (5, 7)], [torch.float32, torch.bfloat16], device=DEVICE,
+                                  seed=72, scale=500.0))
+    grads0[0][where] = bad
+    inv = torch.tensor(1 / 500.0, device=DEVICE)
+    theirs, their_found = [g.clone() for g in grads0], torch.zeros((), device=DEVICE)
+    torch._amp_foreach_non_finite_check_and_unscale_(theirs, their_found, inv)
+    torch_norm = torch.nn.utils.clip_grad_norm_(_params_with(theirs), 1.0, p)
+    assert float(their_found) == 1.0
+    for launch in LAUNCHES:
+        grads, found = [g.clone() for g in grads0], torch.zeros((), device=DEVICE)
+        norm = tb.clip(grads, 1.0, p, inv_scale=inv, found_inf=found, launch=launch)
+        assert float(found) == 1.0, launch
+        torch.testing.assert_close(norm, torch_norm, rtol=1e-5, atol=0, equal_nan=True)
+        for a, b in zip(grads, theirs):
+            torch.testing.assert_close(a, b, rtol=1.6e-2, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_amp_found_inf_is_only_ever_set(launch):
+    """Finite values whose norm overflows do not count as inf (torch's check does not either); a found_inf
+    already 1 (from another device or optimizer) stays 1: the kernel never clears it."""
+    huge = [torch.randn(20000, device=DEVICE) * 1e30, torch.randn(70, device=DEVICE)]
+    found = torch.zeros((), device=DEVICE)
+    norm = tb.clip([g.clone() for g in huge], 1.0, 2.0, inv_scale=torch.ones((), device=DEVICE), found_inf=found,
+                   launch=launch)
+    their_found = torch.zeros((), device=DEVICE)
+    torch._amp_foreach_non_finite_check_and_unscale_([g.clone() for g in huge], their_found,
+                                                     torch.ones((), device=DEVICE))
+    assert math.isinf(float(norm)) and float(found) == 0.0 == float(their_found)
+    found = torch.ones((), device=DEVICE)
+    tb.clip([torch.randn(300, device=DEVICE)], 1.0, 2.0, inv_scale=torch.tensor(0.5, device=DEVICE),
+            found_inf=found, launch=launch)
+    assert float(found) == 1.0
+
+
+@pytest.mark.parametrize("bad", [None, float("inf")], ids=["finite", "inf"])
+def test_unscale_clip_is_one_fused_pass(monkeypatch, bad):
+    """fusedclip.unscale_clip_ on this backend: the fused kernels only (one launch, or the two-launch pair),
+    never torch's separate unscale; the scaler then skips the step on inf and lowers the scale, as after
+    scaler.unscale_ + clip_grad_norm_."""
+    def setup():
+        torch.manual_seed(73)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).to(DEVICE)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler(DEVICE, init_scale=3000.0, growth_interval=1)
+        x = torch.randn(16, 32, device=DEVICE)
+        scaler.scale(model(x).square().mean() * 100).backward()
+        if bad is not None:
+            model[2].weight.grad[3, 4] = bad
+        return model, opt, scaler
+
+    (model_a, opt_a, scaler_a), (model_b, opt_b, scaler_b) = setup(), setup()
+    scaler_b.unscale_(opt_b)
+    norm_b = torch.nn.utils.clip_grad_norm_(model_b.parameters(), 0.5)
+
+    launched = []
+    real_launch = tb._launch
+    monkeypatch.setattr(tb, "_launch", lambda kernel, *a, **k: (launched.append(kernel.__name__),
+                                                                real_launch(kernel, *a, **k))[1])
+
+    def unfused(*args, **kwargs):
+        raise AssertionError("torch's separate unscale ran")
+
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", unfused)
+    norm_a = fusedclip.unscale_clip_(scaler_a, opt_a, 0.5, backend="triton")
+    assert launched == (["_one_launch_kernel"] if tb.one_launch() else ["_partials_kernel", "_finish_kernel"])
+    monkeypatch.undo()
+
+    torch.testing.assert_close(norm_a, norm_b, rtol=1e-5, atol=0, equal_nan=True)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, equal_nan=True)
+    before = [p.detach().clone() for p in model_a.parameters()]
+    for scaler, opt in ((scaler_a, opt_a), (scaler_b, opt_b)):
+        scaler.step(opt)
+        scaler.update()
+    assert scaler_a.get_scale() == scaler_b.get_scale()
+    assert (scaler_a.get_scale() < 3000.0) == (bad is not None)
+    for p, q, b in zip(model_a.parameters(), model_b.parameters(), before):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+        assert torch.equal(p, b) == (bad is not None)  # skipped exactly when inf was seen
 
 
 # ---- GPU only: the compiled one-launch kernel ----
@@ -385,10 +605,14 @@ if not (tb.INTERPRET or torch.cuda.is_available()):
 
     def test_triton_backend_in_the_interpreter():
         env = dict(os.environ, TRITON_INTERPRET="1")
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+        # test_fused_extras.py's "triton" cases too: this process does not offer that backend on CPU
+        extras = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_fused_extras.py")
+        out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__, extras,
+                              "-k", "triton"], env=env,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
                              text=True, timeout=1800)
         summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
         print(summary)
         assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
         assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
+        assert "test_fused_extras.py::" in out.stdout, "no test_fused_extras.py case ran for 'triton'"
