@@ -51,7 +51,7 @@ GradTable build_table(c10::ArrayRef<const at::Tensor*> tensors, const char* op, 
                       " and ", t.device(), ")");
     const at::ScalarType st = t.scalar_type();
     dtypes[i] = dtype_code(st);
-    if (st != g.result_dtype) g.result_dtype = at::promote_types(g.result_dtype, st);
+    if (st != g.result_dtype) g.result_dtype = c10::promoteTypes(g.result_dtype, st);  // not at::promote_types, an operator call
     g.any_double |= st == at::kDouble;
     const int64_t numel = t.numel();
     const at::Tensor* dense = &t;

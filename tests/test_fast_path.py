@@ -164,4 +164,5 @@ def test_fast_path_is_named_in_the_profiler():
     params = dense_params()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fusedclip.clip_(params, 0.1)
-    assert "fusedclip::clip_" in {e.name for e in prof.events()}
+    # one top-level operator, as on the operator path (mixed dtypes: no operator call to promote them either)
+    assert [e.name for e in prof.events() if e.cpu_parent is None] == ["fusedclip::clip_"]
