@@ -24,9 +24,11 @@ constexpr int kCpuVecBytes = 64;
 template <typename F>
 void for_each_chunk(const TableView& t, F&& f, bool reversed = false) {
   at::parallel_for(0, t.n_chunks(), 1, [&](int64_t begin, int64_t end) {
+    const auto chunk_at = [&](int64_t i) { return reversed ? end - 1 - (i - begin) : i; };
+    int64_t tensor = locate_chunk(t, chunk_at(begin)).tensor;  // then stepped: no search per chunk
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t c = reversed ? end - 1 - (i - begin) : i;
-      const Chunk ch = locate_chunk(t, c);
+      const int64_t c = chunk_at(i);
+      const Chunk ch = step_to_chunk(t, tensor, c);
       with_typed_ptr<kCpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor),
                                    [&](auto w, auto* p) { f(c, w, p + ch.offset, ch.len); });
     }

@@ -13,6 +13,9 @@
 
 #include <cmath>
 #include <cstdint>
+#if !defined(__CUDACC__) && defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <cstring>
 #include <type_traits>
 
@@ -70,6 +73,18 @@ C10_HOST_DEVICE inline Chunk locate_chunk(const TableView& t, int64_t c) {
   const int64_t offset = (c - t.chunk_begin(lo)) * kChunkElems;
   const int64_t left = t.numel(lo) - offset;
   return Chunk{lo, offset, left < kChunkElems ? left : kChunkElems};
+}
+
+// Chunk c, given `tensor`, the owner of a chunk next to c: a walk through
+// consecutive chunks (either way) moves `tensor` along in O(1) amortized
+// instead of searching per chunk (the search misses cache when there are
+// thousands of tensors). Empty tensors own no chunk and are stepped over.
+C10_HOST_DEVICE inline Chunk step_to_chunk(const TableView& t, int64_t& tensor, int64_t c) {
+  while (t.chunk_begin(tensor + 1) <= c) ++tensor;
+  while (t.chunk_begin(tensor) > c) --tensor;
+  const int64_t offset = (c - t.chunk_begin(tensor)) * kChunkElems;
+  const int64_t left = t.numel(tensor) - offset;
+  return Chunk{tensor, offset, left < kChunkElems ? left : kChunkElems};
 }
 
 // ---- scalar math, in the accumulation type (float, or double for fp64) ----
@@ -311,6 +326,41 @@ C10_HOST_DEVICE inline T from_acc(acc_t v) {
   }
 }
 
+#if !defined(__CUDACC__) && defined(__SSE2__)
+// bf16 -> fp32 * coef -> bf16 for 8 elements, bit for bit as from_acc (round to
+// nearest even, NaN -> 0x7FC0). The compiler vectorizes the portable loop but
+// narrows 32 -> 16 bits through a chain of shuffles (SSE2 has no unsigned
+// pack), which makes bf16 scaling compute-bound; shifting arithmetically leaves
+// values that fit a signed 16-bit pack, which keeps exactly the low 16 bits.
+inline void scale8_bf16_sse2(c10::BFloat16* p, float coef) {
+  const __m128i zero = _mm_setzero_si128();
+  const __m128 c = _mm_set1_ps(coef);
+  const auto round = [](__m128 f) {
+    const __m128i bits = _mm_castps_si128(f);
+    const __m128i lsb = _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1));
+    const __m128i rounded = _mm_srai_epi32(_mm_add_epi32(_mm_add_epi32(bits, _mm_set1_epi32(0x7FFF)), lsb), 16);
+    const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(f, f));
+    return _mm_or_si128(_mm_and_si128(nan, _mm_set1_epi32(0x7FC0)), _mm_andnot_si128(nan, rounded));
+  };
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128 lo = _mm_mul_ps(_mm_castsi128_ps(_mm_unpacklo_epi16(zero, x)), c);  // bf16 << 16 is its fp32
+  const __m128 hi = _mm_mul_ps(_mm_castsi128_ps(_mm_unpackhi_epi16(zero, x)), c);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(round(lo), round(hi)));
+}
+#endif
+
+// G consecutive elements times coef, on the host.
+template <int64_t G, typename T, typename acc_t>
+inline void scale_host_group(T* q, acc_t coef) {
+#if !defined(__CUDACC__) && defined(__SSE2__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float> && G % 8 == 0) {
+    for (int64_t i = 0; i < G; i += 8) scale8_bf16_sse2(q + i, coef);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < G; ++i) q[i] = from_acc<T>(static_cast<acc_t>(q[i]) * coef);
+}
+
 // Multiply a chunk in place by coef, computed in the accumulation type.
 template <int W, typename T, typename acc_t>
 C10_HOST_DEVICE inline void scale_chunk(T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t coef) {
@@ -322,10 +372,7 @@ C10_HOST_DEVICE inline void scale_chunk(T* p, int64_t n, int64_t lane, int64_t n
     // chunk boundaries (ascending chunks taken in reverse restart it per chunk).
     constexpr int64_t G = 4 * W;
     int64_t end = n;
-    for (; end >= G; end -= G) {
-      T* q = p + end - G;
-      for (int64_t i = 0; i < G; ++i) q[i] = from_acc<T>(static_cast<acc_t>(q[i]) * coef);
-    }
+    for (; end >= G; end -= G) scale_host_group<G>(p + end - G, coef);
     for (int64_t i = 0; i < end; ++i) p[i] = from_acc<T>(static_cast<acc_t>(p[i]) * coef);
     return;
   }

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import (BACKENDS, DEVICES, DTYPE_SETS, NORMS, SHAPES, TOL, assert_bit_identical,
+from conftest import (BACKENDS, DEVICES, DTYPE_SETS, NORMS, SHAPES, TOL, assert_bit_identical, bits,
                       check_against_reference, clip_parity_case, clone_params, grads_of, make_params, no_write_case,
                       ref_norm, rel_err)
 
@@ -78,6 +78,34 @@ def test_bf16_grads_scaled_by_fp32_coef(backend):
         mismatch = (q.grad != expected).float().mean().item()
         assert mismatch < 1e-3, mismatch  # only ties decided by the last bit of the fp32 norm may differ
         torch.testing.assert_close(q.grad, expected, rtol=8e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_scaling_bitwise_with_special_values(backend):
+    """bf16 grads become bf16(float(g) * coef32), rounded to nearest even (ties included), NaN -> 0x7FC0,
+    bit for bit, whatever the length (vector groups, tails, chunk boundaries)."""
+    g = torch.Generator().manual_seed(21)
+    special = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -3e-39,
+                            3.38e38, -3.38e38, 1.0, -1.5], dtype=torch.bfloat16)
+    grads = []
+    for n in (5, 8, 127, 1000 + 5, 2 * 16384 + 77):
+        x = torch.randn(n, generator=g).to(torch.bfloat16)
+        x[torch.randint(0, n, (len(special),), generator=g)] = special
+        grads.append(x)
+    orig = [x.clone() for x in grads]
+    # a norm whose coefficient is exactly 0.75 in fp32: bf16 * 0.75 needs 10 bits, so many products are ties
+    total = torch.tensor(4.0)
+    while float(torch.tensor(3.0) / (total + 1e-6)) != 0.75:
+        total = torch.nextafter(total, torch.tensor(0.0))
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    for q, x in zip(params, grads):
+        q.grad = x
+    fusedclip.clip_grads_with_norm_(params, 3.0, total, backend=backend)
+    for x, x0 in zip(grads, orig):
+        expected = (x0.float() * 0.75).to(torch.bfloat16)
+        nan = torch.isnan(x0)
+        assert torch.equal(bits(x)[nan], torch.full((int(nan.sum()),), 0x7FC0, dtype=torch.int16))
+        assert torch.equal(bits(x)[~nan], bits(expected)[~nan])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -183,6 +211,28 @@ def test_thousands_of_tensors(device, backend):
     orig = clone_params(params)
     norm = fusedclip.clip_(params, 1.0, backend=backend)
     check_against_reference(params, orig, norm, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_chunk_walk_over_empty_and_multichunk_tensors(threads):
+    """The CPU kernel steps from chunk to chunk (forward for the norm, backward for the scaling), each thread
+    over its own range: empty tensors anywhere, tensors of one and of several chunks, any thread split. Every
+    per-tensor norm (from its chunks' partials) and every scaled element must be right."""
+    g = torch.Generator().manual_seed(31)
+    kinds = [(0,), (1,), (16384,), (16384 * 3 + 11,), (0,), (0,), (5,), (16385,)]
+    shapes = [kinds[int(k)] for k in torch.randint(0, len(kinds), (120,), generator=g)]
+    shapes = [(0,)] + shapes + [(0,)]
+    params = make_params(shapes, [torch.float32], seed=32, noncontig=False)
+    orig = clone_params(params)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        norm, norms = fusedclip.clip_(params, 1.0, per_tensor=True, backend="native")
+    finally:
+        torch.set_num_threads(before)
+    check_against_reference(params, orig, norm, 1.0, 2.0)
+    expected = torch.stack([ref_norm([q.grad], 2.0) for q in orig]).float()
+    torch.testing.assert_close(norms, expected, rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
