@@ -4,7 +4,8 @@
 // mapping, the per-dtype loads and accumulation, the fixed-order reduction of
 // partials and the clip-coefficient rule. The CPU kernel calls these functions
 // with one "lane"; the CUDA kernel with one lane per thread. Only the thread
-// orchestration and the grid-wide sync are GPU-only (clip_cuda.cu).
+// orchestration and the grid-wide sync are GPU-only (clip_cuda.cu); the only
+// host-only code is the SSE2 form of bf16 scaling (same bits as the portable one).
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -13,11 +14,12 @@
 
 #include <cmath>
 #include <cstdint>
-#if !defined(__CUDACC__) && defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 #include <cstring>
 #include <type_traits>
+
+#if !defined(__CUDACC__) && defined(__SSE2__)
+#include <emmintrin.h>  // the host's bf16 scaling (scale8_bf16_sse2)
+#endif
 
 // Unroll the fixed-width loops on both compilers (their pragmas differ).
 #ifdef __CUDACC__
