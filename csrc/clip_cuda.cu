@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <list>
+#include <map>
 #include <mutex>
 #include <tuple>
 
@@ -29,6 +30,18 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kGpuVecBytes = 16;  // one 128-bit load per thread per step
+constexpr int kWarps = kThreads / 32;
+
+// Blocks per SM the fused kernel is compiled for (__launch_bounds__' second argument, which caps registers at
+// 65536 / (kThreads * blocks)). Two 512-thread blocks of the fp32 L2/inf kernels hold 1024 threads and, with
+// four 16-byte loads in flight each (FC_UNROLL_LOADS), 64 KB per SM, above the ~40 KB an H100/H200 needs to
+// approach its bandwidth. The fp64 kernels and the p-norm kernels (a pow per element: compute-bound) need
+// more than 64 registers (they would spill): one block per SM. The launcher sizes the grid from the
+// occupancy API for the exact instantiation (coresident_blocks); `python -m fusedclip info --kernels` and
+// tests/test_kernel_resources.py check in the built module that each instantiation fits this many blocks
+// per SM without spilling.
+template <NormKind K, typename acc_t>
+constexpr int kMinBlocksPerSm = sizeof(acc_t) == 4 && K != NormKind::P ? 2 : 1;
 
 // Fixed-shape tree over the block's threads: deterministic, and every thread
 // gets the result.
@@ -65,22 +78,49 @@ __device__ acc_t load_norm(const void* p, int64_t dtype) {
   }
 }
 
+// Each block takes one contiguous range of chunks, so it searches the table once and then steps from chunk to
+// chunk (step_to_chunk), instead of a binary search per chunk; with `reversed` it walks the range backwards,
+// so the scaling pass starts on the data the norm pass read last (still in L2).
 template <typename F>
-__device__ void visit_chunk(const TableView& t, int64_t c, F&& f) {
-  const Chunk ch = locate_chunk(t, c);
-  with_typed_ptr<kGpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor),
-                               [&](auto w, auto* p) { f(w, p + ch.offset, ch.len); });
+__device__ void for_my_chunks(const TableView& t, F&& f, bool reversed = false) {
+  const int64_t n_chunks = t.n_chunks();
+  const int64_t begin = n_chunks * blockIdx.x / gridDim.x;
+  const int64_t end = n_chunks * (blockIdx.x + 1) / gridDim.x;
+  if (begin >= end) return;
+  int64_t tensor = locate_chunk(t, reversed ? end - 1 : begin).tensor;
+  for (int64_t i = 0; i < end - begin; ++i) {
+    const int64_t c = reversed ? end - 1 - i : begin + i;
+    const Chunk ch = step_to_chunk(t, tensor, c);
+    with_typed_ptr<kGpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor),
+                                 [&](auto w, auto* p) { f(c, w, p + ch.offset, ch.len); });
+  }
 }
 
 template <typename acc_t>
 __device__ void scale_my_chunks_reversed(const TableView& t, acc_t coef) {
-  const int64_t n_chunks = t.n_chunks();
-  if (blockIdx.x >= n_chunks) return;
-  const int64_t last = blockIdx.x + (n_chunks - 1 - blockIdx.x) / gridDim.x * gridDim.x;
-  for (int64_t c = last; c >= static_cast<int64_t>(blockIdx.x); c -= gridDim.x)
-    visit_chunk(t, c, [&](auto w, auto* p, int64_t len) {
-      scale_chunk<decltype(w)::value>(p, len, threadIdx.x, kThreads, coef);
-    });
+  for_my_chunks(
+      t, [&](int64_t, auto w, auto* p, int64_t len) { scale_chunk<decltype(w)::value>(p, len, threadIdx.x, kThreads, coef); },
+      /*reversed=*/true);
+}
+
+// A fixed butterfly over the warp's lanes: deterministic, and every lane gets the same value.
+template <NormKind K, typename acc_t>
+__device__ acc_t warp_reduce(acc_t v) {
+  for (int s = 16; s > 0; s >>= 1) v = norm_combine<K>(v, __shfl_xor_sync(0xffffffffu, v, s));
+  return v;
+}
+
+// Per-tensor norms from the chunk partials, a warp per tensor: lane l takes the tensor's chunks l, l + 32, ...
+// (a tensor can have thousands of chunks: an embedding's gradient), then the lanes are combined by
+// warp_reduce. Deterministic, and independent of the grid size.
+template <NormKind K, typename acc_t>
+__device__ void per_tensor_norms(const TableView& t, const Partial<acc_t>* chunk_partials, acc_t* out, acc_t pw) {
+  const int lane = threadIdx.x % 32;
+  const int64_t n_warps = int64_t(gridDim.x) * kWarps;
+  for (int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; i < t.n; i += n_warps) {
+    const acc_t sum = warp_reduce<K>(reduce_partials<K>(chunk_partials, t.chunk_begin(i), t.chunk_begin(i + 1), lane, 32).norm);
+    if (lane == 0) out[i] = t.numel(i) == 0 ? acc_t(0) : norm_finish<K>(sum, pw);
+  }
 }
 
 template <typename acc_t>
@@ -100,14 +140,13 @@ struct FusedArgs {
 };
 
 template <NormKind K, typename acc_t>
-__global__ void __launch_bounds__(kThreads) fused_norm_clip_kernel(const FusedArgs<acc_t> a) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K, acc_t>) fused_norm_clip_kernel(const FusedArgs<acc_t> a) {
   __shared__ Partial<acc_t> smem[kThreads];
   const TableView t{a.table, a.n_tensors};
   const acc_t mul = a.inv_scale ? static_cast<acc_t>(*a.inv_scale) : acc_t(1);
 
   Partial<acc_t> acc = partial_identity<K, acc_t>();
-  for (int64_t c = blockIdx.x; c < t.n_chunks(); c += gridDim.x)
-    visit_chunk(t, c, [&](auto w, auto* p, int64_t len) {
+  for_my_chunks(t, [&](int64_t c, auto w, auto* p, int64_t len) {
       // Always with the unscale work (mul is 1 without AMP): free in this memory-bound loop on a GPU.
       Partial<acc_t> part = chunk_partial<K, decltype(w)::value, true>(p, len, threadIdx.x, kThreads, a.pw, mul);
       if (a.chunk_partials) {  // per-tensor norms: keep every chunk's partial; thread 0 carries the block's
@@ -129,9 +168,7 @@ __global__ void __launch_bounds__(kThreads) fused_norm_clip_kernel(const FusedAr
     store_norm(a.norm_out, a.out_dtype, norm);
     if (a.found_inf && saw_nonfinite(total)) *a.found_inf = 1.0f;
   }
-  if (a.per_tensor)
-    for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < a.n_tensors; i += int64_t(gridDim.x) * kThreads)
-      a.per_tensor[i] = tensor_norm<K>(t, a.chunk_partials, i, a.pw);
+  if (a.per_tensor) per_tensor_norms<K>(t, a.chunk_partials, a.per_tensor, a.pw);
   if (!a.clip) return;
   const acc_t factor = mul * clip_coef(a.max_norm, norm);
   if (needs_scaling(factor)) scale_my_chunks_reversed(t, factor);
@@ -147,11 +184,9 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads) clamp_kernel(const int64_t* __restrict__ table, int64_t n_tensors,
                                                          double clip_value) {
-  const TableView t{table, n_tensors};
-  for (int64_t c = blockIdx.x; c < t.n_chunks(); c += gridDim.x)
-    visit_chunk(t, c, [&](auto w, auto* p, int64_t len) {
-      clamp_chunk<decltype(w)::value>(p, len, threadIdx.x, kThreads, clip_value);
-    });
+  for_my_chunks(TableView{table, n_tensors}, [&](int64_t, auto w, auto* p, int64_t len) {
+    clamp_chunk<decltype(w)::value>(p, len, threadIdx.x, kThreads, clip_value);
+  });
 }
 
 // ---- host side ----
@@ -163,15 +198,20 @@ int sm_count(int device) {
   return counts[device];
 }
 
-// How many blocks of this kernel can be resident at once on the whole device:
-// the most a cooperative launch may have.
-template <typename Kernel>
-int coresident_blocks(Kernel kernel, int device) {
-  static int per_sm[64] = {0};
-  if (!per_sm[device])
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[device], kernel, kThreads, 0));
-  TORCH_CHECK(per_sm[device] > 0, "fusedclip: the fused kernel cannot be resident on this GPU");
-  return per_sm[device] * sm_count(device);
+// How many blocks of this kernel can be resident at once on the whole device: the most a cooperative launch
+// may have. Cached per kernel (instantiations of one template differ in registers) and device.
+int coresident_blocks(const void* kernel, int device) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> per_sm;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = per_sm.find({kernel, device});
+  if (it == per_sm.end()) {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
+    TORCH_CHECK(blocks > 0, "fusedclip: the fused kernel cannot be resident on this GPU");
+    it = per_sm.emplace(std::make_pair(kernel, device), blocks).first;
+  }
+  return it->second * sm_count(device);
 }
 
 // Device copies of tables, keyed by their content (pointers, sizes, dtypes),
@@ -194,6 +234,12 @@ at::Tensor device_table(const GradTable& g, const c10::cuda::CUDAStream& stream)
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
   const bool capturing = capture != cudaStreamCaptureStatusNone;
   const int device = g.device.index();
+  // A non-dense gradient is processed through a fresh dense copy at a new address on every call, so no
+  // table (nor graph) could ever be reused for it.
+  TORCH_CHECK(!capturing || g.copies.empty(),
+              "fusedclip: a gradient is not dense in memory (a strided view), so it cannot be clipped inside a "
+              "CUDA graph: each call works on a new dense copy of it. Make the gradients dense before the "
+              "capture (e.g. p.grad = p.grad.contiguous()), or clip outside the graph");
 
   std::lock_guard<std::mutex> lock(mu);
   for (auto it = cache.begin(); it != cache.end(); ++it) {
@@ -250,7 +296,7 @@ at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double 
   dispatch_norm_kind(norm_type, [&](auto kind) {
     dispatch_acc(g.any_double, [&](auto acc_zero) {
       using acc_t = decltype(acc_zero);
-      auto kernel = fused_norm_clip_kernel<decltype(kind)::value, acc_t>;
+      const void* kernel = reinterpret_cast<const void*>(fused_norm_clip_kernel<decltype(kind)::value, acc_t>);
       const int grid = static_cast<int>(std::min<int64_t>(g.n_chunks, coresident_blocks(kernel, g.device.index())));
       const auto acc_options = l.options().dtype(g.acc_dtype());
       // Partials are (norm, nonfinite) pairs of acc_t.
@@ -270,7 +316,7 @@ at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double 
       a.pw = static_cast<acc_t>(norm_type);
       a.clip = clip;
       void* args[] = {&a};
-      C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid),
+      C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(grid),
                                                  dim3(kThreads), args, 0, l.stream.stream()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -328,6 +374,19 @@ std::tuple<at::Tensor, int64_t, bool> table_cuda(at::TensorList tensors) {
 }
 
 }  // namespace
+
+std::string cuda_launch_info() {
+  std::string s = "cuda_block_threads=" + std::to_string(kThreads) + ";cuda_min_blocks=";
+  const char* kinds[] = {"L2", "inf", "-inf", "p"};
+  for (int k = 0; k < 4; ++k)
+    dispatch_norm_kind(k == 0 ? 2.0 : k == 1 ? INFINITY : k == 2 ? -INFINITY : 3.0, [&](auto kind) {
+      s += std::string("fused_norm_clip_kernel<") + kinds[k] + ", float>=" +
+           std::to_string(kMinBlocksPerSm<decltype(kind)::value, float>) + ",";
+      s += std::string("fused_norm_clip_kernel<") + kinds[k] + ", double>=" +
+           std::to_string(kMinBlocksPerSm<decltype(kind)::value, double>) + ",";
+    });
+  return s;
+}
 
 TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
   m.impl("table", &table_cuda);

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -56,6 +57,8 @@ GradTable build_table(c10::ArrayRef<const at::Tensor*> tensors, const char* op, 
 at::Tensor norm_and_maybe_clip_cpu(const GradTable& g, double max_norm, double norm_type, bool clip,
                                    at::ScalarType out_dtype, const ClipExtras& x);
 #ifdef FUSEDCLIP_WITH_CUDA
+// "cuda_block_threads=...;cuda_min_blocks=kernel=n,...": the CUDA launch configuration, for build_info.
+std::string cuda_launch_info();
 at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double norm_type, bool clip,
                                     at::ScalarType out_dtype, const ClipExtras& x);
 #endif

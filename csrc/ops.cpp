@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "clip_math.h"
+#include "grad_table.h"
 
 // Set by the build (scripts/build_config.py), for `python -m fusedclip info`.
 #ifndef FUSEDCLIP_CUDA_ARCHS
@@ -24,8 +24,12 @@ std::string build_info() {
 #else
   const std::string cuda = "0";
 #endif
-  return "cuda=" + cuda + ";cuda_archs=" + FUSEDCLIP_CUDA_ARCHS + ";torch=" + FUSEDCLIP_TORCH_VERSION +
-         ";chunk_elems=" + std::to_string(kChunkElems);
+  std::string info = "cuda=" + cuda + ";cuda_archs=" + FUSEDCLIP_CUDA_ARCHS + ";torch=" + FUSEDCLIP_TORCH_VERSION +
+                     ";chunk_elems=" + std::to_string(kChunkElems);
+#ifdef FUSEDCLIP_WITH_CUDA
+  info += ";" + cuda_launch_info();
+#endif
+  return info;
 }
 
 TORCH_LIBRARY(fusedclip, m) {

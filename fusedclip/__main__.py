@@ -42,10 +42,18 @@ def main(argv=None):
         return _bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fusedclip")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, build, GPU and available backends")
+    info_parser = sub.add_parser("info", help="versions, build, GPU and available backends")
+    info_parser.add_argument("--kernels", action="store_true",
+                             help="also each CUDA kernel's registers, spills, shared memory and blocks per SM, "
+                                  "per architecture (read from the built module; no GPU needed)")
     sub.add_parser("bench", help="benchmark against torch and the bandwidth limit (flags: bench --help)")
-    parser.parse_args(argv)
+    args = parser.parse_args(argv)
     info()
+    if args.kernels:
+        from fusedclip import kernel_info
+
+        print()
+        kernel_info.print_kernels()
 
 
 if __name__ == "__main__":
