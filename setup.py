@@ -11,14 +11,29 @@ import sys
 
 from setuptools import setup
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))  # build_config
 import build_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NO_ISOLATION = ("build in the environment that will import fusedclip, with its torch: "
+                "pip install --no-build-isolation .")
+# A source distribution needs no compiler and no torch (pip's metadata step for it runs egg_info).
+SDIST_ONLY = "sdist" in sys.argv[1:] or sys.argv[1:2] == ["egg_info"]
+if SDIST_ONLY:
+    setup()
+    sys.exit(0)
 
 try:
     import torch
 except ImportError:
-    sys.exit("fusedclip: torch must be installed before building (pip install torch), and the build must "
-             "see it: pip install --no-build-isolation .")
+    sys.exit("fusedclip: torch is not importable in this build environment. pip builds in an isolated "
+             "environment unless told not to; " + NO_ISOLATION + " (install torch first)")
+
+# An isolated build environment (pip's pip-build-env-*, pypa/build's build-env-*) would compile against a
+# second, freshly downloaded torch, and the module would not load into the user's torch.
+if any(part.startswith(("pip-build-env-", "build-env-")) for part in torch.__file__.split(os.sep)):
+    sys.exit(f"fusedclip: this build is isolated and found torch {torch.__version__} at {torch.__file__}, not the "
+             "torch that will import the package; " + NO_ISOLATION)
 
 try:
     with_cuda, why_not = build_config.want_cuda()
@@ -28,6 +43,10 @@ if with_cuda:  # cpp_extension reads CUDA_HOME when it is imported
     os.environ["CUDA_HOME"] = build_config.cuda_home()
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+# The torch the module is tied to, readable even when the module cannot load (fusedclip/_ext.py checks it).
+with open(os.path.join(ROOT, "fusedclip", "_build_info.py"), "w") as f:
+    f.write(f'"""Written by setup.py."""\nTORCH_VERSION = "{torch.__version__}"\n')
 
 defines = [f'-DFUSEDCLIP_TORCH_VERSION="{torch.__version__}"']
 sources = list(build_config.CPU_SOURCES)

@@ -6,6 +6,7 @@ Switches (environment variables):
                           every major architecture this nvcc supports from Ampere on,
                           as X.0, which runs on all X.y GPUs; PTX for newer ones)
   MAX_JOBS                parallel compile jobs (ninja)
+  FUSEDCLIP_DEBUG=1       keep the host code's debug information (stripped by default)
 
 `python scripts/build_config.py --cmake` prints the decisions as CMake `set()` lines.
 """
@@ -20,7 +21,8 @@ CPU_SOURCES = ["csrc/ops.cpp", "csrc/grad_table.cpp", "csrc/clip_cpu.cpp", "csrc
 CUDA_SOURCES = ["csrc/clip_cuda.cu"]
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the CPU kernel runs on one thread.
 CXX_FLAGS = ["-O3", "-fopenmp"]
-LINK_FLAGS = ["-fopenmp"]
+# Host debug information is ~12 MB of the module; FUSEDCLIP_DEBUG=1 keeps it (the kernels keep -lineinfo anyway).
+LINK_FLAGS = ["-fopenmp"] + ([] if os.environ.get("FUSEDCLIP_DEBUG") == "1" else ["-Wl,--strip-debug"])
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
