@@ -1,14 +1,21 @@
-// The fused CPU kernel: one parallel pass for the norm (a partial per chunk,
-// reduced in chunk order, so the result does not depend on the thread count;
-// per-tensor norms come from the same partials, since chunks never span
-// tensors), then, only when the factor is not 1, one parallel scaling pass.
+// The fused CPU kernel: one pass for the norm (a partial per chunk, reduced in
+// chunk order, so the result does not depend on the thread count; per-tensor
+// norms come from the same partials, since chunks never span tensors), then,
+// only when the factor is not 1, one scaling pass. Both passes use threads only
+// for work large enough to pay for waking them; the chunk loops are
+// cpu_simd.h's, in the instruction set chosen at load time.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "grad_table.h"
 
 namespace fusedclip {
@@ -19,27 +26,69 @@ namespace {
 // with SSE, against 35 with 8 lanes).
 constexpr int kCpuVecBytes = 64;
 
+// Threads are used only when each gets at least this much of the work. Waking a parked OpenMP thread costs
+// ~10 us on an idle machine, but when other processes keep every core busy (data-loader workers, several ranks
+// per node) the region waits for a thread the scheduler has not run yet: a whole time slice, milliseconds
+// (measured here: 70 tensors of 0.06 MB in all took 12 us on the calling thread and 8 ms on average with two
+// threads on a busy machine). torch's own ops parallelize only above 32K elements per op, so small sets run
+// serially there. At 4 MB a thread the work itself takes ~0.2-0.4 ms a thread, so uncontended wake-ups
+// cost <5% of it while sets of gradients that size (16M elements and up) still get every core.
+constexpr int64_t kMinBytesPerThread = 4 << 20;
+
+int64_t elem_bytes(int64_t dtype) { return dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2; }
+
+// Chunks per thread at least: at::parallel_for then uses min(threads, chunks / grain) threads (one, below
+// 2 * kMinBytesPerThread), never more threads than chunks.
+int64_t chunk_grain(const TableView& t) {
+  int64_t bytes = 0;
+  for (int64_t i = 0; i < t.n; ++i) bytes += t.numel(i) * elem_bytes(t.dtype(i));
+  const int64_t chunks = std::max<int64_t>(t.n_chunks(), 1);
+  if (bytes < 2 * kMinBytesPerThread) return chunks;
+  const int64_t bytes_per_chunk = std::max<int64_t>(bytes / chunks, 1);
+  return std::max<int64_t>(1, (kMinBytesPerThread + bytes_per_chunk - 1) / bytes_per_chunk);
+}
+
 // Each thread takes a contiguous range of chunks; `reversed` walks it backwards, so the scaling pass
 // starts on the chunks the norm pass read last (still in cache).
 template <typename F>
 void for_each_chunk(const TableView& t, F&& f, bool reversed = false) {
-  at::parallel_for(0, t.n_chunks(), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, t.n_chunks(), chunk_grain(t), [&](int64_t begin, int64_t end) {
     const auto chunk_at = [&](int64_t i) { return reversed ? end - 1 - (i - begin) : i; };
     int64_t tensor = locate_chunk(t, chunk_at(begin)).tensor;  // then stepped: no search per chunk
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = chunk_at(i);
       const Chunk ch = step_to_chunk(t, tensor, c);
-      with_typed_ptr<kCpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor),
-                                   [&](auto w, auto* p) { f(c, w, p + ch.offset, ch.len); });
+      with_typed_ptr<kCpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor), [&](auto w, auto* p) {
+        f(c, ChunkLoops<decltype(w)::value, std::remove_pointer_t<decltype(p)>>{}, p + ch.offset, ch.len);
+      });
     }
   });
 }
 
+// Which NaN a sum or product of two NaNs gives depends on the operand order the compiler picked, which
+// differs between the ISA variants; so a NaN norm is made the one canonical NaN, and a NaN factor (from a NaN
+// norm) is applied as a select: a NaN element keeps its own NaN (quieted), as torch's grad * coef gives on
+// x86, and every other element becomes the factor.
+template <typename acc_t>
+acc_t canonical(acc_t v) { return v != v ? std::numeric_limits<acc_t>::quiet_NaN() : v; }
+
+template <typename T, typename acc_t>
+void fill_nan_factor(T* p, int64_t n, acc_t factor) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t x = static_cast<acc_t>(p[i]);
+    p[i] = from_acc<T>(x != x ? x + acc_t(0) : factor);  // x + 0 quiets a signaling NaN, keeps its payload
+  }
+}
+
 template <typename acc_t>
 void scale_all(const TableView& t, acc_t factor) {
+  const CpuIsa isa = cpu_isa();
+  if (factor != factor) {
+    for_each_chunk(t, [&](int64_t, auto, auto* p, int64_t len) { fill_nan_factor(p, len, factor); });
+    return;
+  }
   for_each_chunk(
-      t, [&](int64_t, auto w, auto* p, int64_t len) { scale_chunk<decltype(w)::value>(p, len, 0, 1, factor); },
-      /*reversed=*/true);
+      t, [&](int64_t, auto loops, auto* p, int64_t len) { loops.scale(isa, p, len, factor); }, /*reversed=*/true);
 }
 
 // The norm (accumulated in fp32, fp64 when any tensor is fp64) of all tensors, each element multiplied by
@@ -52,20 +101,21 @@ double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bo
   const acc_t mul = x.inv_scale ? static_cast<acc_t>(x.inv_scale->item<float>()) : acc_t(1);
   std::vector<Partial<acc_t>> partials(t.n_chunks());
   // The plain norm loop carries no unscale work: on the CPU it would halve the throughput.
+  const CpuIsa isa = cpu_isa();
   if (x.inv_scale) {
-    for_each_chunk(t, [&](int64_t c, auto w, auto* p, int64_t len) {
-      partials[c] = chunk_partial<K, decltype(w)::value, true>(p, len, 0, 1, pw, mul);
+    for_each_chunk(t, [&](int64_t c, auto loops, auto* p, int64_t len) {
+      partials[c] = loops.template partial<K, true>(isa, p, len, pw, mul);
     });
   } else {
-    for_each_chunk(t, [&](int64_t c, auto w, auto* p, int64_t len) {
-      partials[c] = chunk_partial<K, decltype(w)::value, false>(p, len, 0, 1, pw, mul);
+    for_each_chunk(t, [&](int64_t c, auto loops, auto* p, int64_t len) {
+      partials[c] = loops.template partial<K, false>(isa, p, len, pw, mul);
     });
   }
   const Partial<acc_t> total = reduce_partials<K>(partials.data(), 0, t.n_chunks(), 0, 1);
-  const acc_t norm = t.n_chunks() ? norm_finish<K>(total.norm, pw) : acc_t(0);
+  const acc_t norm = t.n_chunks() ? canonical(norm_finish<K>(total.norm, pw)) : acc_t(0);
   if (x.per_tensor) {
     acc_t* out = x.per_tensor->data_ptr<acc_t>();
-    for (int64_t i = 0; i < t.n; ++i) out[i] = tensor_norm<K>(t, partials.data(), i, pw);
+    for (int64_t i = 0; i < t.n; ++i) out[i] = canonical(tensor_norm<K>(t, partials.data(), i, pw));
   }
   if (x.found_inf && saw_nonfinite(total)) x.found_inf->fill_(1.0);
   if (clip && t.n_chunks()) {
@@ -125,9 +175,8 @@ void scale_cpu(at::TensorList grads, double max_norm, const at::Tensor& total_no
 void clamp_cpu(at::TensorList grads, double clip_value) {
   const GradTable g = build_table(grads, "clip_value_", Access::kWrites);
   if (!g.n_chunks) return;
-  for_each_chunk(g.view(), [&](int64_t, auto w, auto* p, int64_t len) {
-    clamp_chunk<decltype(w)::value>(p, len, 0, 1, clip_value);
-  });
+  const CpuIsa isa = cpu_isa();
+  for_each_chunk(g.view(), [&](int64_t, auto loops, auto* p, int64_t len) { loops.clamp(isa, p, len, clip_value); });
   g.write_back();
 }
 
@@ -139,6 +188,43 @@ std::tuple<at::Tensor, int64_t, bool> table_cpu(at::TensorList tensors) {
 }
 
 }  // namespace
+
+namespace {
+
+CpuIsa best_cpu_isa() {
+#if FC_HAVE_AVX2_VARIANT
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return CpuIsa::kAvx2;
+#endif
+  return CpuIsa::kBaseline;
+}
+
+CpuIsa initial_cpu_isa() {
+  const char* env = std::getenv("FUSEDCLIP_CPU_ISA");
+  return env && std::string(env) == "baseline" ? CpuIsa::kBaseline : best_cpu_isa();
+}
+
+std::atomic<int> current_isa{static_cast<int>(initial_cpu_isa())};
+
+}  // namespace
+
+CpuIsa cpu_isa() { return static_cast<CpuIsa>(current_isa.load(std::memory_order_relaxed)); }
+
+const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "baseline"; }
+
+std::string supported_cpu_isas() {
+  return best_cpu_isa() == CpuIsa::kAvx2 ? "baseline,avx2" : "baseline";
+}
+
+bool set_cpu_isa(const std::string& name) {
+  for (CpuIsa isa : {CpuIsa::kBaseline, CpuIsa::kAvx2}) {
+    if (name != cpu_isa_name(isa)) continue;
+    if (static_cast<int>(isa) > static_cast<int>(best_cpu_isa())) return false;
+    current_isa.store(static_cast<int>(isa));
+    return true;
+  }
+  return false;
+}
 
 TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
   m.impl("table", &table_cpu);

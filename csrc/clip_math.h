@@ -4,8 +4,8 @@
 // mapping, the per-dtype loads and accumulation, the fixed-order reduction of
 // partials and the clip-coefficient rule. The CPU kernel calls these functions
 // with one "lane"; the CUDA kernel with one lane per thread. Only the thread
-// orchestration and the grid-wide sync are GPU-only (clip_cuda.cu); the only
-// host-only code is the SSE2 form of bf16 scaling (same bits as the portable one).
+// orchestration and the grid-wide sync are GPU-only (clip_cuda.cu); the host's
+// SIMD forms of the scaling loops are cpu_simd.h.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -17,9 +17,6 @@
 #include <cstring>
 #include <type_traits>
 
-#if !defined(__CUDACC__) && defined(__SSE2__)
-#include <emmintrin.h>  // the host's bf16 scaling (scale8_bf16_sse2)
-#endif
 
 // Unroll the fixed-width loops on both compilers (their pragmas differ).
 #ifdef __CUDACC__
@@ -340,57 +337,10 @@ C10_HOST_DEVICE inline T from_acc(acc_t v) {
   }
 }
 
-#if !defined(__CUDACC__) && defined(__SSE2__)
-// bf16 -> fp32 * coef -> bf16 for 8 elements, bit for bit as from_acc (round to
-// nearest even, NaN -> 0x7FC0). The compiler vectorizes the portable loop but
-// narrows 32 -> 16 bits through a chain of shuffles (SSE2 has no unsigned
-// pack), which makes bf16 scaling compute-bound; shifting arithmetically leaves
-// values that fit a signed 16-bit pack, which keeps exactly the low 16 bits.
-inline void scale8_bf16_sse2(c10::BFloat16* p, float coef) {
-  const __m128i zero = _mm_setzero_si128();
-  const __m128 c = _mm_set1_ps(coef);
-  const auto round = [](__m128 f) {
-    const __m128i bits = _mm_castps_si128(f);
-    const __m128i lsb = _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1));
-    const __m128i rounded = _mm_srai_epi32(_mm_add_epi32(_mm_add_epi32(bits, _mm_set1_epi32(0x7FFF)), lsb), 16);
-    const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(f, f));
-    return _mm_or_si128(_mm_and_si128(nan, _mm_set1_epi32(0x7FC0)), _mm_andnot_si128(nan, rounded));
-  };
-  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128 lo = _mm_mul_ps(_mm_castsi128_ps(_mm_unpacklo_epi16(zero, x)), c);  // bf16 << 16 is its fp32
-  const __m128 hi = _mm_mul_ps(_mm_castsi128_ps(_mm_unpackhi_epi16(zero, x)), c);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(round(lo), round(hi)));
-}
-#endif
-
-// G consecutive elements times coef, on the host.
-template <int64_t G, typename T, typename acc_t>
-inline void scale_host_group(T* q, acc_t coef) {
-#if !defined(__CUDACC__) && defined(__SSE2__)
-  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<acc_t, float> && G % 8 == 0) {
-    for (int64_t i = 0; i < G; i += 8) scale8_bf16_sse2(q + i, coef);
-    return;
-  }
-#endif
-  for (int64_t i = 0; i < G; ++i) q[i] = from_acc<T>(static_cast<acc_t>(q[i]) * coef);
-}
-
-// Multiply a chunk in place by coef, computed in the accumulation type.
+// Multiply a chunk in place by coef, computed in the accumulation type (the GPU's form; the host walks chunks
+// its own way, cpu_simd.h).
 template <int W, typename T, typename acc_t>
 C10_HOST_DEVICE inline void scale_chunk(T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t coef) {
-#ifndef __CUDA_ARCH__
-  if (nlanes == 1) {
-    // The host walks the chunk from its end, in groups of plain loops the
-    // compiler vectorizes: the scaling pass takes chunks in reverse, so memory
-    // is read as one descending stream, which the prefetcher follows across
-    // chunk boundaries (ascending chunks taken in reverse restart it per chunk).
-    constexpr int64_t G = 4 * W;
-    int64_t end = n;
-    for (; end >= G; end -= G) scale_host_group<G>(p + end - G, coef);
-    for (int64_t i = 0; i < end; ++i) p[i] = from_acc<T>(static_cast<acc_t>(p[i]) * coef);
-    return;
-  }
-#endif
   int64_t done = 0;
   if (vector_loadable<T, W>(p)) {
     const int64_t nvec = n / W;

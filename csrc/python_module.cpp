@@ -28,6 +28,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "grad_table.h"
 
 namespace fusedclip {
@@ -138,7 +139,24 @@ PyObject* total_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// The CPU loops' instruction set (cpu_simd.h): cpu_isa() -> "avx2"; set_cpu_isa("baseline") for tests.
+PyObject* get_cpu_isa(PyObject*, PyObject*) {
+  return Py_BuildValue("(ss)", cpu_isa_name(cpu_isa()), supported_cpu_isas().c_str());
+}
+
+PyObject* put_cpu_isa(PyObject*, PyObject* name) {
+  HANDLE_TH_ERRORS
+  const char* s = PyUnicode_AsUTF8(name);
+  if (!s) return nullptr;
+  TORCH_CHECK_VALUE(set_cpu_isa(s), "fusedclip: this processor or build cannot run the CPU loops as '", s,
+                    "'; supported: ", supported_cpu_isas());
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef kMethods[] = {
+    {"cpu_isa", &get_cpu_isa, METH_NOARGS, "cpu_isa() -> (the CPU loops' instruction set, the supported ones)"},
+    {"set_cpu_isa", &put_cpu_isa, METH_O, "set_cpu_isa(name): run the CPU loops as 'baseline' or 'avx2' (tests)"},
     {"clip_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&clip_grads)), METH_FASTCALL,
      "clip_grads(params, max_norm, norm_type): the fused clip of the params' grads, or None (take the op path)"},
     {"total_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&total_norm)), METH_FASTCALL,

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/grad_table.cpp", "csrc/clip_cpu.cpp", "csrc/python_module.cpp"]
 CUDA_SOURCES = ["csrc/clip_cuda.cu"]
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the CPU kernel runs on one thread.
-CXX_FLAGS = ["-O3", "-fopenmp"]
+# -ffp-contract=off: no multiply-add contraction, so the CPU loops' ISA variants give the same bits (csrc/cpu_simd.h).
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 # Host debug information is ~12 MB of the module; FUSEDCLIP_DEBUG=1 keeps it (the kernels keep -lineinfo anyway).
 LINK_FLAGS = ["-fopenmp"] + ([] if os.environ.get("FUSEDCLIP_DEBUG") == "1" else ["-Wl,--strip-debug"])
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
