@@ -15,8 +15,10 @@ $(VENV)/.installed:
 	$(PYTHON) -m pip install -q "torch>=2.6" ninja pybind11 pytest numpy expecttest matplotlib cmake
 	# the frameworks tests/test_patch.py runs real training steps with (they keep the installed torch)
 	$(PYTHON) -m pip install -q accelerate lightning
+	$(PYTHON) -m pip install -q transformers timm  # tests/test_integrations.py; timm pulls torchvision
 	# the oldest CMake CMakeLists.txt declares, for tests/test_build.py's configure check
 	$(PYTHON) -m pip install -q --no-deps --target $(VENV)/cmake-min "cmake==3.25.*"
+	$(PYTHON) -m pip install -q --target $(VENV)/triton36 --no-deps "triton==3.6.0"
 	touch $@
 
 # Rebuilt only when a source or build file changed.

@@ -4,7 +4,8 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from . import backends
-from .clip import _call, _grads, _norm_type, _number, _total_norm, clip_, get_total_norm
+from ._core import _call, _grads, _norm_type, _number, _total_norm
+from .clip import clip_, get_total_norm
 from .ops import acc_dtype, result_dtype
 
 

@@ -24,11 +24,13 @@ class TorchBackend:
 # In the order "auto" prefers them (fastest first).
 BACKENDS = {"native": NativeBackend, "torch": TorchBackend}
 AUTO_ORDER = ["native", "torch"]
+_resolved = {}  # (requested, device type) -> backend; availability does not change within a process
 
 
 def register(backend, before="torch"):
     """Adds a backend (the Triton one registers itself here); "auto" tries it just before `before`."""
     BACKENDS[backend.name] = backend
+    _resolved.clear()  # "auto" may now pick the new one
     if backend.name not in AUTO_ORDER:
         AUTO_ORDER.insert(AUTO_ORDER.index(before), backend.name)
 
@@ -43,19 +45,23 @@ def available_backends(device="cpu"):
     return [name for name in AUTO_ORDER if BACKENDS[name].available(dt)[0]]
 
 
-_resolved = {}  # (requested, device type) -> backend; availability does not change within a process
-
-
 def resolve(backend, device_type):
     """The backend object for a name ("auto" included) and a device type; a clear error if it cannot run."""
+    if torch.compiler.is_compiling():
+        # Not through the cache: dynamo would guard on the dict's contents, so the call that fills it would
+        # make the next one recompile. Resolving afresh guards only on BACKENDS and AUTO_ORDER, which stay put.
+        return _resolve(backend, device_type)
     key = (backend, device_type)
     hit = _resolved.get(key)
-    if hit is not None:
-        return hit
+    if hit is None:
+        hit = _resolved[key] = _resolve(backend, device_type)
+    return hit
+
+
+def _resolve(backend, device_type):
     if backend == "auto":
         for name in AUTO_ORDER:
             if BACKENDS[name].available(device_type)[0]:
-                _resolved[key] = BACKENDS[name]
                 return BACKENDS[name]
         raise RuntimeError(f"fusedclip: no backend can run on {device_type} tensors")
     if backend not in BACKENDS:
@@ -65,5 +71,4 @@ def resolve(backend, device_type):
     if not ok:
         raise RuntimeError(f"fusedclip: backend {backend!r} is not available for {device_type} tensors: {why}. "
                            f"Available for {device_type}: {available_backends(device_type)}")
-    _resolved[key] = BACKENDS[backend]
     return BACKENDS[backend]

@@ -6,30 +6,14 @@ gradients in C++ (csrc/python_module.cpp); it declines anything unusual, and
 that (several devices, error_if_nonfinite, norm_type 0, subclasses, bad input,
 torch.compile) goes through the operator path below.
 """
-import math
-
 import torch
 
 from . import _ext, backends
 from . import distributed as _distributed
-from .ops import acc_dtype, result_dtype
-
-# torch's own functions, captured at import: backend="torch" calls these, so fusedclip.patch_torch() (which
-# routes torch.nn.utils' names to fusedclip) cannot make them call themselves.
-_torch_clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
-_torch_get_total_norm = torch.nn.utils.get_total_norm
-_torch_clip_grads_with_norm_ = torch.nn.utils.clip_grads_with_norm_
-_torch_clip_grad_value_ = torch.nn.utils.clip_grad_value_
-
-_NONFINITE = ("The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be clipped. "
-              "To disable this error and scale the gradients by the non-finite norm anyway, set "
-              "`error_if_nonfinite=False`")
-
-
-def _as_list(tensors):
-    if isinstance(tensors, torch.Tensor):
-        return [tensors]
-    return tensors if isinstance(tensors, (list, tuple)) else list(tensors)
+from ._core import (_as_list, _by_device, _call, _check_finite, _grads, _new_per_tensor, _norm_type, _number,
+                    _per_tensor_norms, _scale, _scale_with_norm, _torch_clip_grad_norm_, _torch_clip_grad_value_,
+                    _torch_get_total_norm, _total_norm)
+from .ops import result_dtype
 
 
 def _fast_path(backend):
@@ -39,114 +23,10 @@ def _fast_path(backend):
             and (backend == "native" or (backend == "auto" and backends.AUTO_ORDER[0] == "native")))
 
 
-def _grads(params, fn):
-    try:
-        grads = [p.grad for p in params]  # one attribute read per parameter
-        return [g for g in grads if g is not None]
-    except AttributeError:
-        _check_tensors(params, fn, "parameters")
-        raise
-
-
-def _check_tensors(items, fn, what):
-    for i, t in enumerate(items):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fusedclip.{fn}: {what} must be Tensors, but item {i} is a {type(t).__name__}")
-
-
-def _norm_type(norm_type, fn):
-    try:
-        p = float(norm_type)
-    except (TypeError, ValueError):
-        raise ValueError(f"fusedclip.{fn}: norm_type must be a number or 'inf', got {norm_type!r}") from None
-    if math.isnan(p):
-        raise ValueError(f"fusedclip.{fn}: norm_type must not be NaN")
-    return p
-
-
-def _number(x, fn, what):
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"fusedclip.{fn}: {what} must be a number, got {x!r}") from None
-
-
-def _by_device(tensors):
-    groups = {}
-    for t in tensors:
-        groups.setdefault(t.device, []).append(t)
-    return groups
-
-
-def _call(op, tensors, fn, *args):
-    """op(tensors, *args) for one device. Returns (True, result), or (False, None) when the tensors span
-    several devices (the caller then goes device by device); other failures become clear errors."""
-    try:
-        return True, op(tensors, *args)
-    except (TypeError, ValueError, RuntimeError, NotImplementedError):
-        _check_tensors(tensors, fn, "gradients" if fn != "get_total_norm" else "tensors")
-        for i, t in enumerate(tensors):
-            if t.layout != torch.strided:
-                raise NotImplementedError(f"fusedclip.{fn}: tensor {i} is {t.layout}; only dense gradients are "
-                                          "supported by the fused kernels (backend='torch' handles sparse ones)")
-        if len({t.device for t in tensors}) > 1:
-            return False, None
-        raise
-
-
-def _new_per_tensor(grads, be):
-    """The output buffer for per-tensor norms when the backend fills it in its own pass, else None."""
-    if getattr(be, "fused_extras", False):
-        return torch.empty(len(grads), dtype=acc_dtype(grads), device=grads[0].device)
-    return None
-
-
-def _per_tensor_norms(grads, p):
-    """Each grad's norm in the accumulation dtype, with torch ops: the path for several devices, norm_type 0 and
-    backends without fused per-tensor norms (an extra read of the gradients). Empty tensors have norm 0."""
-    dtype = acc_dtype(grads)
-    first = grads[0].device
-    return torch.stack([(torch.linalg.vector_norm(g, p, dtype=dtype) if g.numel() else g.new_zeros((), dtype=dtype))
-                        .to(first) for g in grads])
-
-
-def _total_norm(grads, p, be, fn, per_tensor=False):
-    """The norm of all grads in the accumulation dtype (fp32, or fp64 when any grad is fp64), any devices;
-    with per_tensor, also each grad's norm (returns the pair)."""
-    if p == 0.0:
-        # torch's definition (the norm of the per-tensor norms) makes p=0 count the tensors with a nonzero
-        # (or NaN) element; fusedclip keeps that.
-        first = grads[0].device
-        norm = torch.stack([(g != 0).any().to(first) for g in grads]).sum().to(acc_dtype(grads))
-        return (norm, _per_tensor_norms(grads, p)) if per_tensor else norm
-    out = _new_per_tensor(grads, be) if per_tensor else None
-    ok, norm = _call(be.total_norm, grads, fn, p, *([out] if out is not None else []))
-    if not ok:
-        dtype = acc_dtype(grads)
-        first = grads[0].device
-        norms = [be.total_norm(group, p).to(first, dtype) for group in _by_device(grads).values()]
-        norm, out = torch.linalg.vector_norm(torch.stack(norms), p), None
-    if not per_tensor:
-        return norm
-    return norm, (out if out is not None else _per_tensor_norms(grads, p))
-
-
-def _scale(grads, max_norm, norm, be, fn):
-    ok, _ = _call(be.scale, grads, fn, max_norm, norm.to(grads[0].device))
-    if not ok:
-        for device, group in _by_device(grads).items():
-            be.scale(group, max_norm, norm.to(device))
-
-
 def _no_per_tensor_when_sharded(per_tensor, fn):
     if per_tensor:
         raise NotImplementedError(f"fusedclip.{fn}: per_tensor=True is not supported with process_group or "
                                   "DTensor gradients (the norms would be of this rank's shards)")
-
-
-def _check_finite(norm, p):
-    if not torch.isfinite(norm):  # a host sync, as in torch: only with error_if_nonfinite=True
-        raise RuntimeError(_NONFINITE.format(p=p))
 
 
 @torch.no_grad()
@@ -240,14 +120,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     max_norm = _number(max_norm, "clip_grads_with_norm_", "max_norm")
     if grads and _distributed.is_dtensor(grads[0]):
         return _distributed.scale_(params, grads, max_norm, total_norm, be, foreach)
-    if be.name == "torch":
-        return _torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
-    if not grads:
-        return None
-    if not isinstance(total_norm, torch.Tensor):
-        total_norm = torch.tensor(_number(total_norm, "clip_grads_with_norm_", "total_norm"))
-    _scale(grads, max_norm, total_norm, be, "clip_grads_with_norm_")
-    return None
+    return _scale_with_norm(params, grads, max_norm, total_norm, be, foreach, "clip_grads_with_norm_")
 
 
 @torch.no_grad()

@@ -2,14 +2,15 @@
 
 The kernels never communicate. A global norm is: this rank's norm (one fused pass over its shards) ->
 its partial (norm**p for a finite p; the norm itself for inf/-inf; the count for p=0) -> one all_reduce
-on the current stream (SUM, or MAX/MIN for +-inf) -> the global norm -> the scale pass. The partial is
+(SUM, or MAX/MIN for +-inf; a functional collective, so torch.compile traces it, which the current stream
+waits for) -> the global norm -> the scale pass. The partial is
 reduced in float64 whatever the gradients' dtypes (so norm**p does not overflow, and ranks holding
 different dtypes, or no gradients at all, still reduce the same dtype). Nothing waits on the host,
 except error_if_nonfinite=True, which reads the global norm (as torch does) on every rank, so every
 rank raises before any gradient is scaled.
 
 fusedclip.clip_, get_total_norm and clip_grads_with_norm_ call this module when `process_group` is
-given or when the gradients are DTensors.
+given or when the gradients are DTensors; it builds on _core.py and never calls back into clip.py.
 """
 import math
 import sys
@@ -17,8 +18,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+if dist.is_available():  # a torch built without distributed has no collectives (nor sharded gradients)
+    import torch.distributed._functional_collectives as funcol
+
 from . import backends
-from . import clip as _clip
+from . import _core
 from .ops import acc_dtype, result_dtype
 
 _INF = math.inf
@@ -45,16 +49,16 @@ def _pack(local, has, p, device):
     if p == _INF:
         # MAX drops NaN on some backends (std::max, NCCL), so a NaN norm travels as a flag.
         nan = torch.isnan(x)
-        return torch.stack([x.masked_fill(nan, 0.0), nan.to(torch.float64)]), dist.ReduceOp.MAX
+        return torch.stack([x.masked_fill(nan, 0.0), nan.to(torch.float64)]), "max"
     if p == -_INF:
         # min over elements: a rank without elements contributes +inf (min's identity); the third entry
         # says whether any rank has elements (no elements at all: norm 0, fusedclip's convention).
         nan = torch.isnan(x)
         x = x.masked_fill(nan, _INF) if has else torch.full_like(x, _INF)
-        return torch.stack([x, -nan.to(torch.float64), torch.full_like(x, -float(has))]), dist.ReduceOp.MIN
+        return torch.stack([x, -nan.to(torch.float64), torch.full_like(x, -float(has))]), "min"
     if p == 0.0:
-        return x, dist.ReduceOp.SUM  # a count of tensors: counts add up
-    return (x.pow(p) if has else x), dist.ReduceOp.SUM  # sum of |g|^p; a rank without elements adds 0
+        return x, "sum"  # a count of tensors: counts add up
+    return (x.pow(p) if has else x), "sum"  # sum of |g|^p; a rank without elements adds 0
 
 
 def _unpack(t, p):
@@ -70,17 +74,19 @@ def _unpack(t, p):
 
 
 def _combine(a, b, op):
-    if op == dist.ReduceOp.MAX:
+    if op == "max":
         return torch.maximum(a, b)
-    if op == dist.ReduceOp.MIN:
+    if op == "min":
         return torch.minimum(a, b)
     return a + b
 
 
 def _all_reduce(t, op, groups):
-    for group in groups:  # several groups in turn (the dims of a mesh) reduce over all of their ranks
-        dist.all_reduce(t, op=op, group=group)
-    return t
+    """t reduced with op ("sum", "max" or "min") over every group in turn (the dims of a mesh reduce over all
+    of its ranks). Functional collectives, as DTensor's own: torch.compile traces them into the graph."""
+    for group in groups:
+        t = funcol.all_reduce(t, op, group)
+    return funcol.wait_tensor(t)  # eager returns a tensor that waits on first use: make it a plain one
 
 
 def _local_norm(tensors, p, be, fn):
@@ -89,11 +95,11 @@ def _local_norm(tensors, p, be, fn):
         return None, False
     has = any(t.numel() for t in tensors)
     if be.name != "torch":
-        return _clip._total_norm(tensors, p, be, fn), has
+        return _core._total_norm(tensors, p, be, fn), has
     nonempty = [t for t in tensors if t.numel()]
     if not nonempty:  # torch's norms raise on empty tensors for inf; their norm is 0
         return None, False
-    return _clip._torch_get_total_norm(nonempty, p), has
+    return _core._torch_get_total_norm(nonempty, p), has
 
 
 def _group_device(group):
@@ -110,7 +116,7 @@ def _scale_local(tensors, max_norm, norm, be, fn):
         return
     norm = norm.to(acc_dtype(tensors))
     if be.name != "torch":
-        _clip._scale(tensors, max_norm, norm, be, fn)
+        _core._scale(tensors, max_norm, norm, be, fn)
         return
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     groups = {}
@@ -126,7 +132,7 @@ def _scale_local(tensors, max_norm, norm, be, fn):
 
 def _group_norm(grads, p, process_group, be, fn):
     """The global norm (float64, on this rank's gradient device) of the shards all ranks of the group hold."""
-    _clip._check_tensors(grads, fn, "gradients")
+    _core._check_tensors(grads, fn, "gradients")
     if any(is_dtensor(g) for g in grads):
         raise TypeError(f"fusedclip.{fn}: DTensor gradients carry their own device mesh; pass them without "
                         "process_group (or pass their .to_local() shards with it)")
@@ -145,12 +151,13 @@ def _result(norm, tensors):
 # ---------------------------------------------------------------------------------------------------------
 
 def _mesh_groups(mesh):
-    """Process groups that together reduce over every rank of the mesh: one when possible."""
+    """Groups (as functional collectives name them) that together reduce over every rank of the mesh: one when
+    possible."""
     if mesh.ndim == 1:
-        return [mesh.get_group()]
+        return [mesh]
     if mesh.size() == dist.get_world_size():
-        return [None]  # the mesh is the whole world: the default group
-    return [mesh.get_group(d) for d in range(mesh.ndim)]
+        return [dist.group.WORLD]  # the mesh is the whole world: the default group
+    return [(mesh, d) for d in range(mesh.ndim)]
 
 
 def _dtensor_parts(grads, fn):
@@ -189,7 +196,7 @@ def _dtensor_norm(grads, p, be, fn):
             # torch's p=0 counts the (whole) tensors with a nonzero element: a per-tensor flag, MAX over the
             # mesh (every rank of a mesh holds a shard, maybe empty, of each of its DTensors), then a count.
             flags = torch.stack([(t != 0).any().to(device) for t in per_mesh[mesh]]).to(torch.float64)
-            t, op = _all_reduce(flags, dist.ReduceOp.MAX, _mesh_groups(mesh)).sum(), dist.ReduceOp.SUM
+            t, op = _all_reduce(flags, "max", _mesh_groups(mesh)).sum(), "sum"
         else:
             local, has = _local_norm(tensors, p, be, fn)
             t, op = _pack(local, has, p, device)
@@ -217,14 +224,14 @@ def clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, for
     must call it (also ranks without gradients). Returns the global norm (before clipping)."""
     dtensors = process_group is None
     if dtensors and be.name == "torch":  # torch handles DTensors itself
-        return _clip._torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
+        return _core._torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
     if dtensors:
         norm, locals_, meshes = _dtensor_norm(grads, p, be, "clip_")
     else:
         norm = _group_norm(grads, p, process_group, be, "clip_")
         locals_, meshes = grads, []
     if error_if_nonfinite:
-        _clip._check_finite(norm, p)  # the same global norm on every rank: all raise, before any scaling
+        _core._check_finite(norm, p)  # the same global norm on every rank: all raise, before any scaling
     _scale_local(locals_, max_norm, norm, be, "clip_")
     norm = _result(norm, locals_)
     return _as_dtensor(norm, meshes) if dtensors else norm
@@ -234,14 +241,14 @@ def total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach=None):
     """get_total_norm over a process group or DTensors: the global norm, on every rank."""
     dtensors = process_group is None
     if dtensors and be.name == "torch":
-        return _clip._torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
+        return _core._torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
     if dtensors:
         norm, locals_, meshes = _dtensor_norm(tensors, p, be, "get_total_norm")
     else:
         norm = _group_norm(tensors, p, process_group, be, "get_total_norm")
         locals_, meshes = tensors, []
     if error_if_nonfinite:
-        _clip._check_finite(norm, p)
+        _core._check_finite(norm, p)
     norm = _result(norm, locals_)
     return _as_dtensor(norm, meshes) if dtensors else norm
 
@@ -250,11 +257,11 @@ def scale_(params, grads, max_norm, total_norm, be, foreach=None):
     """clip_grads_with_norm_ for DTensor gradients: scales each local shard (no communication). total_norm
     may be a DTensor (as clip_/get_total_norm return), a tensor or a number."""
     if be.name == "torch":
-        return _clip._torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
+        return _core._torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
     if is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()
     elif not isinstance(total_norm, torch.Tensor):
-        total_norm = torch.tensor(_clip._number(total_norm, "clip_grads_with_norm_", "total_norm"))
+        total_norm = torch.tensor(_core._number(total_norm, "clip_grads_with_norm_", "total_norm"))
     locals_, _, _ = _dtensor_parts(grads, "clip_grads_with_norm_")
     _scale_local(locals_, max_norm, total_norm.to(locals_[0].device), be, "clip_grads_with_norm_")
     return None
@@ -315,12 +322,16 @@ class DDPNormState:
         return self._total
 
     def clip_(self, parameters, max_norm, error_if_nonfinite=False):
-        """Scales the gradients of `parameters` by the recorded norm (fusedclip.clip_grads_with_norm_);
+        """Scales the gradients of `parameters` by the recorded norm (as fusedclip.clip_grads_with_norm_ does);
         returns the norm. The same result as fusedclip.clip_(parameters, max_norm) after DDP's default hook."""
         norm = self.total_norm()
         if error_if_nonfinite:
-            _clip._check_finite(norm, 2.0)
-        _clip.clip_grads_with_norm_(parameters, max_norm, norm, backend=self.backend)
+            _core._check_finite(norm, 2.0)
+        params = _core._as_list(parameters)
+        grads = _core._grads(params, "DDPNormState.clip_")
+        be = backends.resolve(self.backend, grads[0].device.type if grads else "cpu")
+        max_norm = _core._number(max_norm, "DDPNormState.clip_", "max_norm")
+        _core._scale_with_norm(params, grads, max_norm, norm, be, None, "DDPNormState.clip_")
         return norm
 
 

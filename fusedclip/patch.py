@@ -14,6 +14,9 @@ torch.nn.utils, and those of the four names that torch.nn.utils.clip_grad define
 (clip_grad_norm_ and clip_grad_value_ in torch 2.14; get_total_norm and clip_grads_with_norm_ are
 private there). The replacements keep torch's signatures (max_norm, norm_type, error_if_nonfinite,
 foreach, clip_value), accept generators, and return what fusedclip returns (a 0-dim tensor).
+Also FSDP1's FullyShardedDataParallel.clip_grad_norm_ (what Accelerate and Lightning Fabric call under FSDP1),
+by fusedclip.fsdp.clip_grad_norm_ (its shards reduced over the FSDP process group); the first patching
+imports torch.distributed.fsdp for it (about a second).
 
 Decisions:
 - torch's deprecated `clip_grad_norm` (no underscore) is left in place: it looks up
@@ -44,10 +47,11 @@ import types
 import warnings
 
 import torch
+import torch.distributed
 import torch.nn.utils
 import torch.nn.utils.clip_grad
 
-from . import backends
+from . import _core, backends
 from . import clip as _clip
 
 __all__ = ["patch_torch", "unpatch_torch", "patched", "is_patched"]
@@ -88,11 +92,18 @@ _REPLACEMENTS = {
 }
 
 
+def fsdp_clip_grad_norm_(self, max_norm, norm_type=2.0):
+    """fusedclip.fsdp.clip_grad_norm_, installed by fusedclip.patch_torch() as FSDP1's
+    FullyShardedDataParallel.clip_grad_norm_ (same signature, called on the root FSDP module)."""
+    from . import fsdp  # imported by _targets() before this can be installed
+    return fsdp.clip_grad_norm_(self, max_norm, norm_type, backend=_backend)
+
+
 def _names_torch_calls():
     """Global names that torch's own clipping functions (the ones backend="torch" runs) look up when called."""
     names = set()
-    for fn in (_clip._torch_clip_grad_norm_, _clip._torch_get_total_norm, _clip._torch_clip_grads_with_norm_,
-               _clip._torch_clip_grad_value_):
+    for fn in (_core._torch_clip_grad_norm_, _core._torch_get_total_norm, _core._torch_clip_grads_with_norm_,
+               _core._torch_clip_grad_value_):
         code = getattr(inspect.unwrap(fn), "__code__", None)
         if code is not None:
             names.update(code.co_names)
@@ -100,19 +111,24 @@ def _names_torch_calls():
 
 
 def _targets():
-    """(module, name) pairs to replace."""
-    out = [(torch.nn.utils, name) for name in _REPLACEMENTS]
+    """(owner, name, replacement) triples to install: torch.nn.utils' names, torch.nn.utils.clip_grad's, and
+    FSDP1's method (its module is imported here, on first patching, not at `import fusedclip`: it takes
+    about a second to import, and FSDP1 may be imported after patching)."""
+    out = [(torch.nn.utils, name, fn) for name, fn in _REPLACEMENTS.items()]
     calls = _names_torch_calls()
-    out += [(torch.nn.utils.clip_grad, name) for name in _REPLACEMENTS
+    out += [(torch.nn.utils.clip_grad, name, fn) for name, fn in _REPLACEMENTS.items()
             if hasattr(torch.nn.utils.clip_grad, name) and name not in calls]
+    if torch.distributed.is_available():  # a torch built without distributed has no FSDP
+        from . import fsdp
+        out.append((fsdp.FullyShardedDataParallel, "clip_grad_norm_", fsdp_clip_grad_norm_))
     return out
 
 
-_TARGETS = _targets()
+_TARGETS = []  # filled by the first _install()
 
 _lock = threading.RLock()
 _holders = {}       # token -> backend, in the order they took hold; the newest still holding picks the backend
-_originals = {}     # (module, name) -> the object there before patching; non-empty exactly while installed
+_originals = {}     # (owner, name) -> (the object there before patching, ours); non-empty exactly while installed
 _EXPLICIT = "patch_torch"  # the token of patch_torch() (one, however often it is called)
 
 
@@ -123,18 +139,19 @@ def _check_backend(backend):
 
 
 def _install():
-    for module, name in _TARGETS:
-        current = getattr(module, name)
-        replacement = _REPLACEMENTS[name]
+    if not _TARGETS:
+        _TARGETS.extend(_targets())
+    for owner, name, replacement in _TARGETS:
+        current = getattr(owner, name)
         if current is not replacement:
-            _originals[(module, name)] = current
-            setattr(module, name, replacement)
+            _originals[(owner, name)] = (current, replacement)
+            setattr(owner, name, replacement)
 
 
 def _restore():
-    for (module, name), original in _originals.items():
-        if getattr(module, name, None) is _REPLACEMENTS[name]:  # not replaced again by someone else since
-            setattr(module, name, original)
+    for (owner, name), (original, replacement) in _originals.items():
+        if getattr(owner, name, None) is replacement:  # not replaced again by someone else since
+            setattr(owner, name, original)
     _originals.clear()
 
 
@@ -153,8 +170,9 @@ def _sync():
 
 def patch_torch(backend="auto"):
     """Routes torch.nn.utils.clip_grad_norm_, clip_grad_value_, get_total_norm and clip_grads_with_norm_
-    (and torch.nn.utils.clip_grad's public copies) to fusedclip, with this backend ("auto", "native",
-    "torch", ...). Idempotent; calling it again changes only the backend."""
+    (and torch.nn.utils.clip_grad's public copies, and FSDP1's FullyShardedDataParallel.clip_grad_norm_) to
+    fusedclip, with this backend ("auto", "native", "torch", ...). Idempotent; calling it again changes
+    only the backend."""
     _check_backend(backend)
     with _lock:
         _holders.pop(_EXPLICIT, None)

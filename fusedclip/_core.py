@@ -1,0 +1,147 @@
+"""The single-device building blocks of the public functions: argument checks, the norm and scale passes over
+one device's (or one rank's) tensors, and torch's own functions. clip.py (the public functions), distributed.py
+(the sharded ones) and amp.py build on this module; it imports none of them.
+"""
+import math
+
+import torch
+
+from .ops import acc_dtype
+
+# torch's own functions, captured at import: backend="torch" calls these, so fusedclip.patch_torch() (which
+# routes torch.nn.utils' names to fusedclip) cannot make them call themselves.
+_torch_clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
+_torch_get_total_norm = torch.nn.utils.get_total_norm
+_torch_clip_grads_with_norm_ = torch.nn.utils.clip_grads_with_norm_
+_torch_clip_grad_value_ = torch.nn.utils.clip_grad_value_
+
+_NONFINITE = ("The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be clipped. "
+              "To disable this error and scale the gradients by the non-finite norm anyway, set "
+              "`error_if_nonfinite=False`")
+
+
+def _as_list(tensors):
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    return tensors if isinstance(tensors, (list, tuple)) else list(tensors)
+
+
+def _grads(params, fn):
+    try:
+        grads = [p.grad for p in params]  # one attribute read per parameter
+        return [g for g in grads if g is not None]
+    except AttributeError:
+        _check_tensors(params, fn, "parameters")
+        raise
+
+
+def _check_tensors(items, fn, what):
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fusedclip.{fn}: {what} must be Tensors, but item {i} is a {type(t).__name__}")
+
+
+def _norm_type(norm_type, fn):
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"fusedclip.{fn}: norm_type must be a number or 'inf', got {norm_type!r}") from None
+    if math.isnan(p):
+        raise ValueError(f"fusedclip.{fn}: norm_type must not be NaN")
+    return p
+
+
+def _number(x, fn, what):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"fusedclip.{fn}: {what} must be a number, got {x!r}") from None
+
+
+def _by_device(tensors):
+    groups = {}
+    for t in tensors:
+        groups.setdefault(t.device, []).append(t)
+    return groups
+
+
+def _call(op, tensors, fn, *args):
+    """op(tensors, *args) for one device. Returns (True, result), or (False, None) when the tensors span
+    several devices (the caller then goes device by device); other failures become clear errors."""
+    try:
+        return True, op(tensors, *args)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
+        _check_tensors(tensors, fn, "gradients" if fn != "get_total_norm" else "tensors")
+        for i, t in enumerate(tensors):
+            if t.layout != torch.strided:
+                raise NotImplementedError(f"fusedclip.{fn}: tensor {i} is {t.layout}; only dense gradients are "
+                                          "supported by the fused kernels (backend='torch' handles sparse ones)")
+        if len({t.device for t in tensors}) > 1:
+            return False, None
+        raise
+
+
+def _new_per_tensor(grads, be):
+    """The output buffer for per-tensor norms when the backend fills it in its own pass, else None."""
+    if getattr(be, "fused_extras", False):
+        return torch.empty(len(grads), dtype=acc_dtype(grads), device=grads[0].device)
+    return None
+
+
+def _per_tensor_norms(grads, p):
+    """Each grad's norm in the accumulation dtype, with torch ops: the path for several devices, norm_type 0 and
+    backends without fused per-tensor norms (an extra read of the gradients). Empty tensors have norm 0."""
+    dtype = acc_dtype(grads)
+    first = grads[0].device
+    return torch.stack([(torch.linalg.vector_norm(g, p, dtype=dtype) if g.numel() else g.new_zeros((), dtype=dtype))
+                        .to(first) for g in grads])
+
+
+def _total_norm(grads, p, be, fn, per_tensor=False):
+    """The norm of all grads in the accumulation dtype (fp32, or fp64 when any grad is fp64), any devices;
+    with per_tensor, also each grad's norm (returns the pair)."""
+    if p == 0.0:
+        # torch's definition (the norm of the per-tensor norms) makes p=0 count the tensors with a nonzero
+        # (or NaN) element; fusedclip keeps that.
+        first = grads[0].device
+        norm = torch.stack([(g != 0).any().to(first) for g in grads]).sum().to(acc_dtype(grads))
+        return (norm, _per_tensor_norms(grads, p)) if per_tensor else norm
+    # Under torch.compile the per-tensor buffer is passed even when not asked for: the total_norm op is then
+    # functionalized with a mutated buffer to return beside the norm. Without one, Inductor (seen in torch 2.14) turns
+    # the functionalized op's 1-tuple result back into the bare op but keeps the `[0]` on it, and fails with
+    # "getitem is not an OpOverload". Filling the buffer costs no extra read of the tensors.
+    out = _new_per_tensor(grads, be) if per_tensor or torch.compiler.is_compiling() else None
+    ok, norm = _call(be.total_norm, grads, fn, p, *([out] if out is not None else []))
+    if not ok:
+        dtype = acc_dtype(grads)
+        first = grads[0].device
+        norms = [be.total_norm(group, p).to(first, dtype) for group in _by_device(grads).values()]
+        norm, out = torch.linalg.vector_norm(torch.stack(norms), p), None
+    if not per_tensor:
+        return norm
+    return norm, (out if out is not None else _per_tensor_norms(grads, p))
+
+
+def _scale(grads, max_norm, norm, be, fn):
+    ok, _ = _call(be.scale, grads, fn, max_norm, norm.to(grads[0].device))
+    if not ok:
+        for device, group in _by_device(grads).items():
+            be.scale(group, max_norm, norm.to(device))
+
+
+def _check_finite(norm, p):
+    if not torch.isfinite(norm):  # a host sync, as in torch: only with error_if_nonfinite=True
+        raise RuntimeError(_NONFINITE.format(p=p))
+
+
+def _scale_with_norm(params, grads, max_norm, total_norm, be, foreach, fn):
+    """clip_grads_with_norm_ on plain tensors: `params` a list, `grads` their gradients, max_norm a float,
+    total_norm a tensor or a number."""
+    if be.name == "torch":
+        return _torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
+    if not grads:
+        return None
+    if not isinstance(total_norm, torch.Tensor):
+        total_norm = torch.tensor(_number(total_norm, fn, "total_norm"))
+    _scale(grads, max_norm, total_norm, be, fn)
+    return None
