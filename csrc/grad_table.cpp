@@ -68,7 +68,12 @@ GradTable build_table(c10::ArrayRef<const at::Tensor*> tensors, const char* op, 
   chunk_begin[n] = chunks;
   g.n_chunks = chunks;
   if (access == Access::kWrites) {
-    for (const at::Tensor* t : tensors) t->unsafeGetTensorImpl()->bump_version();
+    if (g.device.is_cpu()) {
+      g.to_bump.reserve(tensors.size());
+      for (const at::Tensor* t : tensors) g.to_bump.push_back(t->unsafeGetTensorImpl());
+    } else {
+      for (const at::Tensor* t : tensors) t->unsafeGetTensorImpl()->bump_version();
+    }
   }
   return g;
 }

@@ -26,7 +26,15 @@ struct GradTable {
   // in-place ops copy the result back (pairs of original, copy).
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;
 
+  // CPU in-place ops bump the version counters only when they write (the decision is on the host there,
+  // and a counter is a separately allocated atomic: a cache miss per tensor that a no-clip call would pay
+  // for nothing); CUDA ones bump them in build_table, since the decision stays on the GPU.
+  std::vector<c10::TensorImpl*> to_bump;
+
   TableView view() const { return TableView{table.data(), n_tensors}; }
+  void bump_versions() const {
+    for (c10::TensorImpl* t : to_bump) t->bump_version();
+  }
   at::ScalarType acc_dtype() const { return any_double ? at::kDouble : at::kFloat; }
   // After an in-place op: move the results of dense copies into their originals.
   void write_back() const;
@@ -40,8 +48,9 @@ struct ClipExtras {
 };
 
 // What an op does to its tensors: kReads leaves them alone; kWrites may write
-// them in place, so build_table bumps their version counters (as torch's
-// in-place ops do; autograd checks them) once every check has passed.
+// them in place, so their version counters are bumped (as torch's in-place ops
+// do; autograd checks them) once every check has passed: by build_table on CUDA,
+// by the CPU kernel when it writes (GradTable::to_bump).
 enum class Access { kReads, kWrites };
 
 // Validates tensors (non-empty list, strided floating tensors on one device)

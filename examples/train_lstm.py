@@ -10,7 +10,8 @@ data, same initialisation trains normally.
     python examples/train_lstm.py                       # CPU, about 10-20 s
     python examples/train_lstm.py --steps 60 --out /tmp/lstm.png
 
-Prints the losses of both runs and saves a PNG of loss and gradient norm (before clipping) per step.
+Prints the losses of both runs and saves a PNG of loss and gradient norm (before clipping) per step (when
+matplotlib is installed; without it, the run says the plot was skipped).
 """
 import argparse
 import math
@@ -88,7 +89,11 @@ def describe(name, losses, norms):
 
 
 def plot(path, runs, max_norm):
-    import matplotlib
+    """Saves the PNG; returns False (and draws nothing) when matplotlib is not installed: it is optional."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,6 +118,7 @@ def plot(path, runs, max_norm):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def main(argv=None):
@@ -140,8 +146,10 @@ def main(argv=None):
         print(f"{i:4d} " + "".join(f"{losses[i]:>36.4g}" for losses, _ in runs.values()))
     for name, (losses, norms) in runs.items():
         describe(name, losses, norms)
-    plot(args.out, runs, args.max_norm)
-    print(f"saved {args.out} ({2 * args.steps} steps in {seconds:.1f} s)")
+    if plot(args.out, runs, args.max_norm):
+        print(f"saved {args.out} ({2 * args.steps} steps in {seconds:.1f} s)")
+    else:
+        print(f"plot skipped: matplotlib not installed ({2 * args.steps} steps in {seconds:.1f} s)")
 
 
 if __name__ == "__main__":

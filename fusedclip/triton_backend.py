@@ -8,12 +8,12 @@ fp64). Every chunk writes one partial; partials are combined in a fixed order by
 not depend on the number of programs (one-launch and two-launch agree bit for bit) and runs are deterministic.
 
 Kernels:
-  - one launch (GPU default): a persistent kernel, programs <= SM count, that writes the chunk partials, crosses
-    an in-kernel grid barrier (atomics on two int32 counters, reset by the last program out), reduces the
-    partials, and scales its own chunks in place (in reverse, so the data it read last is written first) only
-    when coef < 1. The counters belong to one stream (or to one CUDA-graph capture), so concurrent calls on two
-    streams never share them; 4 warps per program keep at least two programs per SM resident whatever the
-    register count, so two concurrent one-launch calls stay co-resident.
+  - one launch (GPU default): a persistent kernel that writes the chunk partials, crosses an in-kernel grid
+    barrier (atomics on two int32 counters, reset by the last program out), reduces the partials, and scales its
+    own chunks in place (in reverse, so the data it read last is written first) only when coef < 1. The counters
+    belong to one stream (or to one CUDA-graph capture), so concurrent calls on two streams never share them.
+    Programs per SM come from the compiled kernel's registers and shared memory: at most half of what an SM
+    holds (one_launch_per_sm), so two concurrent one-launch calls are all co-resident, as the barrier needs.
   - two launches (the interpreter's default; FUSEDCLIP_TRITON_LAUNCH=two): a partials kernel, then a finish
     kernel that reads the partials (or, for clip_grads_with_norm_, the norm) from device memory and scales.
     No host sync either way.
@@ -47,6 +47,14 @@ L2, INF, NEG_INF, P_NORM = 0, 1, 2, 3  # norm kinds (constexpr NORM)
 OP_NORM, OP_SCALE, OP_CLAMP = 0, 1, 2  # what a chunk visit does (constexpr OP)
 NUM_WARPS = 4  # 128 threads: even at 255 registers a thread, two programs fit on one SM
 BLOCK_GPU = 4096  # elements per step of a program (32 per thread: 16-byte vector loads)
+# One launch: an H100/H200 needs ~32-40 KB of loads in flight per SM to approach its bandwidth. A program has
+# 16 KB in flight per step (a BLOCK of fp32; 16-bit grads go two blocks a step), so at least two programs per SM:
+# ONE_LAUNCH_MAXNREG makes two fit (one_launch_per_sm), up to ONE_LAUNCH_PROGRAMS_PER_SM where the registers
+# allow. More programs rather than a bigger BLOCK: a bigger BLOCK costs as many registers per byte in flight
+# (the accumulators grow with it), and with fewer programs per SM it gains nothing. Capped because every
+# program re-reads all partials after the barrier. See _one_launch_variant.
+ONE_LAUNCH_PROGRAMS_PER_SM = 4
+ONE_LAUNCH_MAXNREG = 128  # 4 programs of 4 warps fit in an SM's registers: two per SM (one_launch_options)
 BLOCK_INTERPRET = CHUNK  # the interpreter pays per operation, not per element: one step per chunk
 PBLOCK = 1024  # partials per step of the final reduction
 INTERPRET_PROGRAMS = 2  # programs per launch in the interpreter (~0.5 ms each); several, to test striding
@@ -59,13 +67,14 @@ TWO_LAUNCH_PROGRAMS_PER_SM = 4
 
 @triton.jit
 def _max_nan(a, b):
-    """max that lets a NaN win (torch's norms propagate NaN; tl.maximum may drop it)."""
-    return tl.where((b > a) | (b != b), b, a)
+    """max that lets a NaN win (torch's norms propagate NaN; tl.maximum's default may drop it). One max.NaN
+    instruction for fp32 on sm_80+, where a compare-and-select per element costs registers for the masks."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def _min_nan(a, b):
-    return tl.where((b < a) | (b != b), b, a)
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -163,6 +172,17 @@ def _clamp_block(x, c):
 
 
 @triton.jit
+def _norm_step(acc, nf, x, pw, mul, NORM: tl.constexpr, ACC: tl.constexpr, AMP: tl.constexpr,
+               EXACT_POW: tl.constexpr):
+    """One full block of loaded elements into the accumulators (see _chunk_work)."""
+    x = x.to(ACC)
+    if AMP:
+        x = x * mul
+        nf += x * 0.0
+    return _combine(acc, _contribution(x, pw, NORM, EXACT_POW), NORM), nf
+
+
+@triton.jit
 def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr,
                 ACC: tl.constexpr, AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
     """One chunk at typed pointer p, `length` elements: its norm partial (OP_NORM), or scale it in place by coef
@@ -170,7 +190,12 @@ def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NO
     the tail block, if any, is masked. Returns (partial, nonfinite); the identity and 0 for the in-place ops.
     With AMP every element is multiplied by mul (the inverse scale) before it counts, and nonfinite sums
     x * 0 over those values: 0 while all are finite, NaN once one is inf/NaN (the norm alone cannot tell, as
-    finite values may overflow it)."""
+    finite values may overflow it).
+    16-bit elements go two full blocks a step, both loaded before either is used, so that a step has as many
+    bytes in flight as one block of fp32 (the loads in flight per SM are what bounds the bandwidth); each lane
+    still sees its elements in the same order, so the bits do not change. Not for p-norms' partials (pow, not
+    memory, bounds those, and two blocks of pow in flight spill in fp64), nor with AMP's extra accumulators
+    (they spill then)."""
     T: tl.constexpr = p.dtype.element_ty
     if NORM == 2:
         ident: tl.constexpr = float("inf")
@@ -179,17 +204,22 @@ def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NO
     lane = tl.arange(0, BLOCK)
     n_full = length // BLOCK
     tail = n_full * BLOCK
+    if T.primitive_bitwidth == 16 and (OP != 0 or (NORM != 3 and not AMP)):
+        n_pairs = n_full // 2
+    else:
+        n_pairs = n_full * 0
     r = tl.full([], ident, ACC)
     nonfinite = tl.full([], 0.0, ACC)
     if OP == 0:
         acc = tl.full([BLOCK], ident, ACC)
         nf = tl.zeros([BLOCK], ACC)
-        for i in range(0, n_full):
-            x = tl.load(p + (i * BLOCK + lane)).to(ACC)
-            if AMP:
-                x = x * mul
-                nf += x * 0.0
-            acc = _combine(acc, _contribution(x, pw, NORM, EXACT_POW), NORM)
+        for i in range(0, n_pairs):
+            x0 = tl.load(p + (2 * i * BLOCK + lane))
+            x1 = tl.load(p + ((2 * i + 1) * BLOCK + lane))
+            acc, nf = _norm_step(acc, nf, x0, pw, mul, NORM, ACC, AMP, EXACT_POW)
+            acc, nf = _norm_step(acc, nf, x1, pw, mul, NORM, ACC, AMP, EXACT_POW)
+        for i in range(2 * n_pairs, n_full):
+            acc, nf = _norm_step(acc, nf, tl.load(p + (i * BLOCK + lane)), pw, mul, NORM, ACC, AMP, EXACT_POW)
         if tail < length:
             idx = tail + lane
             m = idx < length
@@ -202,7 +232,14 @@ def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NO
         if AMP:
             nonfinite = tl.sum(nf, 0)
     elif OP == 1:
-        for i in range(0, n_full):
+        for i in range(0, n_pairs):
+            p0 = p + (2 * i * BLOCK + lane)
+            p1 = p + ((2 * i + 1) * BLOCK + lane)
+            x0 = tl.load(p0)
+            x1 = tl.load(p1)
+            _store_as(p0, x0.to(ACC) * coef, None, T)
+            _store_as(p1, x1.to(ACC) * coef, None, T)
+        for i in range(2 * n_pairs, n_full):
             ptrs = p + (i * BLOCK + lane)
             _store_as(ptrs, tl.load(ptrs).to(ACC) * coef, None, T)
         if tail < length:
@@ -215,7 +252,14 @@ def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NO
             c = clamp64
         else:
             c = clamp32
-        for i in range(0, n_full):
+        for i in range(0, n_pairs):
+            p0 = p + (2 * i * BLOCK + lane)
+            p1 = p + ((2 * i + 1) * BLOCK + lane)
+            x0 = tl.load(p0)
+            x1 = tl.load(p1)
+            _store_as(p0, _clamp_block(x0.to(c.dtype), c), None, T)
+            _store_as(p1, _clamp_block(x1.to(c.dtype), c), None, T)
+        for i in range(2 * n_pairs, n_full):
             ptrs = p + (i * BLOCK + lane)
             _store_as(ptrs, _clamp_block(tl.load(ptrs).to(c.dtype), c), None, T)
         if tail < length:
@@ -226,14 +270,29 @@ def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NO
 
 
 @triton.jit
-def _chunk_aligned(p, aligned, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr,
-                   ACC: tl.constexpr, AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
-    """_chunk_work, telling the compiler when p is 16-byte aligned (so that it emits vector loads)."""
+def _typed_ptr(addr, start, T: tl.constexpr, ALIGNED: tl.constexpr):
+    """The chunk's first element as a T pointer, from the tensor's int64 address. Computed here, not passed in:
+    tl.multiple_of marks the op that defines a value, and a function's argument has none (the hint would be
+    dropped and every load scalar). The hint goes on the pointer addition, not on the integer address: the
+    compiler's alignment analysis does not follow the int-to-pointer cast."""
+    p = addr.to(tl.pointer_type(T)) + start
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _chunk_typed(addr, start, aligned, length, pw, mul, coef, clamp32, clamp64, T: tl.constexpr, OP: tl.constexpr,
+                 NORM: tl.constexpr, ACC: tl.constexpr, AMP: tl.constexpr, BLOCK: tl.constexpr,
+                 EXACT_POW: tl.constexpr):
+    """_chunk_work on a T tensor's chunk; when the chunk is 16-byte aligned, with a pointer the compiler knows to
+    be (so that full blocks are 128-bit loads and stores)."""
     if aligned:
-        r, nonfinite = _chunk_work(tl.multiple_of(p, 16), length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC,
-                                   AMP, BLOCK, EXACT_POW)
+        r, nonfinite = _chunk_work(_typed_ptr(addr, start, T, True), length, pw, mul, coef, clamp32, clamp64, OP,
+                                   NORM, ACC, AMP, BLOCK, EXACT_POW)
     else:
-        r, nonfinite = _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC, AMP, BLOCK, EXACT_POW)
+        r, nonfinite = _chunk_work(_typed_ptr(addr, start, T, False), length, pw, mul, coef, clamp32, clamp64, OP,
+                                   NORM, ACC, AMP, BLOCK, EXACT_POW)
     return r, nonfinite
 
 
@@ -241,7 +300,7 @@ def _chunk_aligned(p, aligned, length, pw, mul, coef, clamp32, clamp64, OP: tl.c
 def _chunk(table, n, c, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
            AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
     """Visit chunk c (int64) of the table: find its tensor (binary search over chunk_begin; empty tensors own no
-    chunk), type the pointer by the tensor's dtype code, and run _chunk_work on it."""
+    chunk), and run _chunk_work on it with a pointer of the tensor's dtype."""
     lo = c * 0
     hi = lo + n
     while hi - lo > 1:
@@ -258,24 +317,19 @@ def _chunk(table, n, c, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NORM:
     aligned = (addr % 16) == 0
     r = tl.full([], 0.0, ACC)
     nonfinite = tl.full([], 0.0, ACC)
-    # one name per pointer type: Triton types a variable once across the branches
     if dtype == 0:
-        p_f32 = addr.to(tl.pointer_type(tl.float32)) + start
-        r, nonfinite = _chunk_aligned(p_f32, aligned, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC, AMP,
-                                      BLOCK, EXACT_POW)
+        r, nonfinite = _chunk_typed(addr, start, aligned, length, pw, mul, coef, clamp32, clamp64, tl.float32, OP,
+                                    NORM, ACC, AMP, BLOCK, EXACT_POW)
     elif dtype == 1:
-        p_f16 = addr.to(tl.pointer_type(tl.float16)) + start
-        r, nonfinite = _chunk_aligned(p_f16, aligned, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC, AMP,
-                                      BLOCK, EXACT_POW)
+        r, nonfinite = _chunk_typed(addr, start, aligned, length, pw, mul, coef, clamp32, clamp64, tl.float16, OP,
+                                    NORM, ACC, AMP, BLOCK, EXACT_POW)
     elif dtype == 2:
-        p_bf16 = addr.to(tl.pointer_type(tl.bfloat16)) + start
-        r, nonfinite = _chunk_aligned(p_bf16, aligned, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC, AMP,
-                                      BLOCK, EXACT_POW)
+        r, nonfinite = _chunk_typed(addr, start, aligned, length, pw, mul, coef, clamp32, clamp64, tl.bfloat16, OP,
+                                    NORM, ACC, AMP, BLOCK, EXACT_POW)
     else:
         if ACC == tl.float64:  # fp64 tensors only exist in fp64-accumulating calls
-            p_f64 = addr.to(tl.pointer_type(tl.float64)) + start
-            r, nonfinite = _chunk_aligned(p_f64, aligned, length, pw, mul, coef, clamp32, clamp64, OP, NORM, ACC,
-                                          AMP, BLOCK, EXACT_POW)
+            r, nonfinite = _chunk_typed(addr, start, aligned, length, pw, mul, coef, clamp32, clamp64, tl.float64,
+                                        OP, NORM, ACC, AMP, BLOCK, EXACT_POW)
     return r, nonfinite
 
 
@@ -303,11 +357,14 @@ def _reduce(partials, count, NORM: tl.constexpr, ACC: tl.constexpr, PBLOCK: tl.c
         ident: tl.constexpr = 0.0
     acc = tl.full([PBLOCK], ident, ACC)
     lane = tl.arange(0, PBLOCK)
-    for start in range(0, count, PBLOCK):
-        idx = start + lane
-        # written by other programs: skip L1
-        v = tl.load(partials + idx, mask=idx < count, other=ident, cache_modifier=".cg")
-        acc = _combine(acc, v, NORM)
+    # full blocks unmasked (vector loads where partials is aligned), then the masked rest: the same order as
+    # one masked loop. Written by other programs: skip L1 (.cg).
+    n_full = count // PBLOCK
+    for i in range(0, n_full):
+        acc = _combine(acc, tl.load(partials + (i * PBLOCK + lane), cache_modifier=".cg"), NORM)
+    if n_full * PBLOCK < count:
+        idx = n_full * PBLOCK + lane
+        acc = _combine(acc, tl.load(partials + idx, mask=idx < count, other=ident, cache_modifier=".cg"), NORM)
     return _fold(acc, NORM)
 
 
@@ -384,6 +441,16 @@ def _after_norm(table, n, n_chunks, partials, nonfinite, norm, norm_out, per_ten
             _scale_mine(table, n, n_chunks, factor, ACC, BLOCK, EXACT_POW)
 
 
+# What Triton compiles a kernel for depends on its arguments (the specialization key): an integer's value (equal
+# to 1, divisible by 16) and a pointer's 16-byte alignment. A key that differs between an eager warm-up and a
+# CUDA-graph capture means a compile and a module load inside the capture, which fails it. So no integer argument
+# is specialized on its value (the bit patterns are annotated int64: 0.0's bits would otherwise pass as int32), and
+# no pointer on its alignment except the partials (fresh allocations, always aligned; _reduce's vector loads need
+# the hint): the others are only read or written one element at a time, so the hint is worth nothing there.
+_NO_VALUE_KEY = ["n", "n_chunks", "p_bits", "max_norm_bits", "clip_bits"]
+_NO_ALIGNMENT_KEY = ["table", "ws", "norm_in", "norm_out", "per_tensor", "inv_scale", "found_inf"]
+
+
 @triton.jit
 def _grid_barrier(ws):
     """Every program waits here until all have arrived. ws: two int32 counters (arrivals, departures), zero on
@@ -401,11 +468,11 @@ def _grid_barrier(ws):
         tl.atomic_xchg(ws + 1, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit(do_not_specialize=["n", "n_chunks", "p_bits", "max_norm_bits"])
+@triton.jit(do_not_specialize=_NO_VALUE_KEY, do_not_specialize_on_alignment=_NO_ALIGNMENT_KEY)
 def _one_launch_kernel(table, n, n_chunks, partials, nonfinite, ws, norm_out, per_tensor, inv_scale, found_inf,
-                       p_bits, max_norm_bits, CLIP: tl.constexpr, AMP: tl.constexpr, PER_TENSOR: tl.constexpr,
-                       NORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
-                       EXACT_POW: tl.constexpr):
+                       p_bits: tl.int64, max_norm_bits: tl.int64, CLIP: tl.constexpr, AMP: tl.constexpr,
+                       PER_TENSOR: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                       PBLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
     """The fused clip in one launch: partials, grid barrier, norm, then _after_norm."""
     pw = _f64(p_bits).to(ACC)
     mul = _unscale_mul(inv_scale, ACC, AMP)
@@ -416,19 +483,19 @@ def _one_launch_kernel(table, n, n_chunks, partials, nonfinite, ws, norm_out, pe
                 _f64(max_norm_bits).to(ACC), True, CLIP, AMP, PER_TENSOR, NORM, ACC, BLOCK, PBLOCK, EXACT_POW)
 
 
-@triton.jit(do_not_specialize=["n", "n_chunks", "p_bits"])
-def _partials_kernel(table, n, n_chunks, partials, nonfinite, inv_scale, p_bits, NORM: tl.constexpr,
+@triton.jit(do_not_specialize=_NO_VALUE_KEY, do_not_specialize_on_alignment=_NO_ALIGNMENT_KEY)
+def _partials_kernel(table, n, n_chunks, partials, nonfinite, inv_scale, p_bits: tl.int64, NORM: tl.constexpr,
                      ACC: tl.constexpr, AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
     """Two-launch variant, launch 1: the chunk partials."""
     _write_partials(table, n, n_chunks, partials, nonfinite, _f64(p_bits).to(ACC), _unscale_mul(inv_scale, ACC, AMP),
                     NORM, ACC, AMP, BLOCK, EXACT_POW)
 
 
-@triton.jit(do_not_specialize=["n", "n_chunks", "p_bits", "max_norm_bits"])
+@triton.jit(do_not_specialize=_NO_VALUE_KEY, do_not_specialize_on_alignment=_NO_ALIGNMENT_KEY)
 def _finish_kernel(table, n, n_chunks, partials, nonfinite, norm_in, norm_out, per_tensor, inv_scale, found_inf,
-                   p_bits, max_norm_bits, FROM_PARTIALS: tl.constexpr, WRITE_NORM: tl.constexpr, CLIP: tl.constexpr,
-                   AMP: tl.constexpr, PER_TENSOR: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK: tl.constexpr, PBLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+                   p_bits: tl.int64, max_norm_bits: tl.int64, FROM_PARTIALS: tl.constexpr, WRITE_NORM: tl.constexpr,
+                   CLIP: tl.constexpr, AMP: tl.constexpr, PER_TENSOR: tl.constexpr, NORM: tl.constexpr,
+                   ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
     """Two-launch variant, launch 2 (and clip_grads_with_norm_): the norm from the partials (or read from
     norm_in), then _after_norm."""
     pw = _f64(p_bits).to(ACC)
@@ -445,8 +512,8 @@ def _finish_kernel(table, n, n_chunks, partials, nonfinite, norm_in, norm_out, p
                 NORM, ACC, BLOCK, PBLOCK, EXACT_POW)
 
 
-@triton.jit(do_not_specialize=["n", "n_chunks", "clip_bits"])
-def _clamp_kernel(table, n, n_chunks, clip_bits, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=_NO_VALUE_KEY, do_not_specialize_on_alignment=_NO_ALIGNMENT_KEY)
+def _clamp_kernel(table, n, n_chunks, clip_bits: tl.int64, BLOCK: tl.constexpr):
     """clip_value_: clamp every chunk in place."""
     c64 = _f64(clip_bits)
     zero = tl.full([], 0.0, tl.float64)
@@ -502,37 +569,111 @@ def _tl_acc(any_double):
 _sm_counts = {}
 
 
-def _programs(device, n_chunks, one):
-    """Programs per launch. One launch: at most the SM count (NUM_WARPS keeps two per SM resident, so even two
-    concurrent calls are all resident: the barrier's condition). The interpreter runs programs in turn: one."""
-    if INTERPRET:
-        return 1 if one else min(n_chunks, INTERPRET_PROGRAMS)
+def _sm_count(device):
     sms = _sm_counts.get(device.index)
     if sms is None:
         sms = _sm_counts[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(n_chunks, sms if one else TWO_LAUNCH_PROGRAMS_PER_SM * sms)
+    return sms
+
+
+def _programs(device, n_chunks):
+    """Programs of a two-launch kernel (or clip_grads_with_norm_'s, clip_value_'s): no barrier, so any number.
+    The interpreter runs programs one after another: a few."""
+    if INTERPRET:
+        return min(n_chunks, INTERPRET_PROGRAMS)
+    return min(n_chunks, TWO_LAUNCH_PROGRAMS_PER_SM * _sm_count(device))
+
+
+def resident_per_sm(n_regs, shared, num_warps=NUM_WARPS, regs_per_sm=65536, threads_per_sm=2048,
+                    shared_per_sm=232448, blocks_per_sm=32):
+    """How many programs of a compiled kernel (n_regs registers a thread, `shared` bytes of shared memory) one SM
+    holds at once: the occupancy rule. Registers go to warps in units of 256, and a warp's registers come from
+    one of the SM's four quarters (counting per quarter never overestimates); each block also takes 1 KB of
+    shared memory the system reserves (sm_80 and later). Defaults: sm_90."""
+    warp_regs = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = (regs_per_sm // 4 // warp_regs) * 4 // num_warps
+    by_threads = threads_per_sm // (32 * num_warps)
+    by_shared = shared_per_sm // (shared + 1024)
+    return min(by_regs, by_threads, by_shared, blocks_per_sm)
+
+
+def one_launch_per_sm(n_regs, shared, **limits):
+    """Programs per SM of a one-launch call: at most half of what an SM holds, so that two calls at once (two
+    streams, or a graph replayed beside an eager call), of any variants, are all resident together: a grid
+    barrier whose programs cannot all be resident never opens. Each call takes at most half of every limit, so
+    any two fit. Capped at ONE_LAUNCH_PROGRAMS_PER_SM."""
+    return max(1, min(ONE_LAUNCH_PROGRAMS_PER_SM, resident_per_sm(n_regs, shared, **limits) // 2))
+
+
+def one_launch_options(constexprs):
+    """The compile options to try for a one-launch variant, best first: the first that does not spill is used
+    (if all spill, the one that spills least).
+    fp32 accumulation: at most ONE_LAUNCH_MAXNREG registers a thread first. Left free, ptxas takes 117-168 (by
+    variant and Triton version) where fewer do without spills, and above 128 one_launch_per_sm's half-of-an-SM
+    rule leaves one program per SM (16 KB in flight) instead of two. fp64 accumulation (rare) needs more."""
+    free = dict(num_warps=NUM_WARPS)
+    if constexprs["ACC"] == tl.float32:
+        return [dict(free, maxnreg=ONE_LAUNCH_MAXNREG), free]
+    return [free]
+
+
+_one_launch_variants = {}  # (device index, constexprs) -> (compile options, programs per SM)
+
+
+def _one_launch_variant(device, n_chunks, args, constexprs):
+    """(compile options, programs) of a one-launch call, the programs per SM from the compiled kernel's registers,
+    spills and shared memory: found once per device and variant (the constexprs; the other arguments are not
+    specialized on, see _NO_VALUE_KEY, except the partials' alignment, which is always 16). The first call of a
+    variant compiles it here (warmup: no launch); later calls, a CUDA-graph capture among them, only look it
+    up."""
+    key = (device.index, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+    variant = _one_launch_variants.get(key)
+    if variant is None:
+        if torch.cuda.is_current_stream_capturing():  # compiling and loading a module would fail the capture
+            raise RuntimeError("fusedclip triton: this clip variant was not compiled before the CUDA-graph capture; "
+                               "call clip_ once outside the capture first (a warm-up step), with the same options")
+        best = None
+        for options in one_launch_options(constexprs):
+            kernel = _one_launch_kernel.warmup(*args, grid=(1,), **options, **constexprs)
+            kernel._init_handles()  # loads the module: sets n_regs and n_spills
+            if best is None or kernel.n_spills < best[1].n_spills:
+                best = options, kernel
+            if not kernel.n_spills:
+                break
+        options, kernel = best
+        props = torch.cuda.get_device_properties(device)
+        limits = {name: getattr(props, attr) for name, attr in
+                  (("regs_per_sm", "regs_per_multiprocessor"), ("threads_per_sm", "max_threads_per_multi_processor"),
+                   ("shared_per_sm", "shared_memory_per_multiprocessor")) if getattr(props, attr, None)}
+        variant = _one_launch_variants[key] = (
+            options, one_launch_per_sm(kernel.n_regs, kernel.metadata.shared, **limits))
+    options, per_sm = variant
+    return options, min(n_chunks, per_sm * _sm_count(device))
 
 
 _compiled = {}  # kernel name -> the last CompiledKernel launched (registers, shared memory: scripts/ check them)
 
 
-def _launch(kernel, programs, *args, **constexprs):
+def _launch(kernel, programs, *args, options=None, **constexprs):
     if INTERPRET:
         import numpy as np  # log2(0), NaN inputs: expected, not worth a warning
 
         with np.errstate(all="ignore"):
             kernel[(programs,)](*args, **constexprs)
         return
-    _compiled[kernel.__name__] = kernel[(programs,)](*args, num_warps=NUM_WARPS, **constexprs)
+    _compiled[kernel.__name__] = kernel[(programs,)](*args, **(options or dict(num_warps=NUM_WARPS)), **constexprs)
 
 
 class _Workspaces:
     """The one-launch kernel's barrier counters: two int32 per slot, zero between kernels (the kernel resets
     them). Each stream has its own slot, so concurrent calls on two streams never share one; each call captured
     into a CUDA graph gets a slot of its own for good (the graph may be replayed on any stream, any time). Slots
-    are zeroed once, outside any capture, in arenas of 64."""
+    are zeroed once, outside any capture, in arenas of 64. Slots are SLOT int32 (128 bytes) apart: each 16-byte
+    aligned (ws is not specialized on alignment, but so it stays harmless if it were), and two streams' counters
+    never share a cache line."""
 
     ARENA = 64
+    SLOT = 32
     LOW = 16  # refill below this many free slots, so that captures find some
 
     def __init__(self):
@@ -552,11 +693,11 @@ class _Workspaces:
                                        "call clip_ once outside the capture first (a warm-up step)")
                 return free.pop()
             if len(free) < self.LOW:
-                arena = torch.zeros(2 * self.ARENA, dtype=torch.int32, device=device)
+                arena = torch.zeros(self.SLOT * self.ARENA, dtype=torch.int32, device=device)
                 if device.type == "cuda":  # zeroed before any stream uses a slot (once per arena)
                     torch.cuda.current_stream(device).synchronize()
                 self._arenas.append(arena)
-                free.extend(arena[2 * i:2 * i + 2] for i in reversed(range(self.ARENA)))
+                free.extend(arena[self.SLOT * i:self.SLOT * i + 2] for i in reversed(range(self.ARENA)))
             ws = self._by_stream.get((device, stream))
             if ws is None:
                 ws = self._by_stream[(device, stream)] = free.pop()
@@ -637,12 +778,16 @@ def _norm_and_maybe_clip(tensors, max_norm, norm_type, clip, out_dtype, per_tens
     flags = dict(AMP=amp, NORM=kind, ACC=acc, BLOCK=BLOCK, EXACT_POW=EXACT_POW)
     p_bits, max_norm_bits = _bits(norm_type), _bits(max_norm)
     if one_launch(launch):
-        ws = _WORKSPACES.get(device)
-        _launch(_one_launch_kernel, _programs(device, n_chunks, True), table, n, n_chunks, partials, nonfinite, ws,
-                out, per_tensor_, inv_scale_, found_inf_, p_bits, max_norm_bits, CLIP=clip,
-                PER_TENSOR=per_tensor is not None, PBLOCK=PBLOCK, **flags)
+        args = (table, n, n_chunks, partials, nonfinite, _WORKSPACES.get(device), out, per_tensor_, inv_scale_,
+                found_inf_, p_bits, max_norm_bits)
+        constexprs = dict(CLIP=clip, PER_TENSOR=per_tensor is not None, PBLOCK=PBLOCK, **flags)
+        if INTERPRET:  # programs run one after another there: a barrier across several would never open
+            options, programs = None, 1
+        else:
+            options, programs = _one_launch_variant(device, n_chunks, args, constexprs)
+        _launch(_one_launch_kernel, programs, *args, options=options, **constexprs)
     else:
-        programs = _programs(device, n_chunks, False)
+        programs = _programs(device, n_chunks)
         _launch(_partials_kernel, programs, table, n, n_chunks, partials, nonfinite, inv_scale_, p_bits, **flags)
         _launch(_finish_kernel, programs if clip or per_tensor is not None else 1, table, n, n_chunks, partials,
                 nonfinite, partials, out, per_tensor_, inv_scale_, found_inf_, p_bits, max_norm_bits,
@@ -679,8 +824,10 @@ def scale(grads, max_norm, norm):
     if n_chunks == 0:
         return
     norm = norm.reshape(()).contiguous()
+    if norm.data_ptr() % 16:  # it also stands in for the partials, whose alignment the kernel specializes on
+        norm = norm.clone()
     acc = _tl_acc(any_double or norm.dtype == torch.float64)
-    _launch(_finish_kernel, _programs(device, n_chunks, False), table, len(grads), n_chunks, norm, norm, norm, norm,
+    _launch(_finish_kernel, _programs(device, n_chunks), table, len(grads), n_chunks, norm, norm, norm, norm,
             norm, norm, norm, 0, _bits(max_norm), FROM_PARTIALS=False, WRITE_NORM=False, CLIP=True, AMP=False,
             PER_TENSOR=False, NORM=L2, ACC=acc, BLOCK=BLOCK, PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
     _write_back(copies)
@@ -691,7 +838,7 @@ def clamp(grads, clip_value):
     table, n_chunks, _, copies = _table(grads)
     if n_chunks == 0:
         return
-    _launch(_clamp_kernel, _programs(grads[0].device, n_chunks, False), table, len(grads), n_chunks,
+    _launch(_clamp_kernel, _programs(grads[0].device, n_chunks), table, len(grads), n_chunks,
             _bits(clip_value), BLOCK=BLOCK)
     _write_back(copies)
 

@@ -3,9 +3,13 @@ tensors, a gradient set larger than L2, Transformer-shaped sets, repeatability. 
 with a float64 reference and with torch. Run by scripts/gpu_check.sh; `--device cpu` runs the subset that
 makes sense on a CPU (a dry run of this script's logic).
 
-Prints one PASS/FAIL line per check and exits non-zero if any failed.
+Every check is independent (one failing never stops the others) and runs for every backend before the next
+check starts, in the order of ORDER (what only a GPU can answer first). With --budget S, checks that would start
+with under MIN_LEFT_S seconds left are reported SKIPPED, so the script ends inside gpu_check.sh's step limit.
+Prints one PASS/FAIL/SKIPPED line per check and backend and exits non-zero if any failed.
 """
 import argparse
+import faulthandler
 import math
 import sys
 import time
@@ -146,7 +150,7 @@ def repeatable(device, backend):
 
 @check(gpu_only=True)
 def larger_than_l2(device, backend):
-    params = make([(64 * 2**20,)] * 4, torch.float32, device, 10)  # 1 GiB of fp32 gradients
+    params = make([(64 * 2**20,)] * 5 + [(77, 1001)], torch.float32, device, 10)  # 1.25 GiB of fp32 gradients
     assert parity(params, 1.0, backend, rel=5e-6) is None
 
 
@@ -254,29 +258,55 @@ def several_devices(device, backend):
     assert n.device.type == "cpu" and close(n.item(), ref, 2e-6)
 
 
+# what only a GPU can answer first; torch.compile (slow to compile) last
+ORDER = ["cuda_graph_replay", "two_streams", "many_tensors", "larger_than_l2", "repeatable", "amp_and_per_tensor",
+         "transformer_sets", "nonfinite", "several_devices", "compile_fullgraph"]
+MIN_LEFT_S = 8.0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backends", default=None, help="comma-separated; default: every fused backend available")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole script (default: no limit)")
+    ap.add_argument("--only", default=None, help="comma-separated check names")
     args = ap.parse_args(argv)
+    start = time.monotonic()
+    if args.budget:  # a hang is killed by gpu_check.sh's limit; this says where it hung first
+        try:
+            faulthandler.dump_traceback_later(max(5.0, args.budget - 5), exit=False)
+        except (ValueError, OSError):  # stderr without a file descriptor (captured): no traceback then
+            pass
     backends = args.backends.split(",") if args.backends else \
         [b for b in fusedclip.available_backends(args.device) if b != "torch"]
-    failed = 0
-    for backend in backends:
-        for f, gpu_only in CHECKS:
-            if gpu_only and args.device == "cpu":
-                continue
+    checks = sorted(CHECKS, key=lambda c: ORDER.index(c[0].__name__) if c[0].__name__ in ORDER else len(ORDER))
+    if args.only:
+        checks = [c for c in checks if c[0].__name__ in args.only.split(",")]
+    counts = {"PASS": 0, "FAIL": 0, "SKIPPED": 0}
+    for f, gpu_only in checks:
+        if gpu_only and args.device == "cpu":
+            continue
+        for backend in backends:
             t0 = time.perf_counter()
-            try:
-                f(args.device, backend)
-                status = "PASS"
-            except Exception as e:  # report every check, keep going
-                failed += 1
-                status = f"FAIL {type(e).__name__}: {str(e)[:300]}"
-                traceback.print_exc()
+            if args.budget and args.budget - (time.monotonic() - start) < MIN_LEFT_S:
+                status = "SKIPPED (budget spent)"
+            else:
+                try:
+                    f(args.device, backend)
+                    if args.device != "cpu":
+                        torch.cuda.synchronize()  # an asynchronous error belongs to this check
+                    status = "PASS"
+                except Exception as e:  # report every check, keep going
+                    status = f"FAIL {type(e).__name__}: {str(e)[:300]}"
+                    traceback.print_exc()
+                if args.device != "cpu":
+                    torch.cuda.empty_cache()
+            counts[status.split()[0]] += 1
             print(f"{backend:8s} {f.__name__:20s} {status} ({time.perf_counter() - t0:.1f}s)", flush=True)
-    print(f"gpu_checks: {len(backends)} backend(s), {failed} failed")
-    return 1 if failed else 0
+    print(f"gpu_checks: {len(backends)} backend(s) {backends}: {counts['PASS']} passed, {counts['FAIL']} failed, "
+          f"{counts['SKIPPED']} skipped in {time.monotonic() - start:.0f}s", flush=True)
+    faulthandler.cancel_dump_traceback_later()
+    return 1 if counts["FAIL"] else 0
 
 
 if __name__ == "__main__":

@@ -1,61 +1,219 @@
-"""A small workload for compute-sanitizer (memcheck, racecheck, synccheck): every public function through
-every fused backend on mixed-dtype lists with odd sizes, unaligned views and empty tensors.
-Exits non-zero if a result is wrong (the sanitizer reports memory and sync errors on its own)."""
+"""The workload compute-sanitizer runs (scripts/gpu_check.sh: memcheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1,
+so every tensor is its own allocation and an access past its end is seen; then racecheck and synccheck).
+
+  python scripts/sanitize_clip.py [cuda|cpu]
+
+Every kernel of every fused backend (native; triton one-launch and two-launch) runs on REAL gradients (.grad
+set on parameters: without one, clip_grads_with_norm_ and clip_value_ return before any kernel): the fused norm +
+clip with clipping active and not, fp32/fp16/bf16/fp64 alone and mixed, norm types 2, inf, 1 and 3;
+get_total_norm; per_tensor=True; clip_grads_with_norm_ (scale from a given norm); clip_value_ (clamp);
+unscale_clip_ with a GradScaler (AMP). Gradients have odd sizes, several chunks, empty and 0-dim tensors, views
+at odd offsets (not 16-byte aligned) and a strided (non-dense) view. Every result is compared with torch (a
+float64 reference or torch.nn.utils itself), so a kernel that does nothing cannot pass. Exits non-zero if a
+result is wrong (3 if the budget, STEP_LIMIT seconds from gpu_check.sh, ran out before every variant ran: the
+rest is skipped so that the sanitizer still ends, and prints its summary, inside the step's limit); the
+sanitizer reports memory, race and sync errors on its own.
+"""
+import math
+import os
 import sys
+import time
 
-import torch
+START = time.monotonic()  # before torch's import: under a sanitizer, start-up is much of the time
 
-import fusedclip
+import torch  # noqa: E402
+
+import fusedclip  # noqa: E402
+
+NORMS = (2.0, math.inf, 1.0, 3.0)
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+# dtype sets: the mixed ones cover every (norm kind, accumulation type) kernel with every element type in it
+SETS = {"mixed": [F32, BF16, F16], "mixed64": [F32, F64, BF16], "fp32": [F32], "fp16": [F16], "bf16": [BF16],
+        "fp64": [F64]}
+TOL = {F32: 1e-5, F16: 2e-3, BF16: 1.6e-2, F64: 1e-12}  # relative, per element, for values stored in that dtype
+FAILURES = []
 
 
-def grads(device, seed):
+def expect(ok, what):
+    if not ok:
+        FAILURES.append(what)
+        print("FAIL", what, flush=True)
+
+
+def make_params(device, dtypes, seed, scale=0.1):
+    """Parameters with .grad set: sizes odd, one over several 16384-element chunks, empty and 0-dim ones, views
+    one element into their storage (not 16-byte aligned), and one strided (non-dense) 2-D view."""
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, (n, dtype) in enumerate([(1, torch.float32), (0, torch.float16), (16387, torch.bfloat16),
-                                    (40000, torch.float32), (3, torch.float64), (70001, torch.float16)]):
-        t = torch.randn(n + 1, generator=g).to(device=device, dtype=dtype)
-        out.append(t[1:] if i % 2 else t[:n])  # odd offsets: some data pointers are not 16-byte aligned
-    return out
+    sizes = [1, 0, 16387, 40000, 3, 70001, 5, ()]
+    params = []
+    for i, n in enumerate(sizes):
+        dtype = dtypes[i % len(dtypes)]
+        shape = n if isinstance(n, tuple) else (n,)
+        base = (torch.randn(*(shape or (1,)), generator=g, dtype=F64) * scale).reshape(shape)
+        if shape and i % 2:  # odd offset into a larger buffer
+            buf = torch.zeros(shape[0] + 1, dtype=dtype, device=device)
+            buf[1:] = base.to(dtype)
+            grad = buf[1:]
+        else:
+            grad = base.to(device=device, dtype=dtype)
+        params.append(_param(grad))
+    wide = (torch.randn(33, 258, generator=g, dtype=F64) * scale).to(device=device, dtype=dtypes[0])
+    params.append(_param(wide[:, ::2]))  # strided: processed through a dense copy, written back
+    return params
+
+
+def _param(grad):
+    p = torch.nn.Parameter(torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device))
+    p.grad = grad
+    return p
+
+
+def grads(params):
+    return [p.grad for p in params]
+
+
+def snapshot(params):
+    return [p.grad.detach().clone() for p in params]
+
+
+def ref_norm(gs, p):
+    return float(torch.linalg.vector_norm(torch.cat([x.double().reshape(-1).cpu() for x in gs]), p))
+
+
+def norm_ok(norm, ref, all64):
+    rounding = {F16: 2.0**-11, BF16: 2.0**-8}.get(norm.dtype, 0.0)
+    return abs(float(norm) - ref) <= ((1e-12 if all64 else 2e-6) + rounding) * ref + 1e-30
+
+
+def scaled_ok(params, before, coef):
+    """Each grad equals its value before times coef (computed in float64, stored in its dtype)."""
+    return all(torch.allclose(p.grad.double(), (b.double() * coef).to(b.dtype).double(), rtol=TOL[b.dtype],
+                              atol=6e-8 if b.dtype == F16 else 1e-30)  # fp16 subnormals: one ulp is 6e-8
+               for p, b in zip(params, before))
+
+
+def bits_equal(params, before):
+    raw = lambda t: t.detach().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+    return all(torch.equal(raw(p.grad), raw(b)) for p, b in zip(params, before))
+
+
+def run(device, backend, tag):
+    seed = 0
+    for name, dtypes in SETS.items():
+        mixed = name.startswith("mixed")
+        for p in NORMS if mixed else (2.0,):
+            for clipping in (True, False) if mixed else (True,):
+                seed += 1
+                params = make_params(device, dtypes, seed)
+                before = snapshot(params)
+                ref = ref_norm(before, p)
+                max_norm = ref * (0.3 if clipping else 3.0)
+                norm = fusedclip.clip_(params, max_norm, p, backend=backend)
+                what = f"{tag} clip_ {name} p={p} clipping={clipping}"
+                expect(norm_ok(norm, ref, dtypes == [F64]), f"{what}: norm {float(norm)} vs float64 {ref}")
+                if clipping:
+                    expect(scaled_ok(params, before, min(max_norm / (ref + 1e-6), 1.0)), f"{what}: grads not scaled")
+                else:
+                    expect(bits_equal(params, before), f"{what}: grads changed although the norm is below max_norm")
+
+    params = make_params(device, SETS["mixed"], 100)
+    before = snapshot(params)
+    for p in NORMS:
+        n = fusedclip.get_total_norm(grads(params), p, backend=backend)
+        expect(norm_ok(n, ref_norm(before, p), False), f"{tag} get_total_norm p={p}: {float(n)}")
+    expect(bits_equal(params, before), f"{tag} get_total_norm wrote the gradients")
+
+    for name in ("mixed", "mixed64"):
+        params = make_params(device, SETS[name], 101)
+        before = snapshot(params)
+        total, norms = fusedclip.clip_(params, 0.5, per_tensor=True, backend=backend)
+        want = [float(torch.linalg.vector_norm(b.double())) if b.numel() else 0.0 for b in before]
+        tol = 1e-12 if name == "mixed64" else 2e-6
+        expect(norms.numel() == len(want) and all(abs(a - w) <= tol * w + 1e-30 for a, w in zip(norms.tolist(), want)),
+               f"{tag} per_tensor {name}: {norms.tolist()} vs {want}")
+        ref = ref_norm(before, 2.0)
+        expect(norm_ok(total, ref, False) and scaled_ok(params, before, min(0.5 / (ref + 1e-6), 1.0)),
+               f"{tag} per_tensor {name}: total or scaling wrong")
+
+    # scale from a given norm, against torch.nn.utils.clip_grads_with_norm_ (same fp32 coefficient)
+    params = make_params(device, SETS["mixed"], 102)
+    before = snapshot(params)
+    theirs = [_param(g.clone()) for g in before]
+    total = torch.tensor(3.0, device=device)
+    fusedclip.clip_grads_with_norm_(params, 1.0, total, backend=backend)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, total)
+    expect(all(torch.allclose(a.grad.double(), b.grad.double(), rtol=TOL[a.grad.dtype], atol=1e-30)
+               for a, b in zip(params, theirs)), f"{tag} clip_grads_with_norm_ differs from torch")
+    expect(scaled_ok(params, before, 1.0 / (3.0 + 1e-6)), f"{tag} clip_grads_with_norm_: grads not scaled")
+
+    # clamp, against torch.nn.utils.clip_grad_value_ (exact)
+    params = make_params(device, SETS["mixed64"], 103, scale=1.0)
+    theirs = [_param(g.clone()) for g in snapshot(params)]
+    fusedclip.clip_value_(params, 0.1, backend=backend)
+    torch.nn.utils.clip_grad_value_(theirs, 0.1)
+    expect(bits_equal(params, snapshot(theirs)), f"{tag} clip_value_ differs from torch")
+
+    amp(device, backend, tag)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def amp(device, backend, tag):
+    """unscale_clip_ with a GradScaler against scaler.unscale_ + torch clip, with and without an inf."""
+    for bad in (False, True):
+        runs = []
+        for fused in (True, False):
+            torch.manual_seed(7)
+            model = torch.nn.Sequential(torch.nn.Linear(33, 70), torch.nn.Tanh(), torch.nn.Linear(70, 5)).to(device)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            scaler = torch.amp.GradScaler(device, init_scale=1024.0)
+            scaler.scale(model(torch.randn(17, 33, device=device)).square().mean()).backward()
+            if bad:
+                model[2].weight.grad[1, 2] = float("inf")
+            if fused:
+                n = fusedclip.unscale_clip_(scaler, opt, 0.05, backend=backend)
+            else:
+                scaler.unscale_(opt)
+                n = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            found = sum(float(v) for v in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values())
+            runs.append((n, [q.grad.clone() for q in model.parameters()], found))
+        (n1, g1, f1), (n2, g2, f2) = runs
+        expect(f1 == f2 == float(bad), f"{tag} unscale_clip_ bad={bad}: found_inf {f1} vs torch {f2}")
+        if not bad:
+            expect(abs(float(n1) - float(n2)) <= 1e-5 * float(n2),
+                   f"{tag} unscale_clip_: norm {float(n1)} vs {float(n2)}")
+            expect(all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g1, g2)),
+                   f"{tag} unscale_clip_: gradients differ from unscale_ + clip_grad_norm_")
 
 
 def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
-    backends = [b for b in fusedclip.available_backends(device) if b != "torch"]
-    for backend in backends:
-        for p in (2.0, float("inf"), 1.0, 3.0):
-            gs = grads(device, 1)
-            ref = torch.linalg.vector_norm(torch.cat([x.double().flatten() for x in gs]), p)
-            params = []
-            for x in gs:
-                q = torch.nn.Parameter(torch.zeros_like(x))
-                q.grad = x
-                params.append(q)
-            n = fusedclip.clip_(params, 0.5, p, backend=backend)
-            assert abs(n.double().item() - ref.item()) <= 1e-5 * ref.item(), (backend, p, n.item(), ref.item())
-            fusedclip.clip_(params, 1e9, p, backend=backend)  # the no-write path
-            total, norms = fusedclip.clip_(params, 0.5, p, per_tensor=True, backend=backend)  # per-tensor pass
-            assert norms.numel() == len(params)
-        if backend == "native":  # AMP in the same pass: unscale, found_inf
-            gs = grads(device, 3)
-            found_inf = torch.zeros((), device=device)
-            torch.ops.fusedclip.clip_(gs, 1.0, 2.0, None, torch.tensor(0.5, device=device), found_inf)
-            assert float(found_inf) == 0.0
-        gs = grads(device, 2)
-        fusedclip.get_total_norm(gs, backend=backend)
-        fusedclip.clip_grads_with_norm_([torch.nn.Parameter(torch.zeros_like(x)) for x in gs], 1.0,
-                                        torch.tensor(3.0, device=device), backend=backend)
-        ps = []
-        for x in gs:
-            q = torch.nn.Parameter(torch.zeros_like(x))
-            q.grad = x
-            ps.append(q)
-        fusedclip.clip_value_(ps, 0.1, backend=backend)
-        assert all(float(x.abs().max()) <= float(torch.tensor(0.1, dtype=x.dtype)) for x in gs if x.numel())
-        if device == "cuda":
-            torch.cuda.synchronize()
-        print(f"sanitize_clip: {backend} ok")
-    print(f"sanitize_clip: backends {backends} done")
+    variants = []
+    for backend in fusedclip.available_backends(device):
+        if backend == "native":
+            variants.append(("native", None))
+        elif backend == "triton":
+            from fusedclip import triton_backend as tb
+            # both Triton variants, unless gpu_check.sh fell back to two launches (the one-launch kernel hung)
+            variants += [("triton", mode) for mode in ("one", "two") if mode == "two" or tb.LAUNCH != "two"]
+    budget = float(os.environ.get("STEP_LIMIT", 0)) or math.inf
+    skipped = 0
+    for backend, launch in variants:
+        tag = backend + (f"-{launch}" if launch else "")
+        if time.monotonic() - START > 0.6 * budget:  # a variant takes about as long as start-up did
+            skipped += 1
+            print(f"sanitize_clip: {tag} SKIPPED ({time.monotonic() - START:.0f} s of {budget:.0f} s spent)")
+            continue
+        if launch:
+            from fusedclip import triton_backend as tb
+            tb.LAUNCH = launch  # read at each call: the public functions use this variant
+        before = len(FAILURES)
+        run(device, backend, tag)
+        print(f"sanitize_clip: {tag} {'ok' if len(FAILURES) == before else 'FAILED'}", flush=True)
+    print(f"sanitize_clip: {[t + (f'-{m}' if m else '') for t, m in variants]} done, {len(FAILURES)} failures, "
+          f"{skipped} skipped, {time.monotonic() - START:.0f} s")
+    return 1 if FAILURES or not variants else 3 if skipped else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

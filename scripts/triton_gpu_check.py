@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
 """GPU check of the Triton backend (called by scripts/gpu_check.sh).
 
-  python scripts/triton_gpu_check.py [--first-launch-timeout S] [--timeout S]
+  python scripts/triton_gpu_check.py [--budget S] [--first-launch-timeout S] [--timeout S]
 
-Runs in child processes, each under a time limit, so a deadlocked grid barrier fails the check instead of
-hanging it:
+Runs in child processes, each under a time limit inside --budget (gpu_check.sh passes its step limit), so a
+deadlocked grid barrier fails the check instead of hanging it (or outliving the step):
   1. first launch: one small and one large one-launch clip (compiles the kernel; a barrier that never opens
      times out here);
   2. checks: one launch against two launches, bit for bit (dtypes x norms x clipping) and against the native
-     backend and a float64 reference; the barrier counters back at zero; at least two programs per SM fit
-     (registers and shared memory of the compiled kernel), the condition for two concurrent calls; CUDA-graph
+     backend and a float64 reference; the barrier counters back at zero; the programs of two concurrent calls fit
+     on the SMs together (registers and shared memory of the compiled kernel); CUDA-graph
      capture and replay with new gradients copied in between, equal to eager; two streams clipping at once;
      the fused extras: per-tensor norms and AMP's unscale (inv_scale, found_inf) in both variants, against each
      other, the native backend, a float64 reference and torch's unscale + clip, and fusedclip.unscale_clip_ with
-     GradScaler("cuda").
+     GradScaler("cuda"). Each is a section of its own (try/except: one failing never stops the others), skipped
+     when the budget is spent.
 Prints one summary line, last; exits 0 only if everything passed (2 when no GPU is visible: nothing checked).
 """
 import argparse
@@ -22,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,21 +132,20 @@ def _check_fused_extras(check):
           "unscale_clip_ with GradScaler('cuda'): inf did not skip the step and lower the scale as torch does")
 
 
-def child_checks():
+SECTIONS = []  # in order; each independent (one that fails or raises never stops the others)
+
+
+def section(f):
+    SECTIONS.append(f)
+    return f
+
+
+@section
+def parity(check):
+    """One launch against two launches bit for bit, the native backend and a float64 reference."""
     import torch
     import fusedclip
     from fusedclip import triton_backend as tb
-
-    failures, passed = [], 0
-
-    def check(ok, what):
-        nonlocal passed
-        if ok:
-            passed += 1
-        else:
-            failures.append(what)
-            print("FAIL", what, flush=True)
-
     dtype_sets = {"fp32": [torch.float32], "fp16": [torch.float16], "bf16": [torch.bfloat16],
                   "mixed": [torch.float32, torch.bfloat16, torch.float16], "mixed64": [torch.float32, torch.float64]}
     for name, dtypes in dtype_sets.items():
@@ -172,47 +173,50 @@ def child_checks():
                     coef = min(max_norm / (ref + 1e-6), 1.0)
                     check(all(torch.allclose(x.double(), y.double() * coef, rtol=1.6e-2, atol=1e-5)
                               for x, y in zip(a, grads)), f"grads not scaled by coef ({tag})")
+
+
+@section
+def barrier_reset(check):
+    """The one-launch kernel leaves its barrier counters at zero for the next call."""
+    import torch
+    from fusedclip import triton_backend as tb
+    tb.clip(_grads(7, [torch.float32]), 0.5, 2.0, launch="one")
     device = torch.device("cuda", torch.cuda.current_device())
     ws = tb._WORKSPACES.get(device)
     torch.cuda.synchronize()
-    check(ws.tolist() == [0, 0], f"barrier counters not reset: {ws.tolist()}")
+    check(all(v == 0 for v in ws.flatten().tolist()), f"barrier counters not reset: {ws.tolist()}")
 
-    # residency: two programs per SM, or two concurrent one-launch calls could deadlock
-    props = torch.cuda.get_device_properties(device)
+
+@section
+def residency(check):
+    """Two one-launch calls at once (two streams, a graph beside an eager call) must all be resident, or a grid
+    barrier never opens: the compiled kernel's registers and shared memory decide how many programs an SM holds."""
+    import torch
+    from fusedclip import triton_backend as tb
+    tb.clip(_grads(8, [torch.float32, torch.bfloat16]), 0.5, 2.0, launch="one")
     compiled = tb._compiled.get("_one_launch_kernel")
+    check(compiled is not None, "no compiled one-launch kernel recorded")
     if compiled is None:
-        check(False, "no compiled one-launch kernel recorded")
-    else:
-        regs = getattr(compiled, "n_regs", None)
-        shared = compiled.metadata.shared
-        threads = 32 * tb.NUM_WARPS
-        by_regs = 65536 // (max(regs, 1) * threads) if regs else 0
-        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
-        by_smem = smem // max(shared, 1)
-        print(f"one-launch kernel: {regs} registers/thread, {shared} B shared, {threads} threads: "
-              f"{min(by_regs, by_smem)} programs per SM fit", flush=True)
-        check(min(by_regs, by_smem) >= 2, f"fewer than 2 programs per SM fit ({regs} regs, {shared} B shared)")
+        return
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    regs, shared = compiled.n_regs, compiled.metadata.shared
+    if hasattr(tb, "resident_per_sm"):
+        fit = tb.resident_per_sm(regs, shared)
+    else:  # older launcher: the plain occupancy bound
+        fit = min(65536 // (max(regs, 1) * 32 * tb.NUM_WARPS),
+                  getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) // max(shared + 1024, 1))
+    used = max(getattr(tb, "_per_sm", {}).values(), default=1)  # programs per SM the launcher chose
+    print(f"one-launch kernel: {regs} registers/thread, {shared} B shared, {32 * tb.NUM_WARPS} threads: "
+          f"{fit} programs per SM fit, the launcher uses {used} per SM on {props.multi_processor_count} SMs",
+          flush=True)
+    check(2 * used <= fit, f"two calls of {used} programs per SM do not fit in {fit} ({regs} regs, {shared} B)")
 
-    # CUDA graph: capture after a warm-up, replay with new grads copied in, compare with eager
-    grads = _grads(2, [torch.float32, torch.bfloat16])
-    static = [x.clone() for x in grads]
-    tb.clip(static, 1.0, 2.0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        norm = tb.clip(static, 1.0, 2.0)
-    for step in range(6):
-        fresh = [torch.randn_like(x) * (0.001 if step % 2 else 1.0) for x in grads]
-        for s, f in zip(static, fresh):
-            s.copy_(f)
-        graph.replay()
-        eager = [f.clone() for f in fresh]
-        eager_norm = tb.clip(eager, 1.0, 2.0)
-        torch.cuda.synchronize()
-        check(_bits_equal(norm, eager_norm) and all(_bits_equal(s, e) for s, e in zip(static, eager)),
-              f"CUDA-graph replay {step} differs from eager")
 
-    # two streams at once
+@section
+def two_streams(check):
+    """Two streams clipping at once, 30 times: bitwise equal to sequential calls."""
+    import torch
+    from fusedclip import triton_backend as tb
     sets = [_grads(3, [torch.float32]), _grads(4, [torch.bfloat16, torch.float32])]
     expected = []
     for g in sets:
@@ -233,29 +237,96 @@ def child_checks():
             ok &= _bits_equal(n, en) and all(_bits_equal(x, y) for x, y in zip(w, eg))
     check(ok, "two concurrent streams differ from sequential results")
 
+
+@section
+def fused_extras(check):
     _check_fused_extras(check)
 
-    print(f"checks: {passed} passed, {len(failures)} failed", flush=True)
-    return 0 if not failures else 1
+
+@section
+def cuda_graph(check):
+    """Capture after a warm-up, replay with new gradients copied in, compare with eager. Last: a capture that
+    fails (a compile inside it) can leave the stream unusable for what would follow."""
+    import torch
+    from fusedclip import triton_backend as tb
+    grads = _grads(2, [torch.float32, torch.bfloat16])
+    static = [x.clone() for x in grads]
+    tb.clip(static, 1.0, 2.0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm = tb.clip(static, 1.0, 2.0)
+    for step in range(6):
+        fresh = [torch.randn_like(x) * (0.001 if step % 2 else 1.0) for x in grads]
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        eager = [f.clone() for f in fresh]
+        eager_norm = tb.clip(eager, 1.0, 2.0)
+        torch.cuda.synchronize()
+        check(_bits_equal(norm, eager_norm) and all(_bits_equal(s, e) for s, e in zip(static, eager)),
+              f"CUDA-graph replay {step} differs from eager")
 
 
-def run_child(mode, timeout):
+def child_checks(budget):
+    import torch
+
+    end = time.monotonic() + budget
+    failures, passed = [], 0
+
+    def check(ok, what):
+        nonlocal passed
+        if ok:
+            passed += 1
+        else:
+            failures.append(what)
+            print("FAIL", what, flush=True)
+
+    done = {"ok": 0, "failed": 0, "skipped": 0}
+    for f in SECTIONS:
+        t0, before = time.monotonic(), len(failures)
+        if end - t0 < 5:
+            done["skipped"] += 1
+            print(f"section {f.__name__}: SKIPPED (budget spent)", flush=True)
+            continue
+        try:
+            f(check)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # an asynchronous error belongs to this section
+        except Exception as e:  # report and go on with the next section
+            traceback.print_exc()
+            failures.append(f"{f.__name__}: {type(e).__name__}: {str(e)[:300]}")
+        bad = len(failures) - before
+        done["failed" if bad else "ok"] += 1
+        print(f"section {f.__name__}: {'FAIL' if bad else 'PASS'} ({bad} failed) [{time.monotonic() - t0:.1f} s]",
+              flush=True)
+    print(f"checks: {passed} passed, {len(failures)} failed; sections {done['ok']} ok, {done['failed']} failed, "
+          f"{done['skipped']} skipped", flush=True)
+    return 0 if not failures and not done["skipped"] else 1
+
+
+def run_child(mode, timeout, *extra):
     start = time.time()
     try:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode], cwd=ROOT,
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, *extra], cwd=ROOT,
                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        tail = (e.stdout or b"")[-2000:]
-        return False, f"{mode}: no result within {timeout} s (grid-barrier deadlock?) {tail!r}"
+        tail = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        sys.stdout.write(tail)
+        return False, f"{mode}: no result within {timeout:.0f} s (grid-barrier deadlock?)"
     sys.stdout.write(out.stdout)
     sys.stderr.write(out.stderr[-4000:])
-    return out.returncode == 0, f"{mode}: rc={out.returncode} in {time.time() - start:.0f} s"
+    summary = next((line for line in reversed(out.stdout.splitlines()) if line.startswith("checks:")), "")
+    return out.returncode == 0, f"{mode}: rc={out.returncode} in {time.time() - start:.0f} s" + \
+        (f" ({summary})" if summary else "")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--first-launch-timeout", type=float, default=240.0)
-    ap.add_argument("--timeout", type=float, default=480.0)
+    ap.add_argument("--budget", type=float, default=float(os.environ.get("STEP_LIMIT", 180)),
+                    help="seconds for the whole check, children included (gpu_check.sh passes its step limit)")
+    ap.add_argument("--first-launch-timeout", type=float, default=None, help="default: min(60, budget / 3)")
+    ap.add_argument("--timeout", type=float, default=None, help="the checks child's; default: what is left")
     ap.add_argument("--child", choices=["first-launch", "checks"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
@@ -263,8 +334,9 @@ def main():
         child_first_launch()
         return 0
     if args.child == "checks":
-        return child_checks()
+        return child_checks(args.budget)
 
+    start = time.monotonic()
     import torch
     if not torch.cuda.is_available():
         print("triton_gpu_check: NOT RUN: no CUDA GPU visible (nothing was checked)")
@@ -274,8 +346,17 @@ def main():
         return 2
     import triton
     gpu = torch.cuda.get_device_name()
-    ok1, msg1 = run_child("first-launch", args.first_launch_timeout)
-    ok2, msg2 = run_child("checks", args.timeout) if ok1 else (False, "checks: not run (first launch failed)")
+    # every inner limit inside the budget, so the deadlock guards fire before gpu_check.sh's own limit
+    first = args.first_launch_timeout or min(60.0, args.budget / 3)
+    ok1, msg1 = run_child("first-launch", first)
+    left = args.budget - (time.monotonic() - start) - 3
+    timeout = min(args.timeout or left, left)
+    if not ok1:
+        ok2, msg2 = False, "checks: not run (first launch failed)"
+    elif timeout < 10:
+        ok2, msg2 = False, f"checks: not run (only {timeout:.0f} s left)"
+    else:  # the child skips sections it cannot start in time, 3 s before it would be killed
+        ok2, msg2 = run_child("checks", timeout, "--budget", str(timeout - 3))
     verdict = "PASS" if ok1 and ok2 else "FAIL"
     print(f"triton_gpu_check: {verdict} on {gpu} (torch {torch.__version__}, triton {triton.__version__}): "
           f"{msg1}; {msg2}")

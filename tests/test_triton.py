@@ -535,7 +535,7 @@ def test_gpu_one_launch_equals_two_launches(p, dtypes, clipping):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_cuda_graph_replay(marks):
+def test_gpu_cuda_graph_replay():
     params = _gpu_params(41)
     grads = grads_of(params)
     static = [g.clone() for g in grads]
@@ -559,7 +559,7 @@ def test_gpu_cuda_graph_replay(marks):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_two_streams_at_once(marks):
+def test_gpu_two_streams_at_once():
     sets = [grads_of(_gpu_params(42)), grads_of(_gpu_params(43))]
     expected = []
     for grads in sets:
@@ -583,7 +583,7 @@ def test_gpu_two_streams_at_once(marks):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_first_launch_terminates(marks):
+def test_gpu_first_launch_terminates():
     """A deadlocked grid barrier would hang: run the first launch in a child process with a time limit."""
     code = textwrap.dedent("""
         import torch, fusedclip

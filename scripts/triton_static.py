@@ -1,0 +1,162 @@
+"""Static proof of the Triton kernels for a GPU, on a machine without one (tests/test_triton_static.py).
+
+Triton's compiler takes a GPU target without a GPU: this compiles the kernel variants the launchers of
+fusedclip/triton_backend.py would launch on an H100/H200 (sm_90) and reports, per variant, registers, spills,
+shared memory, 128-bit global loads in the PTX, and the one-launch programs per SM that follow.
+
+The arguments are the launchers' own: the public entry points run on CPU tensors with the launch replaced by a
+recorder (nothing runs), and the compile goes through Triton's own binder (the function that turns a launch's
+arguments into the specialization key) and argument packing, as a real launch would. Uses only what Triton 3.6
+(the GPU machine's) and 3.8 both have.
+
+    python scripts/triton_static.py [--json]     # with PYTHONPATH=<dir> to try another Triton
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from fusedclip import triton_backend as tb
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100/H200
+
+# 128-bit global loads: four 32-bit or two 64-bit lanes (any cache or eviction qualifiers before the vector)
+V128_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
+ANY_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*\b")
+
+
+def record_launches(call):
+    """[(kernel, args, constexprs)] of what call() would launch; nothing is launched or compiled."""
+    launches = []
+    saved = tb._launch, tb._programs, tb._one_launch_variant
+    tb._launch = lambda kernel, programs, *args, options=None, **constexprs: launches.append(
+        (kernel, args, constexprs))
+    tb._programs = lambda *a: 1
+    tb._one_launch_variant = lambda *a: (None, 1)
+    try:
+        call()
+    finally:
+        tb._launch, tb._programs, tb._one_launch_variant = saved
+    return launches
+
+
+def candidate_options(kernel, constexprs):
+    """The compile options the launchers try for this kernel, best first."""
+    if kernel is tb._one_launch_kernel:
+        return tb.one_launch_options(constexprs)
+    return [dict(num_warps=tb.NUM_WARPS)]
+
+
+def specialization(kernel, args, constexprs, options=None, target=TARGET):
+    """Triton's specialization of a launch (the kernel cache key without the options) for target: what decides
+    whether a launch reuses a compiled kernel or compiles a new one. Returns (bound args, key, backend)."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, _ = binder(*args, **(options or candidate_options(kernel, constexprs)[0]), **constexprs)
+    return bound, spec, backend
+
+
+def compile_for(kernel, args, constexprs, options, target=TARGET):
+    """Compile a recorded launch for target as JITFunction.run would (its binder, _pack_args, ASTSource)."""
+    bound, spec, backend = specialization(kernel, args, constexprs, options, target)
+    kwargs = dict(options, **constexprs)
+    options, signature, consts, attrs = kernel._pack_args(backend, kwargs, bound, spec, None)
+    return triton.compile(ASTSource(kernel, signature, consts, attrs), target=target, options=options.__dict__)
+
+
+def resources(compiled):
+    """(registers, stack bytes, local bytes) of the cubin Triton made, from cuobjdump (shipped with Triton; no GPU
+    needed). Spills go to the stack frame in local memory, and these kernels have no local arrays: no spills
+    when both are 0."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True)
+    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out.stdout))
+    return int(usage["REG"]), int(usage["STACK"]), int(usage["LOCAL"])
+
+
+def _grads(dtypes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g).to(d) for n, d in zip((40000, 3000, 70, 16390), dtypes)]
+
+
+MIXED = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
+MIXED64 = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def variants():
+    """name -> (kernel, args, constexprs, expected 128-bit data loads): the variants that matter. Expected: one
+    per 16 bytes a thread loads from a full block, per dtype path (fp32, fp16, bf16, and fp64 where the
+    accumulation is fp64), per pass that reads the grads (the norm; the scaling, which rereads)."""
+    per_thread = tb.BLOCK_GPU // (32 * tb.NUM_WARPS)
+    v4 = {torch.float32: per_thread * 4 // 16, torch.float16: per_thread * 2 // 16,
+          torch.bfloat16: per_thread * 2 // 16, torch.float64: per_thread * 8 // 16}
+    low = v4[torch.float32] + v4[torch.float16] + v4[torch.bfloat16]
+    wide = low + v4[torch.float64]
+    out = {}
+
+    def one(name, call, passes, loads):
+        (launch,) = record_launches(call)
+        out[name] = launch + (passes * loads,)
+
+    one("one-launch L2 fp32-acc", lambda: tb.clip(_grads(MIXED), 1.0, 2.0, launch="one"), 2, low)
+    one("one-launch L2 fp64-acc", lambda: tb.clip(_grads(MIXED64), 1.0, 2.0, launch="one"), 2, wide)
+    one("one-launch inf fp32-acc AMP per-tensor",
+        lambda: tb.clip(_grads(MIXED), 1.0, float("inf"), per_tensor=torch.empty(4), inv_scale=torch.ones(()),
+                        found_inf=torch.zeros(()), launch="one"), 2, low)
+    partials, finish = record_launches(lambda: tb.clip(_grads(MIXED), 1.0, 2.0, launch="two"))
+    out["partials L2 fp32-acc"] = partials + (low,)
+    out["finish L2 fp32-acc"] = finish + (low,)
+    (clamp,) = record_launches(lambda: tb.clamp(_grads(MIXED64), 0.5))
+    out["clamp"] = clamp + (wide,)
+    return out
+
+
+def report():
+    """[{variant, registers, stack_bytes, ...}] for every variant, compiled for TARGET with the options the
+    launchers would settle on (the first candidate without spills, else the one that spills least)."""
+    rows = []
+    for name, (kernel, args, constexprs, expected) in variants().items():
+        t = time.time()
+        best = None
+        for options in candidate_options(kernel, constexprs):  # the launchers' rule: see _one_launch_variant
+            compiled = compile_for(kernel, args, constexprs, options)
+            regs, stack, local = resources(compiled)
+            if best is None or stack + local < best[3] + best[4]:
+                best = options, compiled, regs, stack, local
+            if stack == local == 0:
+                break
+        options, compiled, regs, stack, local = best
+        ptx = compiled.asm["ptx"]
+        loads = V128_LOAD.findall(ptx)
+        row = dict(variant=name, kernel=kernel.__name__, maxnreg=options.get("maxnreg"), registers=regs,
+                   stack_bytes=stack, local_bytes=local, shared=compiled.metadata.shared, v128_loads=len(loads),
+                   v128_data_loads=sum(".cg" not in x for x in loads), expected_v128_data_loads=expected,
+                   global_loads=len(ANY_LOAD.findall(ptx)), compile_s=round(time.time() - t, 1))
+        if kernel is tb._one_launch_kernel:
+            row["resident_per_sm"] = tb.resident_per_sm(regs, compiled.metadata.shared)
+            row["one_launch_per_sm"] = tb.one_launch_per_sm(regs, compiled.metadata.shared)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    rows = report()
+    if "--json" in sys.argv:
+        print(json.dumps(dict(triton=triton.__version__, rows=rows)))
+    else:
+        print(f"Triton {triton.__version__}, target sm_{TARGET.arch}")
+        for r in rows:
+            print("  " + ", ".join(f"{k}={v}" for k, v in r.items()))

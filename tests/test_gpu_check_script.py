@@ -1,0 +1,256 @@
+"""scripts/gpu_check.sh --dry-run: the GPU check's own logic, run here with stand-ins for nvidia-smi, nvcc,
+compute-sanitizer and the GPU-side python. GPU time comes as one command of at most 10 minutes, so what must
+hold before it ever runs on a GPU: every step's limit fits in the time left before the one global deadline, a
+step without enough time left is SKIPPED, each step's row is in summary.txt the moment the step ends (a killed
+run still reports everything before it), at most 8 files land in OUTDIR, and a Triton one-launch kernel that
+did not pass the smoke step is kept out of the rest of the run."""
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+STEPS = ["header", "build", "info", "smoke", "bench", "gpu-checks", "triton-check", "pytest", "sanitizer-memcheck",
+         "sanitizer-racecheck", "sanitizer-synccheck"]
+ROW = re.compile(r"^(\S+)\s+(PASS|FAIL|TIMEOUT|SKIPPED)\s+([\d.]+)s\s+limit\s+([\d.]+)s\s+start\s+([\d.]+)s", re.M)
+PLAN = re.compile(r"^  (\S+)\s+cap\s+([\d.]+)s\s+-> (\S+)", re.M)
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="bash script")
+
+
+def dry_run(out, timeout=60, **knobs):
+    env = dict(os.environ, **{k: str(v) for k, v in knobs.items()})
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc, (out / "summary.txt").read_text()
+
+
+def rows(summary):
+    return [(m[1], m[2], float(m[3]), float(m[4]), float(m[5])) for m in ROW.finditer(summary)]
+
+
+def check_limits(summary, deadline, grace):
+    """Each step that ran had a limit within its cap and ended (with the kill grace) by the deadline."""
+    caps = {m[1]: float(m[2]) for m in PLAN.finditer(summary)}
+    assert list(caps) == STEPS
+    ran = [r for r in rows(summary) if r[1] != "SKIPPED"]
+    for name, verdict, elapsed, limit, start in ran:
+        assert limit <= caps[name]
+        assert start + limit + grace <= deadline + 1e-9, (name, start, limit)
+        assert elapsed <= limit + grace + 0.5, (name, elapsed, limit)  # timeout's kill takes a moment
+    return caps
+
+
+def test_dry_run_plans_and_runs_every_step(tmp_path):
+    proc, summary = dry_run(tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "plan: deadline 540.0s" in proc.stdout and "DRY RUN" in proc.stdout
+    got = rows(summary)
+    assert [r[0] for r in got] == STEPS and all(r[1] == "PASS" for r in got), summary
+    caps = check_limits(summary, 540, 5)
+    assert sum(caps.values()) > 540  # the caps alone would not fit: the clipping is what makes the run fit
+    assert re.search(r"^total [\d.]+s: 11 passed, 0 not", summary, re.M)
+    # at most 8 files, nothing deeper than OUTDIR/<folder>/<file>
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(p.relative_to(tmp_path / "out").parts) <= 2 for p in files)
+    logs = {p.name: p.read_text() for p in files}
+    # what would run on the GPU machine, as the stand-ins saw it
+    assert "pip install --no-build-isolation --no-deps -e ." in logs["build.log"]
+    assert "TORCH_CUDA_ARCH_LIST=9.0" in logs["build.log"] and "MAX_JOBS=16" in logs["build.log"]
+    assert "scripts/gpu_smoke.py --budget 150" in logs["smoke.txt"]
+    assert "--device cuda --sets gpt2-small,mixed,many-small,llama-7b --providers all" in logs["bench.txt"]
+    assert "scripts/gpu_checks.py --device cuda --budget" in logs["checks.txt"]
+    assert "scripts/triton_gpu_check.py --budget" in logs["checks.txt"]
+    assert "-m gpu -o faulthandler_timeout=40" in logs["tests.txt"]
+    memcheck = re.search(r"^standin compute-sanitizer \[step sanitizer-memcheck.*$", logs["tests.txt"], re.M)[0]
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in memcheck and "--tool memcheck" in memcheck
+    assert "scripts/sanitize_clip.py cuda" in memcheck
+    for tool in ("racecheck", "synccheck"):
+        assert f"--tool {tool}" in logs["tests.txt"]
+    assert "FUSEDCLIP_TRITON_LAUNCH=two" not in summary + logs["checks.txt"]
+
+
+def test_deadline_clips_a_step_and_skips_the_rest(tmp_path):
+    """A smoke step that would run for a minute gets only what is left of a 4 s deadline, times out there, and
+    every later step is SKIPPED; the whole run ends by the deadline."""
+    t0 = time.monotonic()
+    proc, summary = dry_run(tmp_path / "out", GPU_CHECK_DEADLINE=4, GPU_CHECK_MIN_STEP=1, GPU_CHECK_GRACE=0.5,
+                            GPU_CHECK_STANDIN_SLEEP_SMOKE=60)
+    wall = time.monotonic() - t0
+    assert proc.returncode != 0
+    got = rows(summary)
+    assert [r[0] for r in got] == STEPS, summary
+    verdicts = dict((r[0], r[1]) for r in got)
+    assert [verdicts[s] for s in STEPS[:4]] == ["PASS", "PASS", "PASS", "TIMEOUT"], summary
+    assert all(verdicts[s] == "SKIPPED" for s in STEPS[4:]), summary
+    smoke = next(r for r in got if r[0] == "smoke")
+    assert smoke[3] < 4 - 0.5 - smoke[4] + 0.1  # clipped to the time left, far below its 150 s cap
+    check_limits(summary, 4, 0.5)
+    assert wall < 4 + 2
+    assert "under 1.0s left" in summary
+
+
+def test_worst_case_every_step_hangs(tmp_path):
+    """Every stand-in hangs: each step is killed at its limit, the limits (and the last one's kill grace) add up
+    to no more than the deadline, the step the deadline reaches is clipped below its cap, and the run ends on
+    time. The caps are scaled down (x0.01) so that several steps run into them within a 5 s deadline."""
+    deadline, grace = 5, 0.1
+    hang = {f"GPU_CHECK_STANDIN_SLEEP_{s.upper().replace('-', '_')}": 100 for s in STEPS}
+    t0 = time.monotonic()
+    proc, summary = dry_run(tmp_path / "out", GPU_CHECK_DEADLINE=deadline, GPU_CHECK_MIN_STEP=0.2,
+                            GPU_CHECK_GRACE=grace, GPU_CHECK_CAP_SCALE=0.01, **hang)
+    wall = time.monotonic() - t0
+    assert proc.returncode != 0
+    caps = check_limits(summary, deadline, grace)
+    got = rows(summary)
+    assert [r[0] for r in got] == STEPS, summary
+    ran = [r for r in got if r[1] != "SKIPPED"]
+    assert len(ran) >= 4 and all(r[1] == "TIMEOUT" for r in ran), summary
+    assert all(r[1] == "SKIPPED" for r in got[len(ran):]), summary
+    assert sum(r[3] for r in ran) + grace <= deadline
+    assert ran[-1][3] < caps[ran[-1][0]] - 0.05, "the last step that ran was not clipped to the time left"
+    assert wall < deadline + 1.5
+
+
+def test_summary_rows_are_written_as_steps_end(tmp_path):
+    """Killed while the bench runs (as a 10-minute command limit would), the run has already reported every step
+    before it."""
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_STANDIN_SLEEP_BENCH="60")
+    proc = subprocess.Popen(["bash", str(SCRIPT), "--dry-run", str(out)], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
+            if "smoke" in [r[0] for r in rows(text)] and (out / "bench.txt").exists():
+                break
+            time.sleep(0.1)
+        time.sleep(0.3)
+        assert proc.poll() is None, "the run ended although the bench stand-in sleeps for 60 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole run, stand-ins included: they are in its session
+        proc.wait()
+    got = rows((out / "summary.txt").read_text())
+    assert [r[0] for r in got] == STEPS[:4] and all(r[1] == "PASS" for r in got)
+    assert "== bench: limit" in (out / "bench.txt").read_text()
+
+
+def test_failures_do_not_stop_the_run_and_a_bad_triton_launch_is_avoided(tmp_path):
+    """A failed build is a FAIL row and the run goes on; when the Triton one-launch kernel did not pass in the
+    smoke step, the rest of the run uses the two-launch variant and the bench leaves the one-launch provider out."""
+    proc, summary = dry_run(tmp_path / "out", GPU_CHECK_STANDIN_RC_BUILD=1,
+                            GPU_CHECK_STANDIN_SAY_SMOKE="smoke coop-graph: PASS ok\\nsmoke triton-one-launch: "
+                                                        "TIMEOUT no result within 60 s")
+    assert proc.returncode != 0
+    verdicts = {r[0]: r[1] for r in rows(summary)}
+    assert verdicts["build"] == "FAIL" and re.search(r"^build\s+FAIL.*rc=1", summary, re.M)
+    assert all(verdicts[s] == "PASS" for s in STEPS if s != "build"), summary
+    assert "    > smoke coop-graph: PASS ok" in summary and "    > smoke triton-one-launch: TIMEOUT" in summary
+    assert "FUSEDCLIP_TRITON_LAUNCH=two" in summary
+    bench = (tmp_path / "out" / "bench.txt").read_text()
+    assert "--providers torch,torch-loop,compile,native,triton-2,apex" in bench
+    for log in ("checks.txt", "tests.txt"):  # every step after the smoke runs with the two-launch variant
+        lines = [x for x in (tmp_path / "out" / log).read_text().splitlines() if x.startswith("standin")]
+        assert lines and all("FUSEDCLIP_TRITON_LAUNCH=two" in x for x in lines)
+
+
+# ---- the GPU-side scripts' own logic, as far as a CPU runs it ----------------------------------------------------
+
+def load_script(name):
+    """A fresh module object of scripts/<name>.py (its globals start clean for each test)."""
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _native_on_cpu():
+    try:  # the dry-run tests above need no fusedclip at all; these do
+        import fusedclip
+        return "native" in fusedclip.available_backends("cpu")
+    except Exception:
+        return False
+
+
+needs_native = pytest.mark.skipif(not _native_on_cpu(), reason="fusedclip's extension is not built")
+
+
+@needs_native
+def test_smoke_parts_run_on_cpu():
+    """gpu_smoke.py --device cpu: one line per part, in order; the CUDA-only parts say so."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_smoke.py"), "--device", "cpu", "--gib", "0.01",
+                           "--budget", "60"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("smoke ")]
+    assert [x.split(":")[0] for x in lines] == ["smoke coop-graph", "smoke defect5", "smoke bandwidth-fp32",
+                                               "smoke bandwidth-bf16", "smoke triton-one-launch"]
+    assert all(": PASS " in x for x in lines[1:4]) and all(": SKIP needs CUDA" in x for x in (lines[0], lines[4]))
+    assert "copy " in lines[2] and "% of copy" in lines[2]
+
+
+@needs_native
+def test_sanitizer_workload_checks_results(monkeypatch, capsys):
+    """sanitize_clip.py runs every public function on real gradients and checks the results: it passes as it
+    is, and fails when the scale and clamp kernels do nothing (the defect where clip_grads_with_norm_ saw
+    parameters without .grad and returned before any kernel)."""
+    import fusedclip
+    monkeypatch.setattr(sys, "argv", ["sanitize_clip.py", "cpu"])
+    monkeypatch.setattr(fusedclip, "available_backends", lambda device="cpu": ["native", "torch"])
+    assert load_script("sanitize_clip").main() == 0
+    assert "sanitize_clip: native ok" in capsys.readouterr().out
+    monkeypatch.setattr(fusedclip, "clip_grads_with_norm_", lambda *a, **k: None)
+    monkeypatch.setattr(fusedclip, "clip_value_", lambda *a, **k: None)
+    script = load_script("sanitize_clip")
+    assert script.main() == 1
+    assert any("clip_grads_with_norm_" in f for f in script.FAILURES)
+    assert any("clip_value_" in f for f in script.FAILURES)
+
+
+@needs_native
+def test_gpu_checks_go_on_after_a_failure_and_respect_the_budget(monkeypatch, capsys):
+    checks = load_script("gpu_checks")
+
+    def broken(device, backend):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(checks, "CHECKS", [(broken, False)] + [c for c in checks.CHECKS if c[0].__name__ ==
+                                                               "nonfinite"])
+    assert checks.main(["--device", "cpu", "--backends", "native"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"native +broken +FAIL RuntimeError: boom", out)
+    assert re.search(r"native +nonfinite +PASS", out)  # the check after the failing one ran
+    assert "1 passed, 1 failed, 0 skipped" in out
+    assert checks.main(["--device", "cpu", "--backends", "native", "--budget", "0.01"]) == 0
+    assert "0 passed, 0 failed, 2 skipped" in capsys.readouterr().out
+
+
+def test_triton_check_sections_are_independent(monkeypatch, capsys):
+    tgc = load_script("triton_gpu_check")
+    assert [f.__name__ for f in tgc.SECTIONS][-1] == "cuda_graph"  # a failed capture can spoil what follows
+
+    def fine(check):
+        check(True, "fine")
+
+    def raises(check):
+        raise RuntimeError("capture failed")
+
+    def wrong(check):
+        check(False, "a wrong result")
+
+    monkeypatch.setattr(tgc, "SECTIONS", [fine, raises, wrong, fine])
+    assert tgc.child_checks(60) == 1
+    out = capsys.readouterr().out
+    assert [x.split(":")[1].split()[0] for x in out.splitlines() if x.startswith("section ")] == \
+        ["PASS", "FAIL", "FAIL", "PASS"]
+    assert "checks: 2 passed, 2 failed; sections 2 ok, 2 failed, 0 skipped" in out
+    assert tgc.child_checks(1) == 1  # no budget: every section SKIPPED, which is not a pass
+    assert "sections 0 ok, 0 failed, 4 skipped" in capsys.readouterr().out
