@@ -724,10 +724,16 @@ def _table(tensors):
         table, n_chunks, any_double = torch.ops.fusedclip.table(tensors)
         return table, n_chunks, any_double, ()
     except ValueError:
-        copies = [(i, t.contiguous()) for i, t in enumerate(tensors)
-                  if t.layout == torch.strided and t.numel() > 0 and not _is_dense(t)]
-        if not copies:
+        strided = [i for i, t in enumerate(tensors) if t.layout == torch.strided and t.numel() > 0 and not _is_dense(t)]
+        if not strided:
             raise
+        # Each call copies such a tensor to a new address, so no table (nor graph) could ever be reused for it.
+        if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"fusedclip: gradient {strided[0]} is not dense in memory (a strided view), so it cannot be clipped "
+                "inside a CUDA graph: each call works on a new dense copy of it. Make the gradients dense before "
+                "the capture (e.g. p.grad = p.grad.contiguous()), or clip outside the graph")
+        copies = [(i, tensors[i].contiguous()) for i in strided]
     dense = list(tensors)
     for i, copy in copies:
         dense[i] = copy
