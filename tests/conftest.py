@@ -206,3 +206,45 @@ def no_write_case(device, clip, p):
     assert rel_err(norm, ref_norm(grads_of(orig), p)) < 1e-5
     for a, b in zip(params, orig):
         assert_bit_identical(a.grad, b.grad)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world, timeout):
+    """Runs worker(rank, world, port, out_dir) on `world` spawned processes; each rank writes
+    out_dir/rank{rank}.json. Returns ({rank: what it wrote}, error or None); kills ranks still alive."""
+    import json
+    import os
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+
+    out_dir = tempfile.mkdtemp(prefix=f"fusedclip_ranks{world}_")
+    ctx = mp.start_processes(worker, args=(world, free_port(), out_dir), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline, error = time.monotonic() + timeout, None
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                error = f"the {world}-rank run did not finish in {timeout} s"
+                break
+    except Exception as e:  # a rank died
+        error = f"a rank failed: {e}"
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+    results = {}
+    for rank in range(world):
+        path = os.path.join(out_dir, f"rank{rank}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[rank] = json.load(f)
+    return results, error

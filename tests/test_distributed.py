@@ -13,17 +13,14 @@ import datetime
 import json
 import math
 import os
-import socket
-import tempfile
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fusedclip
+from conftest import run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with Gloo is not available")
@@ -434,42 +431,13 @@ def _worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RUNS = {}
 
 
 def _run(world):
-    """Runs every case on `world` ranks once per test session; returns {rank: {case: "ok" | traceback}}."""
-    if world in _RUNS:
-        return _RUNS[world]
-    out_dir = tempfile.mkdtemp(prefix=f"fusedclip_dist{world}_")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    error = None
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                error = f"the {world}-rank run did not finish in {SPAWN_TIMEOUT} s"
-                break
-    except Exception as e:  # a rank died
-        error = f"a rank failed: {e}"
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-    results = {}
-    for rank in range(world):
-        path = os.path.join(out_dir, f"rank{rank}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                results[rank] = json.load(f)
-    _RUNS[world] = (results, error)
+    """Runs every case on `world` ranks once per test session; returns ({rank: {case: "ok" | traceback}}, error)."""
+    if world not in _RUNS:
+        _RUNS[world] = run_ranks(_worker, world, SPAWN_TIMEOUT)
     return _RUNS[world]
 
 

@@ -6,21 +6,17 @@ import datetime
 import json
 import math
 import os
-import tempfile
-import time
 import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fusedclip
 import fusedclip.clip
-from conftest import grads_of, make_params, clone_params, ref_norm, rel_err
+from conftest import clone_params, grads_of, make_params, ref_norm, rel_err, run_ranks
 from fusedclip import patch
-from test_distributed import _free_port
 from test_patch import batch, restore_torch, spy, tiny_model  # noqa: F401  (restore_torch, spy: fixtures)
 
 INF = math.inf
@@ -334,28 +330,7 @@ SPAWN_TIMEOUT = 120  # seconds, start-up included
 def _run_fsdp(world=2):
     """Runs every FSDP case on `world` Gloo ranks once per session: ({rank: {case: "ok" | traceback}}, error)."""
     if world not in _FSDP_RUN:
-        out_dir = tempfile.mkdtemp(prefix="fusedclip_fsdp_")
-        ctx = mp.start_processes(_fsdp_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline, error = time.monotonic() + SPAWN_TIMEOUT, None
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    error = f"the {world}-rank run did not finish in {SPAWN_TIMEOUT} s"
-                    break
-        except Exception as e:  # a rank died
-            error = f"a rank failed: {e}"
-        finally:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-        results = {}
-        for rank in range(world):
-            path = os.path.join(out_dir, f"rank{rank}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    results[rank] = json.load(f)
-        _FSDP_RUN[world] = (results, error)
+        _FSDP_RUN[world] = run_ranks(_fsdp_worker, world, SPAWN_TIMEOUT)
     return _FSDP_RUN[world]
 
 
