@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 MAX_JOBS ?= 2
 SOURCES := $(wildcard csrc/*) setup.py pyproject.toml scripts/build_config.py
 
-.PHONY: setup build test bench cmake-build clean
+.PHONY: setup build test bench bench-note cmake-build clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed:
@@ -31,9 +31,14 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 test: build
 	$(PYTHON) -m pytest -q -ra tests
 
-bench: build
+# bench-note first: it prints before the set-up and the build, which take minutes on a fresh machine.
+bench: bench-note build
 	$(PYTHON) -m fusedclip info
-	$(PYTHON) -m fusedclip bench
+	$(PYTHON) -m fusedclip bench $(BENCH_ARGS)
+
+bench-note:
+	@echo "make bench: set-up and build if needed, then about 5-10 minutes on 2 cores; results in" \
+	  "bench/results/local/ (git-ignored); make bench BENCH_ARGS='--out bench/results' for a run to commit"
 
 # The CMake build of the same module (into build-cmake/fusedclip/), checked by tests/test_cmake_build.py.
 cmake-build: $(VENV)/.installed

@@ -1,13 +1,28 @@
-"""Smoke test of the benchmark harness (fusedclip/bench.py) on tiny sets: the parameter sets have the sizes
-of the models they name, a broken provider is caught, and a whole quick run writes its reports."""
+"""Smoke test of the benchmark harness (fusedclip/bench/) on tiny sets: the parameter sets have the sizes of
+the models they name, a broken provider is caught, and whole quick runs write their reports: every regime
+(the busy ones too), fp16 beside bf16 and fp32, the memory floor, file names that two runs do not share, a
+default output folder that git ignores. The runs pass --device cpu (the default, auto, picks cuda on a GPU
+machine); the plot is optional (no matplotlib on the GPU machines), so a run without matplotlib must say it
+skipped the plot and still write the rest."""
+import importlib.util
 import json
 import math
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import fusedclip
 from fusedclip import bench
+from fusedclip.bench import cli, extras, report, sets, timing, workload
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device", "cpu", "--quick", "--time", "0.01"]  # every run: the CPU, the shortest timings
 
 
 @pytest.mark.parametrize("name, tensors, elements", [
@@ -16,63 +31,148 @@ from fusedclip import bench
     ("bert-base", 199, 109_482_240),
     ("llama-7b", 291, 6_738_415_616),
     ("transformer", 184, 44_140_544),
+    ("resnet50", 161, 25_557_032),  # torchvision.models.resnet50()
+    ("transformer-small", 68, 172_576),  # examples/train_transformer.py --small
 ])
 def test_param_sets_match_the_models(name, tensors, elements):
-    specs = bench.SETS[name].specs()
+    specs = sets.SETS[name].specs()
     assert len(specs) == tensors
-    assert sum(bench.numel(s) for s, _ in specs) == elements
+    assert sum(sets.numel(s) for s, _ in specs) == elements
 
 
-def test_many_small_and_mixed():
-    specs = bench.SETS["many-small"].specs()
-    assert len(specs) >= 2000 and 8e6 <= sum(bench.numel(s) for s, _ in specs) <= 12e6
-    dtypes = {d for _, d in bench.SETS["mixed"].specs()}
-    assert dtypes == {torch.bfloat16, torch.float32}
-    assert len(bench.SETS["llama-7b"].specs(2)) == 2 + 9 * 2 + 1
+def test_many_small_mixed_and_half_precision_sets():
+    specs = sets.SETS["many-small"].specs()
+    assert len(specs) >= 2000 and 8e6 <= sum(sets.numel(s) for s, _ in specs) <= 12e6
+    assert {d for _, d in sets.SETS["mixed"].specs()} == {torch.bfloat16, torch.float32}
+    assert len(sets.SETS["llama-7b"].specs(2)) == 2 + 9 * 2 + 1
+    for model in ("bert-base", "resnet50"):  # the same shapes in each dtype
+        fp32 = sets.SETS[model].specs()
+        for suffix, dtype in (("-fp16", torch.float16), ("-bf16", torch.bfloat16)):
+            half = sets.SETS[model + suffix].specs()
+            assert [s for s, _ in half] == [s for s, _ in fp32] and {d for _, d in half} == {dtype}
+            assert model + suffix in sets.DEFAULT_SETS["cpu"]
+
+
+def test_flat_specs_keep_the_size_per_dtype():
+    specs = sets.SETS["mixed"].specs()
+    flat = sets.flat_specs(specs)
+    assert {d for _, d in flat} == {torch.bfloat16, torch.float32} and all(len(s) == 1 for s, _ in flat)
+    assert sets.specs_bytes(flat) == sets.specs_bytes(specs)
+
+
+def test_plot_explains_a_missing_compile_bar():
+    from fusedclip.bench import plot
+
+    label = plot.compile_label({"config": {"compile_sets": ["gpt2-small"], "regimes": workload.REGIMES}})
+    assert "only on gpt2-small" in label and "compile time grows" in label and "busy" in label
+    assert plot.speedup({"regime": "clip-busy", "speedup": 2.0, "mean_speedup": 0.8}) == 0.8
 
 
 def test_check_catches_a_provider_that_does_not_clip():
-    wl = bench.Workload(bench.SETS["tiny"].specs(), torch.device("cpu"), rotations=2)
+    wl = workload.Workload(sets.SETS["tiny"].specs(), torch.device("cpu"), rotations=2)
     wl.set_regime(True)
-    assert bench.check_call(lambda ps: torch.nn.utils.clip_grad_norm_(ps, bench.MAX_NORM), wl) == ""
-    assert "norm after" in bench.check_call(lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps]), wl)
+    assert workload.check_call(lambda ps: torch.nn.utils.clip_grad_norm_(ps, workload.MAX_NORM), wl) == ""
+    assert "norm after" in workload.check_call(lambda ps: torch.nn.utils.get_total_norm([p.grad for p in ps]), wl)
     wl.set_regime(False)
-    assert bench.check_call(lambda ps: torch.nn.utils.clip_grad_norm_(ps, bench.MAX_NORM), wl) == ""
+    assert workload.check_call(lambda ps: torch.nn.utils.clip_grad_norm_(ps, workload.MAX_NORM), wl) == ""
+
+
+def test_busy_cores_load_every_core_and_are_gone_after():
+    with timing.busy_cores() as n:
+        assert n == os.cpu_count()
+        kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(os.getpid())], capture_output=True,
+                              text=True).stdout.split() if shutil.which("ps") else None
+        assert kids is None or len(kids) >= n
+    if kids:
+        alive = subprocess.run(["ps", "-o", "pid=", "-p", ",".join(kids)], capture_output=True, text=True).stdout
+        assert alive.split() == [], "busy processes left behind"
 
 
 def test_quick_run_writes_reports(tmp_path, capsys):
-    rc = bench.main(["--sets", "tiny", "--providers", "torch,torch-loop,native,triton", "--quick",
-                     "--time", "0.01", "--tensors-points", "1,16,256", "--tensors-elements", "100000", "--elements-points", "1000,10000",
-                     "--out", str(tmp_path), "--tag", "smoke"])
+    """Every regime (clip, noclip and both busy), an fp16 set beside the bf16 + fp32 one, the memory floor."""
+    rc = bench.main(TINY + ["--sets", "tiny,tiny-fp16", "--providers", "torch,torch-loop,native,triton",
+                            "--tensors-points", "1,16,256", "--tensors-elements", "100000",
+                            "--elements-points", "1000,10000", "--out", str(tmp_path), "--tag", "smoke"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "fusedclip native" in out and "[" in out  # progress lines and the table
+    assert "fusedclip native" in out and "[" in out  # progress lines and the tables
+    assert "MISSED" not in out and "## Targets" not in out  # the issues' targets are in the JSON only
     files = sorted(os.listdir(tmp_path))
-    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md", "png"]
-    assert all("smoke" in f and os.path.getsize(tmp_path / f) > 0 for f in files)
+    assert [f.rsplit(".", 1)[1] for f in files] == (["json", "md", "png"] if HAS_MATPLOTLIB else ["json", "md"])
+    assert ("plot skipped: matplotlib not installed" in out) == (not HAS_MATPLOTLIB)
+    assert all(re.fullmatch(r"cpu-.+_\d{4}-\d\d-\d\dT\d{4}_smoke\.\w+", f) for f in files), files
     result = json.loads((tmp_path / files[0]).read_text())
     assert result["meta"]["device_type"] == "cpu" and result["meta"]["torch"] == torch.__version__
-    rows = [r for r in result["results"] if r["set"] == "tiny"]
-    assert {(r["provider"], r["regime"]) for r in rows} == {
-        (p, g) for p in ("torch", "torch-loop", "native") for g in ("clip", "noclip")}
+    assert result["meta"]["cache_bytes"] > 0 and result["meta"]["cache_source"]
+    rows = [r for r in result["results"] if r["kind"] == "set"]
+    plain = {(p, g) for p in ("torch", "torch-loop", "native") for g in ("clip", "noclip")}
+    busy = {(p, g) for p in ("torch", "native") for g in ("clip-busy", "noclip-busy")}  # foreach=False is not
+    for name in ("tiny", "tiny-fp16"):
+        assert {(r["provider"], r["regime"]) for r in rows if r["set"] == name} == plain | busy
     for r in rows:
         assert "error" not in r and r["check"] == "", r
-        assert 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["n"] >= 3
-        assert r["launches"] >= 1 and r["pct_copy"] > 0
-        assert r["bytes_moved"] == (2 if r["regime"] == "clip" else 1) * r["bytes"]
+        assert 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["p50_s"] <= r["p90_s"] and r["mean_s"] > 0
+        assert r["bytes_moved"] == (2 if workload.clips(r["regime"]) else 1) * r["bytes"]
         assert math.isclose(r["speedup"], 1.0) if r["provider"] == "torch" else r["speedup"] > 0
+        if workload.is_busy(r["regime"]):
+            assert r["n"] >= timing.BUSY_MIN_N and r["mean_speedup"] > 0 and r["p90_speedup"] > 0
+            assert "floor_ratio" not in r
+        else:
+            assert r["n"] >= 3 and r["launches"] >= 1 and r["pct_copy"] > 0
+            assert r["floor_ratio"] == pytest.approx(r["median_s"] / r["floor_s"])
+    floors = [r for r in result["results"] if r["kind"] == "floor"]
+    assert {(r["set"], r["regime"], r["dtype"]) for r in floors} == {
+        ("tiny", g, "bfloat16+float32") for g in ("clip", "noclip")} | {
+        ("tiny-fp16", g, "float16") for g in ("clip", "noclip")}
+    assert all(r["median_s"] > 0 for r in floors)
     assert set(result["scaling"]["per_tensor_s"]) == {"torch", "torch-loop", "native"}
     assert len(result["scaling"]["points"]["elements"]) == 2 * 3
-    if "triton" not in __import__("fusedclip").available_backends("cpu"):
+    if "triton" not in fusedclip.available_backends("cpu"):
         assert any("triton" in n for n in result["notes"])
-    assert "| tiny | clip | fusedclip native |" in (tmp_path / files[1]).read_text()
+    assert result["targets"] and all("met" in t for t in result["targets"])
+    md = (tmp_path / files[1]).read_text()
+    assert "| tiny | clip | fusedclip native |" in md and "MISSED" not in md
+    assert "| tiny-fp16 | clip-busy | fusedclip native |" in md  # the contention table: mean, p50, p90
+    assert "| tiny-fp16 | float16 | " in md and "fits in the LLC: not judged" in md  # the floor table
+    # a set larger than the last-level cache is judged against its floor
+    result["meta"]["cache_bytes"] = 1
+    judged = report.floor_table(result)
+    assert "not judged" not in judged and ("within 10% of floor" in judged or "% above floor" in judged)
+
+
+def test_two_runs_never_share_a_file_name(tmp_path):
+    args = TINY + ["--sets", "tiny", "--providers", "torch", "--regimes", "noclip", "--scaling", "none",
+                   "--no-floor", "--no-plot", "--out", str(tmp_path)]
+    assert bench.main(args) == 0 and bench.main(args) == 0
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 4 and len({f.rsplit(".", 1)[0] for f in files}) == 2, files
+
+
+def test_default_output_folder_is_git_ignored():
+    """`make bench` writes there: the checkout stays clean. `--out bench/results` keeps a run to commit."""
+    if not (shutil.which("git") and os.path.isdir(os.path.join(ROOT, ".git"))):
+        pytest.skip("not a git checkout")
+    assert cli.parse([]).out == cli.DEFAULT_OUT
+    probe = os.path.join(cli.DEFAULT_OUT, "cpu-x_2026-01-01T0000.json")
+    assert subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT).returncode == 0
+    assert subprocess.run(["git", "check-ignore", "-q", "bench/results/cpu-x_2026-01-01T0000.json"],
+                          cwd=ROOT).returncode == 1
+
+
+def test_flags_go_straight_after_bench(capsys):
+    """`python -m fusedclip bench --list` (no "--" needed; the old `bench -- --list` still works)."""
+    from fusedclip.__main__ import main as fusedclip_main
+
+    for argv in (["bench", "--list"], ["bench", "--", "--list"]):
+        assert fusedclip_main(argv) == 0
+        assert "resnet50-fp16" in capsys.readouterr().out
 
 
 def test_extras_rows(tmp_path):
     """--extras: the AMP (unscale_clip_) and optimizer (clip_into_ + fused AdamW step) rows, checked and timed
     against the unfused sequences, with the bytes each sequence moves."""
-    rc = bench.main(["--sets", "tiny", "--providers", "torch", "--regimes", "clip", "--quick", "--time", "0.01",
-                     "--scaling", "none", "--no-plot", "--extras", "--out", str(tmp_path)])
+    rc = bench.main(TINY + ["--sets", "tiny", "--providers", "torch", "--regimes", "clip", "--scaling", "none",
+                            "--no-floor", "--no-plot", "--extras", "--out", str(tmp_path)])
     assert rc == 0
     (path,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     result = json.loads((tmp_path / path).read_text())
@@ -87,23 +187,38 @@ def test_extras_rows(tmp_path):
     assert math.isclose(rows["amp-torch"]["speedup"], 1.0) and math.isclose(rows["optim-torch"]["speedup"], 1.0)
     assert rows["amp-fused"]["bytes_moved"] == 2 * n and rows["amp-torch"]["bytes_moved"] == 5 * n
     assert rows["optim-into"]["clip_bytes_moved"] == n and rows["optim-torch"]["clip_bytes_moved"] == 3 * n
-    assert rows["optim-into"]["bytes_moved"] == (1 + bench.ADAMW_BYTES) * n
+    assert rows["optim-into"]["bytes_moved"] == (1 + extras.ADAMW_BYTES) * n
     md = next(f for f in os.listdir(tmp_path) if f.endswith(".md"))
     assert "| tiny | amp | fusedclip.unscale_clip_ |" in (tmp_path / md).read_text()
+
+
+def test_run_without_matplotlib_skips_the_plot(tmp_path, capsys, monkeypatch):
+    """As on the GPU machines: `import matplotlib` fails. The run succeeds, writes JSON and markdown, and says
+    (on the terminal and in the reports' notes) that the plot was skipped."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    rc = bench.main(TINY + ["--sets", "tiny", "--providers", "torch", "--regimes", "clip", "--scaling", "none",
+                            "--no-floor", "--out", str(tmp_path), "--tag", "nompl"])
+    assert rc == 0
+    assert "plot skipped: matplotlib not installed" in capsys.readouterr().out
+    files = sorted(os.listdir(tmp_path))
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md"]
+    result = json.loads((tmp_path / files[0]).read_text())
+    assert any("plot skipped" in n for n in result["notes"])
+    assert "plot skipped" in (tmp_path / files[1]).read_text()
 
 
 def test_extras_checks_catch_a_wrong_sequence():
     """The AMP check sees a sequence that does not unscale; the optimizer check one that skips clipping."""
     dev = torch.device("cpu")
-    specs = bench.SETS["tiny"].specs()
-    wl = bench.Workload(specs, dev, rotations=1, grad_scale=bench.AMP_SCALE)
+    specs = sets.SETS["tiny"].specs()
+    wl = workload.Workload(specs, dev, rotations=1, grad_scale=extras.AMP_SCALE)
     wl.set_regime(True)
-    provs = {p.key: p for p in bench._amp_providers(dev, wl)}
-    assert bench.check_call(provs["amp-fused"].make(dev), wl) == ""
-    assert "norm" in bench.check_call(lambda ps: torch.nn.utils.clip_grad_norm_(ps, bench.MAX_NORM), wl)
-    wl = bench.Workload(specs, dev, rotations=1, real_params=True)
+    provs = {p.key: p for p in extras.amp_providers(dev, wl)}
+    assert workload.check_call(provs["amp-fused"].make(dev), wl) == ""
+    assert "norm" in workload.check_call(lambda ps: torch.nn.utils.clip_grad_norm_(ps, workload.MAX_NORM), wl)
+    wl = workload.Workload(specs, dev, rotations=1, real_params=True)
     wl.set_regime(True)
-    provs = {p.key: p for p in bench._optim_providers(dev, wl)}
+    provs = {p.key: p for p in extras.optim_providers(dev, wl)}
     check = provs["optim-into"].check
     for _ in range(2):  # the second step has optimizer state, so the clip coefficient shows in the update
         assert check(provs["optim-into"].make(dev), wl) == ""
