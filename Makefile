@@ -16,6 +16,7 @@ $(VENV)/.installed:
 	# the frameworks tests/test_patch.py runs real training steps with (they keep the installed torch)
 	$(PYTHON) -m pip install -q accelerate lightning
 	$(PYTHON) -m pip install -q transformers timm  # tests/test_integrations.py; timm pulls torchvision
+	$(PYTHON) -m pip install -q --no-deps "zclip==1.0.0"  # tests/test_zclip.py compares with it (it needs only torch)
 	# the oldest CMake CMakeLists.txt declares, for tests/test_build.py's configure check
 	$(PYTHON) -m pip install -q --no-deps --target $(VENV)/cmake-min "cmake==3.25.*"
 	$(PYTHON) -m pip install -q --target $(VENV)/triton36 --no-deps "triton==3.6.0"

@@ -14,6 +14,7 @@ from .distributed import DDPNormState, ddp_norm_hook
 from .patch import is_patched, patch_torch, patched, unpatch_torch
 from .clip import (clip_, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, clip_value_,
                    get_total_norm)
+from .zclip import ZClip
 
 try:
     from . import triton_backend  # noqa: F401  (registers backend="triton")
@@ -24,4 +25,4 @@ __version__ = "0.1.0"
 
 __all__ = ["clip_", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_value_",
            "clip_grad_value_", "available_backends", "unscale_clip_", "clip_into_",
-           "patch_torch", "unpatch_torch", "patched", "is_patched", "DDPNormState", "ddp_norm_hook"]
+           "patch_torch", "unpatch_torch", "patched", "is_patched", "DDPNormState", "ddp_norm_hook", "ZClip"]
