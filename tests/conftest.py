@@ -248,3 +248,30 @@ def run_ranks(worker, world, timeout):
             with open(path) as f:
                 results[rank] = json.load(f)
     return results, error
+
+
+def run_cases(rank, out_dir, cases, after_each=None):
+    """In a spawned rank: runs each (name, thunk) of `cases`, records "ok" or the traceback in
+    out_dir/rank{rank}.json after every case (so a hang loses none), and stops once a barrier fails (a case
+    failed part-way on some rank and left the collectives out of step)."""
+    import json
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    results = {}
+    for name, thunk in cases:
+        try:
+            thunk()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+        if after_each is not None:
+            after_each()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        try:
+            dist.barrier()
+        except RuntimeError:
+            break

@@ -10,17 +10,16 @@ gradients, fusedclip.clip_ / torch.nn.utils.clip_grad_norm_ without a process gr
 hook, and torch's own clip_grad_norm_ on DTensors (total_norm.full_tensor()).
 """
 import datetime
-import json
+import functools
 import math
 import os
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import fusedclip
-from conftest import run_ranks
+from conftest import run_cases, run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with Gloo is not available")
@@ -413,21 +412,8 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=20))
     group = dist.new_group(list(range(world)))  # an explicit group, not only the default one
-    results = {}
-    for name, fn in CASES.items():
-        if world not in getattr(fn, "worlds", (world,)):
-            continue
-        try:
-            fn(rank, world, group)
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:  # after every case: a hang loses none
-            json.dump(results, f)
-        try:
-            dist.barrier()
-        except RuntimeError:  # a case failed part-way on some rank and left the collectives out of step
-            break
+    run_cases(rank, out_dir, [(name, functools.partial(fn, rank, world, group)) for name, fn in CASES.items()
+                              if world in getattr(fn, "worlds", (world,))])
     dist.destroy_process_group()
 
 

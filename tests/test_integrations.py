@@ -3,10 +3,9 @@
 2 processes). Each checks that the clipping reaches fusedclip (a spy on fusedclip.clip) and that the
 result is torch's (or FSDP's own). The frameworks are installed by `make setup`; a missing one is skipped."""
 import datetime
-import json
+import functools
 import math
 import os
-import traceback
 import warnings
 
 import pytest
@@ -15,7 +14,7 @@ import torch.distributed as dist
 
 import fusedclip
 import fusedclip.clip
-from conftest import clone_params, grads_of, make_params, ref_norm, rel_err, run_ranks
+from conftest import clone_params, grads_of, make_params, ref_norm, rel_err, run_cases, run_ranks
 from fusedclip import patch
 from test_patch import batch, restore_torch, spy, tiny_model  # noqa: F401  (restore_torch, spy: fixtures)
 
@@ -306,20 +305,8 @@ def _fsdp_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=20))
     _count_calls()
-    results = {}
-    for name, fn in FSDP_CASES.items():
-        try:
-            fn(rank, world)
-            results[name] = "ok"
-        except Exception:
-            results[name] = traceback.format_exc()
-        patch.unpatch_torch()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:  # after every case: a hang loses none
-            json.dump(results, f)
-        try:
-            dist.barrier()
-        except RuntimeError:  # a case failed part-way on some rank and left the collectives out of step
-            break
+    run_cases(rank, out_dir, [(name, functools.partial(fn, rank, world)) for name, fn in FSDP_CASES.items()],
+              after_each=patch.unpatch_torch)
     dist.destroy_process_group()
 
 
