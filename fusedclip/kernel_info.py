@@ -63,14 +63,24 @@ def cuobjdump() -> Optional[str]:
         return None
 
 
-def blocks_per_sm(arch: int, threads: int, registers: int, shared: int) -> int:
-    """Resident blocks per SM for a kernel of these resources, as the CUDA occupancy calculator computes it."""
-    max_threads, max_blocks, regs, smem = SM_LIMITS[arch]
+def occupancy(threads: int, registers: int, shared: int, *, max_threads: int, max_blocks: int,
+              shared_per_sm: int, regs_per_sm: int = 65536) -> int:
+    """Resident blocks per SM for a kernel of these resources (the CUDA occupancy rule; the Triton backend sizes
+    its persistent grid with it too). Registers go to warps in units of 256, and a warp's registers come from
+    one of the SM's four quarters (counting per quarter never overestimates); each block also takes the 1 KB
+    of shared memory the system reserves (sm_80 and later)."""
     warps = -(-threads // 32)
-    regs_per_warp = -(-registers * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
-    by_regs = regs // (regs_per_warp * warps) if registers else max_blocks
-    by_smem = smem // (shared + RESERVED_SMEM_PER_BLOCK)
+    warp_regs = -(-max(registers, 1) * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = (regs_per_sm // 4 // warp_regs) * 4 // warps
+    by_smem = shared_per_sm // (shared + RESERVED_SMEM_PER_BLOCK)
     return min(max_blocks, max_threads // threads, by_regs, by_smem)
+
+
+def blocks_per_sm(arch: int, threads: int, registers: int, shared: int) -> int:
+    """occupancy() with the limits of an architecture (SM_LIMITS)."""
+    max_threads, max_blocks, regs, smem = SM_LIMITS[arch]
+    return occupancy(threads, registers, shared, max_threads=max_threads, max_blocks=max_blocks,
+                     shared_per_sm=smem, regs_per_sm=regs)
 
 
 _NORM_KINDS = {"0": "L2", "1": "inf", "2": "-inf", "3": "p"}

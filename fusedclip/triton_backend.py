@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
-from . import _ext, backends
+from . import _ext, backends, kernel_info
 from .ops import acc_dtype, result_dtype
 
 CHUNK = 16384  # csrc/clip_math.h kChunkElems: the table's chunk size
@@ -587,14 +587,9 @@ def _programs(device, n_chunks):
 def resident_per_sm(n_regs, shared, num_warps=NUM_WARPS, regs_per_sm=65536, threads_per_sm=2048,
                     shared_per_sm=232448, blocks_per_sm=32):
     """How many programs of a compiled kernel (n_regs registers a thread, `shared` bytes of shared memory) one SM
-    holds at once: the occupancy rule. Registers go to warps in units of 256, and a warp's registers come from
-    one of the SM's four quarters (counting per quarter never overestimates); each block also takes 1 KB of
-    shared memory the system reserves (sm_80 and later). Defaults: sm_90."""
-    warp_regs = -(-max(n_regs, 1) * 32 // 256) * 256
-    by_regs = (regs_per_sm // 4 // warp_regs) * 4 // num_warps
-    by_threads = threads_per_sm // (32 * num_warps)
-    by_shared = shared_per_sm // (shared + 1024)
-    return min(by_regs, by_threads, by_shared, blocks_per_sm)
+    holds at once: kernel_info.occupancy, the rule the CUDA kernels are checked with. Defaults: sm_90."""
+    return kernel_info.occupancy(32 * num_warps, n_regs, shared, max_threads=threads_per_sm,
+                                 max_blocks=blocks_per_sm, shared_per_sm=shared_per_sm, regs_per_sm=regs_per_sm)
 
 
 def one_launch_per_sm(n_regs, shared, **limits):
