@@ -93,33 +93,50 @@ void scale_all(const TableView& t, acc_t factor) {
 
 // The norm (accumulated in fp32, fp64 when any tensor is fp64) of all tensors, each element multiplied by
 // inv_scale first when given; per-tensor norms and found_inf when asked for; and, when clip, the in-place
-// scaling by inv_scale * coef unless that is exactly 1.
+// scaling by inv_scale * coef unless that is exactly 1. The coef is max_norm's, or with x.zclip ZClip's rule,
+// which also advances the state (and, given the norm, there is no norm pass).
 template <NormKind K, typename acc_t>
 double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bool clip, const ClipExtras& x) {
   const TableView t = g.view();
   const acc_t pw = static_cast<acc_t>(norm_type);
   const acc_t mul = x.inv_scale ? static_cast<acc_t>(x.inv_scale->item<float>()) : acc_t(1);
-  std::vector<Partial<acc_t>> partials(t.n_chunks());
-  // The plain norm loop carries no unscale work: on the CPU it would halve the throughput.
-  const CpuIsa isa = cpu_isa();
-  if (x.inv_scale) {
-    for_each_chunk(t, [&](int64_t c, auto loops, auto* p, int64_t len) {
-      partials[c] = loops.template partial<K, true>(isa, p, len, pw, mul);
-    });
+  acc_t norm = 0;
+  bool nonfinite = false;
+  if (x.zclip && x.zclip->norm) {
+    norm = x.zclip->norm->item().to<acc_t>();
   } else {
-    for_each_chunk(t, [&](int64_t c, auto loops, auto* p, int64_t len) {
-      partials[c] = loops.template partial<K, false>(isa, p, len, pw, mul);
-    });
+    std::vector<Partial<acc_t>> partials(t.n_chunks());
+    // The plain norm loop carries no unscale work: on the CPU it would halve the throughput.
+    const CpuIsa isa = cpu_isa();
+    if (x.inv_scale) {
+      for_each_chunk(t, [&](int64_t c, auto loops, auto* p, int64_t len) {
+        partials[c] = loops.template partial<K, true>(isa, p, len, pw, mul);
+      });
+    } else {
+      for_each_chunk(t, [&](int64_t c, auto loops, auto* p, int64_t len) {
+        partials[c] = loops.template partial<K, false>(isa, p, len, pw, mul);
+      });
+    }
+    const Partial<acc_t> total = reduce_partials<K>(partials.data(), 0, t.n_chunks(), 0, 1);
+    norm = t.n_chunks() ? canonical(norm_finish<K>(total.norm, pw)) : acc_t(0);
+    nonfinite = saw_nonfinite(total);  // found_inf's rule: an (unscaled) element was inf/NaN
+    if (x.per_tensor) {
+      acc_t* out = x.per_tensor->data_ptr<acc_t>();
+      for (int64_t i = 0; i < t.n; ++i) out[i] = canonical(tensor_norm<K>(t, partials.data(), i, pw));
+    }
   }
-  const Partial<acc_t> total = reduce_partials<K>(partials.data(), 0, t.n_chunks(), 0, 1);
-  const acc_t norm = t.n_chunks() ? canonical(norm_finish<K>(total.norm, pw)) : acc_t(0);
-  if (x.per_tensor) {
-    acc_t* out = x.per_tensor->data_ptr<acc_t>();
-    for (int64_t i = 0; i < t.n; ++i) out[i] = canonical(tensor_norm<K>(t, partials.data(), i, pw));
+  acc_t coef = clip_coef(static_cast<acc_t>(max_norm), norm);
+  if (x.zclip) {
+    double* s = x.zclip->state.data_ptr<double>();
+    const ZConfig& c = x.zclip->config;
+    const ZDecision d = zclip_decide(c, s[kZSteps], s[kZMean], s[kZVar], static_cast<double>(norm));
+    coef = zclip_coef(c, d, norm);
+    zclip_update(c, s, static_cast<double>(norm), d);
+    nonfinite = (x.inv_scale && nonfinite) || d.skip;  // with ZClip found_inf is AMP's, or a skipped step
   }
-  if (x.found_inf && saw_nonfinite(total)) x.found_inf->fill_(1.0);
+  if (x.found_inf && nonfinite) x.found_inf->fill_(1.0);
   if (clip && t.n_chunks()) {
-    const acc_t factor = mul * clip_coef(static_cast<acc_t>(max_norm), norm);
+    const acc_t factor = mul * coef;
     if (needs_scaling(factor)) {
       g.bump_versions();
       scale_all(t, factor);
@@ -183,6 +200,16 @@ void clamp_cpu(at::TensorList grads, double clip_value) {
   g.write_back();
 }
 
+at::Tensor zclip_cpu(at::TensorList grads, at::Tensor& state, at::ArrayRef<double> config,
+                     const std::optional<at::Tensor>& norm, const std::optional<at::Tensor>& inv_scale,
+                     const std::optional<at::Tensor>& found_inf) {
+  const GradTable g = build_table(grads, "ZClip.step", Access::kWrites);
+  const ZClipExtras z = zclip_extras(g, state, config, norm, inv_scale.has_value());
+  ClipExtras x{std::nullopt, inv_scale, found_inf};
+  x.zclip = &z;
+  return norm_and_maybe_clip_cpu(g, 0.0, 2.0, true, g.acc_dtype(), x);
+}
+
 std::tuple<at::Tensor, int64_t, bool> table_cpu(at::TensorList tensors) {
   const GradTable g = build_dense_table(tensors);
   at::Tensor t = at::empty({static_cast<int64_t>(g.table.size())}, at::kLong);
@@ -235,6 +262,7 @@ TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
   m.impl("clip_", &clip_cpu);
   m.impl("scale_", &scale_cpu);
   m.impl("clamp_", &clamp_cpu);
+  m.impl("zclip_", &zclip_cpu);
 }
 
 }  // namespace fusedclip

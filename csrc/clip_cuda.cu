@@ -6,7 +6,10 @@
 //   4. scales in place only if coef < 1, walking its chunks in reverse so the
 //      data it read last (still in L2) is written first.
 // Optional, in the same pass: per-tensor norms (from per-chunk partials, since
-// chunks never span tensors) and AMP's unscale + found_inf.
+// chunks never span tensors) and AMP's unscale + found_inf. ZClip (the zclip_
+// op) takes its coefficient from zclip_rule.h instead of max_norm: every block
+// reads the state before the grid sync, and block 0 writes the next one after
+// it, when no block can still be reading the old one.
 // The per-chunk math is clip_math.h, shared with the CPU kernel.
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
@@ -137,6 +140,10 @@ struct FusedArgs {
   acc_t max_norm;
   acc_t pw;
   bool clip;
+  double* zstate;                  // ZClip: the state (zclip_rule.h), or null for max_norm's coefficient
+  ZConfig zconfig;
+  const void* given_norm;          // ZClip: the norm, already known (no norm pass), or null
+  int64_t given_norm_dtype;
 };
 
 template <NormKind K, typename acc_t>
@@ -146,31 +153,50 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K, acc_t>) fused_nor
   const acc_t mul = a.inv_scale ? static_cast<acc_t>(*a.inv_scale) : acc_t(1);
 
   Partial<acc_t> acc = partial_identity<K, acc_t>();
-  for_my_chunks(t, [&](int64_t c, auto w, auto* p, int64_t len) {
-      // Always with the unscale work (mul is 1 without AMP): free in this memory-bound loop on a GPU.
-      Partial<acc_t> part = chunk_partial<K, decltype(w)::value, true>(p, len, threadIdx.x, kThreads, a.pw, mul);
-      if (a.chunk_partials) {  // per-tensor norms: keep every chunk's partial; thread 0 carries the block's
-        part = block_reduce<K>(part, smem);
-        if (threadIdx.x == 0) a.chunk_partials[c] = part;
-        else part = partial_identity<K, acc_t>();
-      }
-      acc = partial_combine<K>(acc, part);
-    });
+  if (!a.given_norm) {
+    for_my_chunks(t, [&](int64_t c, auto w, auto* p, int64_t len) {
+        // Always with the unscale work (mul is 1 without AMP): free in this memory-bound loop on a GPU.
+        Partial<acc_t> part = chunk_partial<K, decltype(w)::value, true>(p, len, threadIdx.x, kThreads, a.pw, mul);
+        if (a.chunk_partials) {  // per-tensor norms: keep every chunk's partial; thread 0 carries the block's
+          part = block_reduce<K>(part, smem);
+          if (threadIdx.x == 0) a.chunk_partials[c] = part;
+          else part = partial_identity<K, acc_t>();
+        }
+        acc = partial_combine<K>(acc, part);
+      });
+  }
   acc = block_reduce<K>(acc, smem);
   if (threadIdx.x == 0) a.block_partials[blockIdx.x] = acc;
+  // ZClip's state: read before the sync (block 0 overwrites it after), and only now, so that no register
+  // holds it through the loop above
+  double z_steps = 0, z_mean = 0, z_var = 0;
+  if (a.zstate) {
+    z_steps = __ldcg(a.zstate + kZSteps);
+    z_mean = __ldcg(a.zstate + kZMean);
+    z_var = __ldcg(a.zstate + kZVar);
+  }
 
   cg::this_grid().sync();
 
   const Partial<acc_t> total =
       block_reduce<K>(reduce_partials<K>(a.block_partials, 0, gridDim.x, threadIdx.x, kThreads), smem);
-  const acc_t norm = norm_finish<K>(total.norm, a.pw);
+  const acc_t norm = a.given_norm ? load_norm<acc_t>(a.given_norm, a.given_norm_dtype)
+                                  : t.n_chunks() ? norm_finish<K>(total.norm, a.pw) : acc_t(0);
+  acc_t coef = clip_coef(a.max_norm, norm);
+  bool set_found_inf = saw_nonfinite(total);
+  if (a.zstate) {
+    const ZDecision d = zclip_decide(a.zconfig, z_steps, z_mean, z_var, static_cast<double>(norm));
+    coef = zclip_coef(a.zconfig, d, norm);
+    if (blockIdx.x == 0 && threadIdx.x == 0) zclip_update(a.zconfig, a.zstate, static_cast<double>(norm), d);
+    set_found_inf = (a.inv_scale && set_found_inf) || d.skip;  // AMP's, or a skipped step
+  }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     store_norm(a.norm_out, a.out_dtype, norm);
-    if (a.found_inf && saw_nonfinite(total)) *a.found_inf = 1.0f;
+    if (a.found_inf && set_found_inf) *a.found_inf = 1.0f;
   }
   if (a.per_tensor) per_tensor_norms<K>(t, a.chunk_partials, a.per_tensor, a.pw);
   if (!a.clip) return;
-  const acc_t factor = mul * clip_coef(a.max_norm, norm);
+  const acc_t factor = mul * coef;
   if (needs_scaling(factor)) scale_my_chunks_reversed(t, factor);
 }
 
@@ -286,7 +312,7 @@ struct Launch {
 at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double norm_type, bool clip,
                                     at::ScalarType out_dtype, const ClipExtras& x) {
   check_extras(g, x);
-  if (!g.n_chunks) {  // only empty tensors: norm 0, nothing to scale
+  if (!g.n_chunks && !x.zclip) {  // only empty tensors: norm 0, nothing to scale
     norm_kind(norm_type);
     if (x.per_tensor) x.per_tensor->zero_();
     return at::zeros({}, at::TensorOptions().device(g.device).dtype(out_dtype));
@@ -297,12 +323,14 @@ at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double 
     dispatch_acc(g.any_double, [&](auto acc_zero) {
       using acc_t = decltype(acc_zero);
       const void* kernel = reinterpret_cast<const void*>(fused_norm_clip_kernel<decltype(kind)::value, acc_t>);
-      const int grid = static_cast<int>(std::min<int64_t>(g.n_chunks, coresident_blocks(kernel, g.device.index())));
+      // ZClip with a given norm (or only empty tensors) still launches: its state update is in the kernel.
+      const int grid = static_cast<int>(
+          std::min<int64_t>(std::max<int64_t>(g.n_chunks, 1), coresident_blocks(kernel, g.device.index())));
       const auto acc_options = l.options().dtype(g.acc_dtype());
       // Partials are (norm, nonfinite) pairs of acc_t.
       at::Tensor block_partials = at::empty({2 * grid}, acc_options);
       at::Tensor chunk_partials = x.per_tensor ? at::empty({2 * g.n_chunks}, acc_options) : at::Tensor();
-      FusedArgs<acc_t> a;
+      FusedArgs<acc_t> a{};
       a.table = l.table.data_ptr<int64_t>();
       a.n_tensors = g.n_tensors;
       a.block_partials = reinterpret_cast<Partial<acc_t>*>(block_partials.data_ptr<acc_t>());
@@ -315,6 +343,10 @@ at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double 
       a.max_norm = static_cast<acc_t>(max_norm);
       a.pw = static_cast<acc_t>(norm_type);
       a.clip = clip;
+      a.zstate = x.zclip ? x.zclip->state.data_ptr<double>() : nullptr;
+      if (x.zclip) a.zconfig = x.zclip->config;
+      a.given_norm = x.zclip && x.zclip->norm ? x.zclip->norm->data_ptr() : nullptr;
+      a.given_norm_dtype = x.zclip && x.zclip->norm ? dtype_code(x.zclip->norm->scalar_type()) : 0;
       void* args[] = {&a};
       C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(grid),
                                                  dim3(kThreads), args, 0, l.stream.stream()));
@@ -338,6 +370,16 @@ at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type,
   const GradTable g = build_table(grads, "clip_", Access::kWrites);
   return norm_and_maybe_clip_cuda(g, max_norm, norm_type, true, g.result_dtype,
                                   ClipExtras{per_tensor, inv_scale, found_inf});
+}
+
+at::Tensor zclip_cuda(at::TensorList grads, at::Tensor& state, at::ArrayRef<double> config,
+                      const std::optional<at::Tensor>& norm, const std::optional<at::Tensor>& inv_scale,
+                      const std::optional<at::Tensor>& found_inf) {
+  const GradTable g = build_table(grads, "ZClip.step", Access::kWrites);
+  const ZClipExtras z = zclip_extras(g, state, config, norm, inv_scale.has_value());
+  ClipExtras x{std::nullopt, inv_scale, found_inf};
+  x.zclip = &z;
+  return norm_and_maybe_clip_cuda(g, 0.0, 2.0, true, g.acc_dtype(), x);
 }
 
 void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
@@ -394,6 +436,7 @@ TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
   m.impl("clip_", &clip_cuda);
   m.impl("scale_", &scale_cuda);
   m.impl("clamp_", &clamp_cuda);
+  m.impl("zclip_", &zclip_cuda);
 }
 
 }  // namespace fusedclip

@@ -95,6 +95,26 @@ void check_extras(const GradTable& g, const ClipExtras& x) {
   }
 }
 
+ZClipExtras zclip_extras(const GradTable& g, const at::Tensor& state, c10::ArrayRef<double> config,
+                         const std::optional<at::Tensor>& norm, bool unscaling) {
+  TORCH_CHECK_VALUE(config.size() == kZConfigLen, "fusedclip.ZClip: the config has ", config.size(),
+                    " values, the kernels take ", int64_t(kZConfigLen), ": rebuild the extension");
+  const ZConfig c = zconfig_from(config.data());
+  TORCH_CHECK_VALUE(c.n_warmup >= 1, "fusedclip.ZClip: the warm-up takes at least one step");
+  TORCH_CHECK_VALUE(state.device() == g.device && state.scalar_type() == at::kDouble && state.is_contiguous() &&
+                        state.numel() == kZBuffer + c.n_warmup,
+                    "fusedclip.ZClip: the state must be a contiguous float64 tensor of ", kZBuffer + c.n_warmup,
+                    " elements on ", g.device);
+  if (norm) {
+    // AMP's found_inf comes from the norm pass, which a given norm skips
+    TORCH_CHECK_VALUE(!unscaling, "fusedclip.ZClip: a given norm cannot be combined with AMP's unscale");
+    TORCH_CHECK_VALUE(norm->device() == g.device && norm->numel() == 1,
+                      "fusedclip.ZClip: the given norm must be a one-element tensor on ", g.device);
+    dtype_code(norm->scalar_type());
+  }
+  return ZClipExtras{state, c, norm ? std::optional<at::Tensor>(norm->reshape({}).contiguous()) : std::nullopt};
+}
+
 GradTable build_dense_table(at::TensorList tensors) {
   GradTable g = build_table(tensors, "table", Access::kReads);
   TORCH_CHECK_VALUE(g.copies.empty(), "fusedclip.table: every tensor must be dense (is_non_overlapping_and_dense)");

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "clip_math.h"
+#include "zclip_rule.h"
 
 namespace fusedclip {
 
@@ -40,11 +41,20 @@ struct GradTable {
   void write_back() const;
 };
 
+// ZClip (the zclip_ op): the coefficient comes from the rule in zclip_rule.h, which also updates the state.
+struct ZClipExtras {
+  at::Tensor state;  // in/out: float64 [kZBuffer + n_warmup] on the gradients' device
+  ZConfig config;
+  std::optional<at::Tensor> norm;  // in: the norm, already known (a sharded clip's global one): no norm pass
+};
+
 // The optional extras of the fused clip (the same for both kernels).
 struct ClipExtras {
   std::optional<at::Tensor> per_tensor;  // out: [n_tensors] norms in the accumulation dtype
   std::optional<at::Tensor> inv_scale;   // in: one fp32 value; every element is multiplied by it first (AMP)
   std::optional<at::Tensor> found_inf;   // out: one fp32 value, set to 1 if an (unscaled) element is inf/NaN
+                                         // (and, with ZClip, when the step is skipped)
+  const ZClipExtras* zclip = nullptr;    // ZClip's rule instead of max_norm's
 };
 
 // What an op does to its tensors: kReads leaves them alone; kWrites may write
@@ -93,6 +103,10 @@ void dispatch_acc(bool use_double, F&& f) {
 
 // Checks the extras against the table (devices, dtypes, sizes). Raises before anything is written.
 void check_extras(const GradTable& g, const ClipExtras& x);
+
+// The zclip_ op's arguments checked and gathered. Raises before anything is written.
+ZClipExtras zclip_extras(const GradTable& g, const at::Tensor& state, c10::ArrayRef<double> config,
+                         const std::optional<at::Tensor>& norm, bool unscaling);
 
 // For the `table` op: tensors must be dense, since the caller cannot be handed copies to write back.
 GradTable build_dense_table(at::TensorList tensors);

@@ -45,6 +45,11 @@ TORCH_LIBRARY(fusedclip, m) {
         "Tensor? inv_scale=None, Tensor(c!)? found_inf=None) -> Tensor");
   // Scale by max_norm / (total_norm + 1e-6) when that is < 1.
   m.def("scale_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()");
+  // ZClip's adaptive clip (csrc/zclip_rule.h): the L2 norm (or the given one), the coefficient from the
+  // state, the in-place scaling only if it is not 1, and the state's update, in one pass; AMP's unscale as in
+  // clip_; found_inf is also set when the step is skipped. Returns the norm in the accumulation dtype.
+  m.def("zclip_(Tensor(a!)[] grads, Tensor(s!) state, float[] config, Tensor? norm=None, Tensor? inv_scale=None, "
+        "Tensor(c!)? found_inf=None) -> Tensor");
   // clamp(-clip_value, clip_value) in place.
   m.def("clamp_(Tensor(a!)[] grads, float clip_value) -> ()");
   // The kernels' table of the tensors (csrc/clip_math.h: TableView), on their device (cached there), with

@@ -18,6 +18,7 @@ from .zclip import ZClip
 
 try:
     from . import triton_backend  # noqa: F401  (registers backend="triton")
+    from . import triton_zclip  # noqa: F401  (its ZClip op)
 except ImportError:  # Triton is not installed
     pass
 

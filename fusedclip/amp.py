@@ -3,7 +3,7 @@ optimizer step (clip_into_)."""
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import backends
+from . import backends, guard
 from ._core import _call, _grads, _norm_type, _number, _total_norm
 from .clip import clip_, get_total_norm
 from .ops import acc_dtype, result_dtype
@@ -35,7 +35,19 @@ def unscale_clip_(scaler, optimizer, max_norm, norm_type=2.0, *, error_if_nonfin
         scaler.unscale_(optimizer)
         return clip_(params, max_norm, p, error_if_nonfinite, backend=backend)
 
-    # GradScaler.unscale_'s own checks, in its words, before anything is written
+    inv_scale, found_inf, commit = _begin_unscale(scaler, optimizer, grads)
+    ok, norm = _call(be.clip, grads, "unscale_clip_", max_norm, p, None, inv_scale, found_inf)
+    if not ok:  # several devices
+        scaler.unscale_(optimizer)
+        return clip_(params, max_norm, p, backend=backend)
+    commit()
+    return norm
+
+
+def _begin_unscale(scaler, optimizer, grads):
+    """For a kernel that unscales `grads` (one device) in its own pass: GradScaler.unscale_'s checks, in its
+    words, before anything is written; returns (inv_scale, found_inf, commit), commit() marking the optimizer
+    unscaled for the scaler once the kernel is launched."""
     scaler._check_scale_growth_tracker("unscale_")
     state = scaler._per_optimizer_states[id(optimizer)]
     if state["stage"] is OptState.UNSCALED:
@@ -44,23 +56,21 @@ def unscale_clip_(scaler, optimizer, max_norm, norm_type=2.0, *, error_if_nonfin
         raise RuntimeError("unscale_() is being called after step().")
     if any(g.dtype == torch.float16 for g in grads):
         raise ValueError("Attempting to unscale FP16 gradients.")
-
     device = grads[0].device
     inv_scale = scaler._scale.double().reciprocal().float().to(device)  # as GradScaler computes it
     found_inf = torch.zeros((), dtype=torch.float32, device=device)
-    ok, norm = _call(be.clip, grads, "unscale_clip_", max_norm, p, None, inv_scale, found_inf)
-    if not ok:  # several devices
-        scaler.unscale_(optimizer)
-        return clip_(params, max_norm, p, backend=backend)
-    state["found_inf_per_device"] = {device: found_inf}
-    state["stage"] = OptState.UNSCALED
-    return norm
+
+    def commit():
+        state["found_inf_per_device"] = {device: found_inf}
+        state["stage"] = OptState.UNSCALED
+
+    return inv_scale, found_inf, commit
 
 
 def _fused_step_takes_grad_scale(optimizer):
     """torch's fused optimizers (Adam, AdamW, SGD, ... with fused=True) divide every gradient by the device
     tensor `optimizer.grad_scale` inside their step."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"))
+    return guard.is_fused(optimizer)
 
 
 def _forget_grad_scale_after_step(optimizer, _args, _kwargs):

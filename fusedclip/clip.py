@@ -8,7 +8,7 @@ torch.compile) goes through the operator path below.
 """
 import torch
 
-from . import _ext, backends
+from . import _ext, backends, guard
 from . import distributed as _distributed
 from ._core import (_as_list, _by_device, _call, _check_finite, _grads, _new_per_tensor, _norm_type, _number,
                     _per_tensor_norms, _scale, _scale_with_norm, _torch_clip_grad_norm_, _torch_clip_grad_value_,
@@ -31,7 +31,7 @@ def _no_per_tensor_when_sharded(per_tensor, fn):
 
 @torch.no_grad()
 def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto",
-          per_tensor=False, process_group=None):
+          per_tensor=False, process_group=None, on_nonfinite="clip", optimizer=None):
     """Clips the gradient norm of `parameters` in place; returns the total norm (before clipping).
 
     Same arguments and result as torch.nn.utils.clip_grad_norm_. `foreach` is accepted and ignored: the
@@ -40,8 +40,14 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     clipping (accumulation dtype), computed in the same pass on the fused path.
     `process_group`: the gradients are this rank's shards; the norm is that of all ranks' shards (one
     all_reduce; every rank of the group must call). DTensor gradients are reduced over their mesh.
+    on_nonfinite="skip" (with `optimizer`): when the norm is inf/NaN the gradients are left as they are and the
+    optimizer's next step is skipped (fusedclip/guard.py: no host sync for torch's fused optimizers); the norm
+    pass and the scaling pass are then two launches. "clip" (the default) is torch's behaviour.
     """
     params = _as_list(parameters)
+    if on_nonfinite != "clip":
+        return _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_tensor, process_group,
+                             on_nonfinite, optimizer)
     if not (per_tensor or error_if_nonfinite or process_group is not None) and _fast_path(backend):
         norm = _ext._C.clip_grads(params, max_norm, norm_type)
         if norm is not None:
@@ -76,6 +82,29 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
 
 
 clip_grad_norm_ = clip_
+
+
+def _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_tensor, process_group,
+                  on_nonfinite, optimizer):
+    if on_nonfinite != "skip":
+        raise ValueError(f"fusedclip.clip_: on_nonfinite must be 'clip' or 'skip', got {on_nonfinite!r}")
+    if optimizer is None:
+        raise ValueError("fusedclip.clip_: on_nonfinite='skip' skips the optimizer's next step: pass optimizer=")
+    if error_if_nonfinite or per_tensor:
+        raise ValueError("fusedclip.clip_: on_nonfinite='skip' cannot be combined with error_if_nonfinite or "
+                         "per_tensor")
+    grads = _grads(params, "clip_")
+    norm = get_total_norm(grads, norm_type, backend=backend, process_group=process_group)
+    if not grads:
+        return norm
+    finite = torch.isfinite(norm)
+    # a norm of 0 gives a coefficient of 1: nothing is written on a skipped step
+    clip_grads_with_norm_(params, max_norm, torch.where(finite, norm, torch.zeros_like(norm)), backend=backend)
+    flag = finite.logical_not().to(torch.float32)
+    if _distributed.is_dtensor(flag):
+        flag = flag.to_local()
+    guard.skip_next_step_if(optimizer, flag.to(grads[0].device))
+    return norm
 
 
 @torch.no_grad()

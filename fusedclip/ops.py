@@ -32,6 +32,10 @@ if _ext.LOADED:
     def _scale_fake(grads, max_norm, total_norm):
         return None
 
+    @torch.library.register_fake("fusedclip::zclip_")
+    def _zclip_fake(grads, state, config, norm=None, inv_scale=None, found_inf=None):
+        return grads[0].new_empty((), dtype=acc_dtype(grads))
+
     @torch.library.register_fake("fusedclip::clamp_")
     def _clamp_fake(grads, clip_value):
         return None
@@ -79,3 +83,10 @@ class NativeBackend:
     @staticmethod
     def clamp(grads, clip_value):
         torch.ops.fusedclip.clamp_(grads, clip_value)
+
+    @staticmethod
+    def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None):
+        """ZClip's step (csrc/zclip_rule.h) in the fused pass: the norm (or the given one), the coefficient from
+        the float64 state, the scaling unless it is 1, the state's update; found_inf set also on a skipped
+        step. Returns the norm in the accumulation dtype."""
+        return torch.ops.fusedclip.zclip_(grads, state, config, norm, inv_scale, found_inf)

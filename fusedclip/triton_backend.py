@@ -615,13 +615,14 @@ def one_launch_options(constexprs):
 _one_launch_variants = {}  # (device index, constexprs) -> (compile options, programs per SM)
 
 
-def _one_launch_variant(device, n_chunks, args, constexprs):
+def _one_launch_variant(device, n_chunks, args, constexprs, kernel=None, extra_options=None):
     """(compile options, programs) of a one-launch call, the programs per SM from the compiled kernel's registers,
     spills and shared memory: found once per device and variant (the constexprs; the other arguments are not
     specialized on, see _NO_VALUE_KEY, except the partials' alignment, which is always 16). The first call of a
     variant compiles it here (warmup: no launch); later calls, a CUDA-graph capture among them, only look it
     up."""
-    key = (device.index, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+    kernel_fn = kernel or _one_launch_kernel  # any kernel with _grid_barrier (triton_zclip.py has one too)
+    key = (device.index, kernel_fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
     variant = _one_launch_variants.get(key)
     if variant is None:
         if torch.cuda.is_current_stream_capturing():  # compiling and loading a module would fail the capture
@@ -629,7 +630,8 @@ def _one_launch_variant(device, n_chunks, args, constexprs):
                                "call clip_ once outside the capture first (a warm-up step), with the same options")
         best = None
         for options in one_launch_options(constexprs):
-            kernel = _one_launch_kernel.warmup(*args, grid=(1,), **options, **constexprs)
+            options = dict(options, **(extra_options or {}))
+            kernel = kernel_fn.warmup(*args, grid=(1,), **options, **constexprs)
             kernel._init_handles()  # loads the module: sets n_regs and n_spills
             if best is None or kernel.n_spills < best[1].n_spills:
                 best = options, kernel
@@ -951,6 +953,11 @@ class TritonBackend:
     @staticmethod
     def clamp(grads, clip_value):
         torch.ops.fusedclip_triton.clamp_(grads, clip_value)
+
+    @staticmethod
+    def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None):
+        # defined by fusedclip/triton_zclip.py (imported with this module by fusedclip/__init__.py)
+        return torch.ops.fusedclip_triton.zclip_(grads, state, config, norm, inv_scale, found_inf)
 
 
 backends.register(TritonBackend)

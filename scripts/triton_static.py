@@ -26,6 +26,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from fusedclip import triton_backend as tb
+from fusedclip import triton_zclip as tz
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100/H200
 
@@ -41,7 +42,7 @@ def record_launches(call):
     tb._launch = lambda kernel, programs, *args, options=None, **constexprs: launches.append(
         (kernel, args, constexprs))
     tb._programs = lambda *a: 1
-    tb._one_launch_variant = lambda *a: (None, 1)
+    tb._one_launch_variant = lambda *a, **k: (None, 1)
     try:
         call()
     finally:
@@ -53,6 +54,10 @@ def candidate_options(kernel, constexprs):
     """The compile options the launchers try for this kernel, best first."""
     if kernel is tb._one_launch_kernel:
         return tb.one_launch_options(constexprs)
+    if kernel is tz._zclip_kernel:
+        if constexprs["ONE_LAUNCH"]:
+            return [dict(o, **tz._OPTIONS) for o in tb.one_launch_options(constexprs)]
+        return [dict(num_warps=tb.NUM_WARPS, **tz._OPTIONS)]
     return [dict(num_warps=tb.NUM_WARPS)]
 
 
@@ -121,6 +126,13 @@ def variants():
     out["finish L2 fp32-acc"] = finish + (low,)
     (clamp,) = record_launches(lambda: tb.clamp(_grads(MIXED64), 0.5))
     out["clamp"] = clamp + (wide,)
+    # ZClip: the norm pass and the scaling (one launch), or the scaling only (after the partials kernel)
+    config = [0.97, 2.5, 1.0, 1.0, 1e-6, 25.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    state = torch.zeros(tz.BUFFER + 25, dtype=torch.float64)
+    one("zclip one-launch fp32-acc", lambda: tz.zclip(_grads(MIXED), state, config, found_inf=torch.zeros(()),
+                                                      launch="one"), 2, low)
+    _, zfinish = record_launches(lambda: tz.zclip(_grads(MIXED), state, config, launch="two"))
+    out["zclip finish fp32-acc"] = zfinish + (low,)
     return out
 
 
@@ -144,8 +156,9 @@ def report():
         row = dict(variant=name, kernel=kernel.__name__, maxnreg=options.get("maxnreg"), registers=regs,
                    stack_bytes=stack, local_bytes=local, shared=compiled.metadata.shared, v128_loads=len(loads),
                    v128_data_loads=sum(".cg" not in x for x in loads), expected_v128_data_loads=expected,
-                   global_loads=len(ANY_LOAD.findall(ptx)), compile_s=round(time.time() - t, 1))
-        if kernel is tb._one_launch_kernel:
+                   global_loads=len(ANY_LOAD.findall(ptx)), f64_fma=ptx.count("fma.rn.f64"),
+                   compile_s=round(time.time() - t, 1))
+        if kernel is tb._one_launch_kernel or (kernel is tz._zclip_kernel and constexprs["ONE_LAUNCH"]):
             row["resident_per_sm"] = tb.resident_per_sm(regs, compiled.metadata.shared)
             row["one_launch_per_sm"] = tb.one_launch_per_sm(regs, compiled.metadata.shared)
         rows.append(row)

@@ -174,3 +174,50 @@ def test_clip_into_with_grad_scaler(backend, unscale_first, bad):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         else:
             assert_bit_identical(p.detach(), b)
+
+
+# ---- the spike guard for plain clip_ (on_nonfinite="skip") ----
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw", "forloop-adamw"])
+def test_clip_on_nonfinite_skip(backend, fused):
+    """A NaN gradient: the gradients stay as they are, the optimizer's step is skipped (parameters and its
+    state as if step() had not been called); finite steps are clip_ then step(), bit for bit."""
+    g = torch.Generator().manual_seed(50)
+    w0 = torch.randn(40, 30, generator=g)
+    seq = [torch.randn(40, 30, generator=g) * (3.0 if t % 2 else 0.1) for t in range(6)]
+    seq[3][5, 7] = math.nan
+    runs = []
+    for guarded in (True, False):
+        w = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.AdamW([w], lr=1e-2, weight_decay=0.1, fused=fused, foreach=None if fused else False)
+        out = []
+        for t, grad in enumerate(seq):
+            w.grad = grad.clone()
+            if guarded:
+                fusedclip.clip_([w], 1.0, on_nonfinite="skip", optimizer=opt, backend=backend)
+                if t == 3:  # left alone
+                    torch.testing.assert_close(w.grad, seq[3], rtol=0, atol=0, equal_nan=True)
+                opt.step()
+            else:
+                if t != 3:
+                    fusedclip.clip_([w], 1.0, backend=backend)
+                    opt.step()
+            out.append(w.detach().clone())
+        runs.append(out)
+    for t, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), t
+    assert torch.isfinite(runs[0][-1]).all()
+
+
+def test_clip_on_nonfinite_bad_arguments():
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad = torch.full((3,), 2.0)
+    opt = torch.optim.SGD([w], lr=0.1)
+    with pytest.raises(ValueError, match="optimizer="):
+        fusedclip.clip_([w], 1.0, on_nonfinite="skip")
+    with pytest.raises(ValueError, match="'clip' or 'skip'"):
+        fusedclip.clip_([w], 1.0, on_nonfinite="zero", optimizer=opt)
+    with pytest.raises(ValueError, match="error_if_nonfinite"):
+        fusedclip.clip_([w], 1.0, error_if_nonfinite=True, on_nonfinite="skip", optimizer=opt)
+    assert torch.equal(w.grad, torch.full((3,), 2.0))

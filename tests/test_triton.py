@@ -4,8 +4,8 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors. TRITON_INT
 Triton is imported, and conftest has imported fusedclip (and Triton) by the time this module loads; so when
 this process can run neither the compiled kernels (no GPU) nor the interpreted ones, this module runs itself in
 a child pytest with TRITON_INTERPRET=1 and reports that as one test (TRITON_INTERPRET=1 pytest
-tests/test_triton.py shows every case); the child also runs tests/test_fused_extras.py's cases for the "triton"
-backend, which it only offers under the interpreter on CPU. With a GPU the cases run the compiled kernels on CUDA
+tests/test_triton.py shows every case); the child also runs tests/test_fused_extras.py's and
+tests/test_zclip_fused.py's cases for the "triton" backend, which it only offers under the interpreter on CPU. With a GPU the cases run the compiled kernels on CUDA
 tensors, and the gpu-marked tests check one launch against two, CUDA-graph replay, two streams and that the first
 launch ends.
 """
@@ -606,8 +606,9 @@ if not (tb.INTERPRET or torch.cuda.is_available()):
     def test_triton_backend_in_the_interpreter():
         env = dict(os.environ, TRITON_INTERPRET="1")
         # test_fused_extras.py's "triton" cases too: this process does not offer that backend on CPU
-        extras = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_fused_extras.py")
-        out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__, extras,
+        here = os.path.dirname(os.path.abspath(__file__))
+        extras = [os.path.join(here, name) for name in ("test_fused_extras.py", "test_zclip_fused.py")]
+        out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__, *extras,
                               "-k", "triton"], env=env,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
                              text=True, timeout=1800)
@@ -615,4 +616,5 @@ if not (tb.INTERPRET or torch.cuda.is_available()):
         print(summary)
         assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
         assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
-        assert "test_fused_extras.py::" in out.stdout, "no test_fused_extras.py case ran for 'triton'"
+        for name in ("test_fused_extras.py", "test_zclip_fused.py"):
+            assert f"{name}::" in out.stdout, f"no {name} case ran for 'triton'"
