@@ -53,7 +53,8 @@ def config_json(cfg):
     return {"device": str(cfg.device), "sets": cfg.sets, "providers": cfg.providers, "regimes": cfg.regimes,
             "quick": cfg.quick, "budget_s": cfg.budget_s, "min_n": cfg.min_n, "max_n": cfg.max_n,
             "compile_sets": cfg.compile_sets, "scaling": cfg.scaling, "scaling_points": cfg.scaling_points,
-            "max_s": cfg.max_s, "rounds": cfg.rounds, "extras": cfg.extras, "zclip": cfg.zclip, "scaling_regime": cfg.scaling_regime,
+            "max_s": cfg.max_s, "rounds": cfg.rounds, "extras": cfg.extras, "zclip": cfg.zclip,
+            "scaling_regime": cfg.scaling_regime,
             "tensors_elements": cfg.tensors_elements, "floor": cfg.floor, "busy_procs": cfg.busy_procs,
             "max_norm": MAX_NORM, "clip_norm": CLIP_NORM, "noclip_norm": NOCLIP_NORM}
 
