@@ -265,10 +265,11 @@ def test_zclip_rows(tmp_path):
 
 
 def test_zclip_only_and_default_sets(tmp_path):
-    """--providers none --zclip: only the ZClip rows (no plain rows, no floor); bare --zclip picks bert-base
-    and many-small when the run has them."""
+    """--providers none --zclip: only the ZClip rows (no plain rows, no floor); bare --zclip picks bert-base,
+    bert-base-bf16 and many-small when the run has them."""
     pick = lambda argv: cli.make_config(cli.parse(["--device", "cpu"] + argv)).zclip  # noqa: E731
     assert pick(["--sets", "tiny,bert-base,many-small", "--zclip"]) == ["bert-base", "many-small"]
+    assert pick(["--zclip"]) == ["many-small", "bert-base", "bert-base-bf16"]  # the default CPU sets' order
     assert pick(["--sets", "tiny", "--zclip"]) == ["tiny"] and pick(["--sets", "tiny"]) == []
     assert cli.make_config(cli.parse(["--device", "cpu", "--providers", "none"])).providers == []
     rc = bench.main(TINY + ["--sets", "tiny", "--providers", "none", "--regimes", "noclip", "--scaling", "none",

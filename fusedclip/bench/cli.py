@@ -73,7 +73,7 @@ def parse(argv):
     ap.add_argument("--zclip", nargs="?", const="auto", default=None,
                     help=f"also time fusedclip.ZClip.step against zclip {ZCLIP_VERSION}'s ZClip.step and plain "
                          "fusedclip.clip_ (clip and noclip regimes, past the warm-up), on the listed sets (comma-"
-                         f"separated, or 'all'; bare --zclip: {' and '.join(ZCLIP_DEFAULT_SETS)} when run, else "
+                         f"separated, or 'all'; bare --zclip: {', '.join(ZCLIP_DEFAULT_SETS)} when run, else "
                          "every set of the run). Off by default")
     ap.add_argument("--list", action="store_true", help="list the sets and providers and exit")
     return ap.parse_args(argv)

@@ -23,7 +23,7 @@ from .workload import CLIP_NORM, MAX_NORM, NOCLIP_NORM, check_call, total_norm
 ARGS = dict(alpha=0.97, z_thresh=2.5, max_grad_norm=MAX_NORM, eps=1e-6, warmup_steps=5, mode="zscore",
             clip_option="adaptive_scaling", clip_factor=1.0, skip_update_on_spike=False)
 WARMUP_JITTER = (0.9, 1.1, 1.0, 0.95, 1.05)  # warm-up norms: NOCLIP_NORM times these (std ~7% of the mean)
-ZCLIP_DEFAULT_SETS = ["bert-base", "many-small"]
+ZCLIP_DEFAULT_SETS = ["bert-base", "bert-base-bf16", "many-small"]
 BASELINE = "zclip-ref"
 CLIP_KEY = "zclip-clip"
 FUSED_KEY = "zclip-fused"
