@@ -273,10 +273,12 @@ def test_zclip_only_and_default_sets(tmp_path):
     assert pick(["--sets", "tiny", "--zclip"]) == ["tiny"] and pick(["--sets", "tiny"]) == []
     assert cli.make_config(cli.parse(["--device", "cpu", "--providers", "none"])).providers == []
     rc = bench.main(TINY + ["--sets", "tiny", "--providers", "none", "--regimes", "noclip", "--scaling", "none",
-                            "--no-plot", "--zclip", "--out", str(tmp_path)])
+                            "--zclip", "--out", str(tmp_path)])
     assert rc == 0
+    assert [f.rsplit(".", 1)[1] for f in sorted(os.listdir(tmp_path))] == ["json", "md"]  # no empty plot
     (path,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     result = json.loads((tmp_path / path).read_text())
+    assert any(n.startswith("plot skipped") for n in result["notes"])
     assert {r["kind"] for r in result["results"]} == {"zclip"}
     assert {r["regime"] for r in result["results"]} == {"noclip"}
     assert "## Per set" not in (tmp_path / path.replace(".json", ".md")).read_text()

@@ -6,7 +6,7 @@ import os
 import re
 import time
 
-from .plot import have_matplotlib, plot
+from .plot import has_content, have_matplotlib, plot
 from .providers import FUSED, PROVIDERS
 from .reference import FLOOR_TOLERANCE
 from .workload import CLIP_NORM, MAX_NORM, NOCLIP_NORM, is_busy
@@ -241,11 +241,15 @@ def write_outputs(result, cfg):
     if skipped:
         result["notes"].append("plot skipped: matplotlib not installed (pip install matplotlib)")
         print(f"note: {result['notes'][-1]}")
+    empty = cfg.plot and not skipped and not has_content(result)
+    if empty:
+        result["notes"].append("plot skipped: nothing to plot (no provider rows nor scaling curves)")
+        print(f"note: {result['notes'][-1]}")
     with open(paths["json"], "w") as f:
         json.dump(result, f, indent=1, default=str)
     with open(paths["md"], "w") as f:
         f.write(markdown(result))
-    if cfg.plot and not skipped:
+    if cfg.plot and not skipped and not empty:
         paths["png"] = os.path.join(cfg.out, stem + ".png")
         plot(result, paths["png"])
     return paths
