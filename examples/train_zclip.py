@@ -24,6 +24,8 @@ import torch
 
 import fusedclip
 
+EPS = 1e-6  # ZClip's eps (its default), passed explicitly so that the threshold below uses the same one
+
 
 def make_data(n, d_in, seed):
     """Inputs and targets of a fixed random teacher (a tanh MLP), with a little noise."""
@@ -40,13 +42,13 @@ def make_model(d_in, hidden, seed):
                                torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
 
 
-def zclip_threshold(clipper):
+def zclip_threshold(clipper, warmup_steps):
     """The norm above which the next step is a spike: mean + z_thresh * (std + eps) from the clipper's state
     (NaN while it warms up). state_dict() holds float64 tensors; reading them here is a host sync."""
     sd = clipper.state_dict()
-    if sd["steps"] < max(clipper.warmup_steps, 1):
+    if sd["steps"] < max(warmup_steps, 1):
         return float("nan")
-    return float(sd["mean"]) + clipper.z_thresh * (math.sqrt(float(sd["var"])) + clipper.eps)
+    return float(sd["mean"]) + clipper.z_thresh * (math.sqrt(float(sd["var"])) + EPS)
 
 
 def train(args, method):
@@ -59,7 +61,7 @@ def train(args, method):
     clipper = None
     if method == "zclip":
         clipper = fusedclip.ZClip(alpha=args.alpha, z_thresh=args.z_thresh, max_grad_norm=args.max_grad_norm,
-                                  warmup_steps=args.warmup_steps)
+                                  eps=EPS, warmup_steps=args.warmup_steps)
     spikes = set(args.spike_steps)
     rec = {"loss": [], "norm": [], "clipped": [], "threshold": []}
     for step in range(args.steps):
@@ -70,7 +72,7 @@ def train(args, method):
         (loss * args.spike_factor if step in spikes else loss).backward()  # the bad batch: a huge gradient
         threshold = float("nan")
         if method == "zclip":
-            threshold = zclip_threshold(clipper)  # the state before this step decides this step
+            threshold = zclip_threshold(clipper, args.warmup_steps)  # the state before this step decides it
             norm = clipper.step(model)  # a 0-dim tensor: the norm before clipping
         elif method == "clip":
             norm = fusedclip.clip_(model.parameters(), max_norm=args.fixed_max_norm)

@@ -151,6 +151,7 @@ def relate_to_clip(rows, label, regime):
 
 NOTE = (f"zclip rows: ZClip({', '.join(f'{k}={v!r}' for k, v in ARGS.items())})" +
         f"; both clippers warmed up ({ARGS['warmup_steps']} steps, norms {NOCLIP_NORM:g} x "
-        f"{', '.join(f'{j:g}' for j in WARMUP_JITTER)}) before each set and regime; clip: norm {CLIP_NORM:g}, a "
+        f"{', '.join(f'{j:g}' for j in WARMUP_JITTER)}) before each set and regime (not timed in the busy "
+        f"regimes); clip: norm {CLIP_NORM:g}, a "
         f"spike clipped to the adaptive threshold; noclip: norm {NOCLIP_NORM:g}, no spike. Speedups against "
         f"zclip {ZCLIP_VERSION}'s ZClip.step; 'time / clip_' is over fusedclip.clip_'s (max_norm {MAX_NORM:g}).")
