@@ -225,3 +225,101 @@ def test_extras_checks_catch_a_wrong_sequence():
     # a step without clipping (the right norm returned), once the optimizer has state
     unclipped = lambda ps: (wl.optimizers[id(ps)].step(), torch.nn.utils.get_total_norm([p.grad for p in ps]))[1]  # noqa: E731
     assert "step differs" in check(unclipped, wl)
+
+
+def test_zclip_rows(tmp_path):
+    """--zclip: fusedclip.ZClip.step against zclip's ZClip.step and plain clip_, past the warm-up, in the clip
+    (a spike) and noclip regimes; checked, timed, related to zclip and to clip_, with the issue's targets. The
+    plain rows of the same set and regimes keep torch as their baseline."""
+    rc = bench.main(TINY + ["--sets", "tiny", "--providers", "torch", "--regimes", "clip,noclip", "--scaling",
+                            "none", "--no-floor", "--no-plot", "--zclip", "tiny,many-small", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    result = json.loads((tmp_path / path).read_text())
+    assert result["config"]["zclip"] == ["tiny", "many-small"]
+    assert any("--zclip rows not run on many-small" in n for n in result["notes"])
+    have_ref = importlib.util.find_spec("zclip") is not None
+    rows = {(r["provider"], r["regime"]): r for r in result["results"] if r.get("kind") == "zclip"}
+    keys = ["zclip-fused", "zclip-clip"] + (["zclip-ref"] if have_ref else [])
+    assert set(rows) == {(k, g) for k in keys for g in ("clip", "noclip")}
+    if not have_ref:
+        assert any("zclip row zclip-ref not run" in n for n in result["notes"])
+    for (key, regime), r in rows.items():
+        assert r["set"] == "tiny" and "error" not in r and r["check"] == "", r
+        assert 0 < r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["mean_s"] > 0 and r["p50_s"] <= r["p90_s"]
+        assert r["launches"] >= 1 and r["vs_clip"] > 0 and r["mean_vs_clip"] > 0 and r["p90_vs_clip"] > 0
+        if have_ref:
+            assert r["speedup"] > 0 and r["mean_speedup"] > 0 and r["p90_speedup"] > 0
+            assert math.isclose(r["speedup"], 1.0) == (key == "zclip-ref")
+        assert math.isclose(r["vs_clip"], r["median_s"] / rows[("zclip-clip", regime)]["median_s"])
+    plain = [r for r in result["results"] if r.get("kind") == "set"]
+    assert {(r["provider"], r["regime"]) for r in plain} == {("torch", "clip"), ("torch", "noclip")}
+    assert all(math.isclose(r["speedup"], 1.0) for r in plain)  # still against torch, not against zclip
+    ours = [t for t in result["targets"] if t["issue"] == 16]
+    assert {t["what"] for t in ours} == {f"fusedclip.ZClip.step: tiny {g} time / fusedclip.clip_"
+                                         for g in ("clip", "noclip")}  # the 3x target is for bert-base only
+    for t in ours:
+        assert t["target"] == 1.10 and t["met"] == (t["value"] <= 1.10)
+    md = (tmp_path / path.replace(".json", ".md")).read_text()
+    assert "| tiny | clip | fusedclip.ZClip.step (" in md and "| tiny | noclip | fusedclip.clip_ (" in md
+
+
+def test_zclip_only_and_default_sets(tmp_path):
+    """--providers none --zclip: only the ZClip rows (no plain rows, no floor); bare --zclip picks bert-base,
+    bert-base-bf16 and many-small when the run has them."""
+    pick = lambda argv: cli.make_config(cli.parse(["--device", "cpu"] + argv)).zclip  # noqa: E731
+    assert pick(["--sets", "tiny,bert-base,many-small", "--zclip"]) == ["bert-base", "many-small"]
+    assert pick(["--zclip"]) == ["many-small", "bert-base", "bert-base-bf16"]  # the default CPU sets' order
+    assert pick(["--sets", "tiny", "--zclip"]) == ["tiny"] and pick(["--sets", "tiny"]) == []
+    assert cli.make_config(cli.parse(["--device", "cpu", "--providers", "none"])).providers == []
+    rc = bench.main(TINY + ["--sets", "tiny", "--providers", "none", "--regimes", "noclip", "--scaling", "none",
+                            "--zclip", "--out", str(tmp_path)])
+    assert rc == 0
+    assert [f.rsplit(".", 1)[1] for f in sorted(os.listdir(tmp_path))] == ["json", "md"]  # no empty plot
+    (path,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    result = json.loads((tmp_path / path).read_text())
+    assert any(n.startswith("plot skipped") for n in result["notes"])
+    assert {r["kind"] for r in result["results"]} == {"zclip"}
+    assert {r["regime"] for r in result["results"]} == {"noclip"}
+    assert "## Per set" not in (tmp_path / path.replace(".json", ".md")).read_text()
+
+
+def test_zclip_check_catches_a_wrong_clipper():
+    """The ZClip rows' check: a warmed-up fusedclip.ZClip passes in both regimes; a clipper that clips to
+    max_norm instead of the adaptive threshold, one that clips nothing, and one that scales a step that is no
+    spike do not."""
+    from fusedclip.bench import zclip_rows as zr
+
+    dev = torch.device("cpu")
+    wl = workload.Workload(sets.SETS["tiny"].specs(), dev, rotations=1)
+    wl.set_regime(True)
+    fused = next(p for p in zr.zclip_providers(dev, wl) if p.key == zr.FUSED_KEY).make(dev)
+    mean, var = fused.state()
+    assert mean == pytest.approx(workload.NOCLIP_NORM) and 0 < var < (0.1 * workload.NOCLIP_NORM) ** 2
+    assert zr.check_zclip(fused, wl) == ""
+
+    def like(fn):  # a wrong clipper, with the right clipper's state to judge it by
+        fn.state = fused.state
+        return fn
+
+    to_max = like(lambda ps: fusedclip.clip_(ps, workload.MAX_NORM))
+    assert "norm after the step" in zr.check_zclip(to_max, wl)
+    nothing = like(lambda ps: fusedclip.get_total_norm([p.grad for p in ps]))
+    assert "no spike clipped" in zr.check_zclip(nothing, wl)
+    wl.set_regime(False)
+    assert zr.check_zclip(fused, wl) == ""
+    scales = like(lambda ps: fusedclip.clip_(ps, 0.1))
+    assert "scaled gradients that were no spike" in zr.check_zclip(scales, wl)
+
+
+def test_zclip_check_rule_is_zclips():
+    """The check's own statement of the rule (expected_limit) against zclip 1.0.0's _compute_clip_val and cap."""
+    zclip = pytest.importorskip("zclip")
+    from fusedclip.bench import zclip_rows as zr
+
+    ref = zclip.ZClip(**zr.ARGS)
+    for mean, var, norm in [(0.5, 1e-3, 10.0), (0.5, 1e-3, 0.52), (0.5, 1e-3, 0.6), (2.0, 0.04, 9.0), (0.5, 0.0, 0.5)]:
+        ref.mean, ref.var = mean, var
+        clip_val = ref._compute_clip_val(norm)
+        want = min(norm if clip_val is None else clip_val, zr.ARGS["max_grad_norm"])
+        assert zr.expected_limit(mean, var, norm) == pytest.approx(want, rel=1e-12), (mean, var, norm)

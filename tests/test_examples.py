@@ -76,3 +76,47 @@ def test_train_lstm_without_matplotlib(tmp_path):
     out = run_example("train_lstm.py", "--steps", "3", "--batch", "4", "--out", str(png), block_matplotlib=True)
     assert "plot skipped: matplotlib not installed" in out and "with fusedclip.clip_" in out
     assert not png.exists()
+
+
+def zclip_runs(out):
+    """The summary lines of examples/train_zclip.py: {run: (loss before the first spike, largest loss after it,
+    final loss, steps clipped)}."""
+    runs = {}
+    for m in re.finditer(r"^(without clipping|with fusedclip\S*): loss \S+ -> (\S+) \(before the first spike\) -> "
+                         r"(\S+) \(final\); largest loss after a spike (\S+); largest gradient norm \S+; "
+                         r"steps clipped (\d+)$", out, re.M):
+        runs[m[1].split("(")[0]] = (number(m[2]), number(m[4]), number(m[3]), int(m[5]))
+    return runs
+
+
+def test_train_zclip_spikes(tmp_path):
+    """Injected gradient spikes: without clipping the loss jumps by orders of magnitude after the first one;
+    with fusedclip.ZClip every spike is clipped, the norm after clipping never exceeds ZClip's threshold, the
+    loss after the spikes stays near where it was, and the regular steps are not clipped."""
+    png = tmp_path / "zclip.png"
+    out = run_example("train_zclip.py", "--steps", "60", "--spike-steps", "30,45", "--warmup-steps", "10",
+                      "--out", str(png))
+    runs = zclip_runs(out)
+    assert set(runs) == {"without clipping", "with fusedclip.clip_", "with fusedclip.ZClip"}, out
+    before, worst, _, clipped = runs["without clipping"]
+    assert clipped == 0 and (not math.isfinite(worst) or worst > 100 * before)  # diverged
+    z_before, z_worst, z_final, z_clipped = runs["with fusedclip.ZClip"]
+    assert z_before == before  # same weights, same batches until the first spike (nothing clipped before it)
+    assert math.isfinite(z_worst) and z_worst < 3 * z_before and z_final < 2 * z_before
+    assert z_clipped == 2  # the two spikes, and no regular step
+    m = re.search(r"ZClip: (\d+) of (\d+) spikes clipped \(steps ([\d, ]+)\); steps whose norm after clipping "
+                  r"exceeds the threshold: (\d+)", out)
+    assert m and (m[1], m[2], m[3], m[4]) == ("2", "2", "30, 45", "0"), out
+    if HAS_MATPLOTLIB:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    else:
+        assert "plot skipped: matplotlib not installed" in out and not png.exists()
+
+
+def test_train_zclip_without_matplotlib(tmp_path):
+    png = tmp_path / "zclip.png"
+    out = run_example("train_zclip.py", "--steps", "12", "--spike-steps", "8", "--warmup-steps", "4", "--no-fixed",
+                      "--out", str(png), block_matplotlib=True)
+    assert "plot skipped: matplotlib not installed" in out and set(zclip_runs(out)) == {
+        "without clipping", "with fusedclip.ZClip"}
+    assert not png.exists()

@@ -7,6 +7,7 @@ One module per concern (bench/README.md says what is measured and why):
 - workload.py   the gradients to clip (rotated copies, a pristine one), the regimes, the correctness check
 - providers.py  the implementations timed (torch, torch.compile, fusedclip's backends, apex)
 - extras.py     --extras: unscale_ + clip and clip + optimizer step, fused and not
+- zclip_rows.py --zclip: fusedclip.ZClip.step against zclip 1.0.0's ZClip.step and plain clip_
 - timing.py     how a call is timed, the statistics, the busy processes, launch counting
 - reference.py  the copy bandwidth and the memory floor, measured in the same run
 - run.py        sets x regimes x providers, the scaling curves: the result

@@ -13,6 +13,7 @@ from .run import Config, run
 from .sets import (DEFAULT_COMPILE_SETS, DEFAULT_SETS, QUICK_SETS, SCALING, SCALING_TENSORS_ELEMENTS, SETS, numel,
                    specs_bytes)
 from .workload import REGIMES
+from .zclip_rows import ZCLIP_DEFAULT_SETS, ZCLIP_VERSION
 
 # git-ignored: a run leaves the checkout clean; `--out bench/results` keeps one to commit
 DEFAULT_OUT = os.path.join("bench", "results", "local")
@@ -35,7 +36,9 @@ def parse(argv):
     ap.add_argument("--sets", default=None,
                     help="comma-separated, or 'all' (default: every set on a GPU, a CPU-sized subset on the CPU). "
                          f"Sets: {', '.join(SETS)}")
-    ap.add_argument("--providers", default=None, help=f"comma-separated (default: all). {', '.join(PROVIDERS)}")
+    ap.add_argument("--providers", default=None,
+                    help=f"comma-separated (default: all; 'none' for only the --extras or --zclip rows). "
+                         f"{', '.join(PROVIDERS)}")
     ap.add_argument("--regimes", default=None,
                     help=f"comma-separated from {', '.join(REGIMES)} (default: all on the CPU, clip,noclip on a GPU)")
     ap.add_argument("--busy-procs", type=int, default=0,
@@ -67,6 +70,11 @@ def parse(argv):
                     help="also time AMP (unscale_clip_) and optimizer (clip_into_ + fused AdamW step) rows against "
                          "the unfused sequences, on the listed sets (comma-separated, or 'all'; bare --extras: "
                          f"{' and '.join(EXTRAS_DEFAULT_SETS)} when run, else every set of the run). Off by default")
+    ap.add_argument("--zclip", nargs="?", const="auto", default=None,
+                    help=f"also time fusedclip.ZClip.step against zclip {ZCLIP_VERSION}'s ZClip.step and plain "
+                         "fusedclip.clip_ (clip and noclip regimes, past the warm-up), on the listed sets (comma-"
+                         f"separated, or 'all'; bare --zclip: {', '.join(ZCLIP_DEFAULT_SETS)} when run, else "
+                         "every set of the run). Off by default")
     ap.add_argument("--list", action="store_true", help="list the sets and providers and exit")
     return ap.parse_args(argv)
 
@@ -91,7 +99,12 @@ def make_config(ns):
         sets = [n for n, s in SETS.items() if not s.hidden]
     else:
         sets = _csv(ns.sets, SETS, "set")
-    providers = list(PROVIDERS) if ns.providers in (None, "all") else _csv(ns.providers, PROVIDERS, "provider")
+    if ns.providers in (None, "all"):
+        providers = list(PROVIDERS)
+    elif ns.providers == "none":
+        providers = []
+    else:
+        providers = _csv(ns.providers, PROVIDERS, "provider")
     regimes = list(DEFAULT_REGIMES[dt]) if ns.regimes is None else _csv(ns.regimes, REGIMES, "regime")
     if ns.compile_sets is None:
         compile_sets = DEFAULT_COMPILE_SETS[dt]
@@ -107,6 +120,14 @@ def make_config(ns):
         extras = [s for s in sets if s in EXTRAS_DEFAULT_SETS] or list(sets)
     else:
         extras = _csv(ns.extras, SETS, "set")
+    if ns.zclip is None:
+        zclip = []
+    elif ns.zclip == "all":
+        zclip = list(sets)
+    elif ns.zclip == "auto":
+        zclip = [s for s in sets if s in ZCLIP_DEFAULT_SETS] or list(sets)
+    else:
+        zclip = _csv(ns.zclip, SETS, "set")
     scaling = [] if ns.scaling == "none" else _csv(ns.scaling, {"tensors", "elements"}, "scaling curve")
     points = dict(SCALING["quick" if ns.quick else dt])
     for curve, text in (("tensors", ns.tensors_points), ("elements", ns.elements_points)):
@@ -126,7 +147,7 @@ def make_config(ns):
                   scaling_points=points, scaling_regime=ns.scaling_regime,
                   tensors_elements=int(ns.tensors_elements), plot=not ns.no_plot, tag=ns.tag,
                   mem_fraction=ns.mem_fraction or (0.85 if dt == "cuda" else 0.5),
-                  rounds=max(1, ns.rounds or (2 if ns.quick else 3)), extras=extras,
+                  rounds=max(1, ns.rounds or (2 if ns.quick else 3)), extras=extras, zclip=zclip,
                   floor=dt == "cpu" if ns.floor is None else ns.floor, busy_procs=max(0, ns.busy_procs),
                   max_s=60 * (ns.max_minutes if ns.max_minutes is not None else (7 if dt == "cuda" else 0)))
 

@@ -14,6 +14,13 @@ def have_matplotlib():
     return True
 
 
+def has_content(result):
+    """Whether the PNG would show anything: speedup bars of the providers, or a scaling curve (a run of the
+    --zclip or --extras rows alone has neither)."""
+    return (any(speedup(r) and r["provider"] in PROVIDERS for r in result["results"])
+            or any(result["scaling"]["points"].values()))
+
+
 def speedup(r):
     """What a bar shows: the median's speedup; in the busy regimes the mean's (rare long stalls are the
     cost there, and the mean is what a training step pays)."""

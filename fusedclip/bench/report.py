@@ -6,7 +6,7 @@ import os
 import re
 import time
 
-from .plot import have_matplotlib, plot
+from .plot import has_content, have_matplotlib, plot
 from .providers import FUSED, PROVIDERS
 from .reference import FLOOR_TOLERANCE
 from .workload import CLIP_NORM, MAX_NORM, NOCLIP_NORM, is_busy
@@ -61,12 +61,12 @@ def status_line(row):
 
 
 def result_table(result):
-    """The uncontended rows of every set (and the extras)."""
+    """The uncontended rows of every set (and the extras; the ZClip rows have a table of their own)."""
     head = ("| set | regime | provider | median | p20 .. p80 | speedup | bytes moved | GB/s | % copy | "
             "launches | host/call |")
     lines = [head, "|" + "---|" * 11]
     for r in result["results"]:
-        if r.get("kind") == "floor" or is_busy(r["regime"]):
+        if r.get("kind") in ("floor", "zclip") or is_busy(r["regime"]):
             continue
         if r["regime"] == "compile_s":
             lines.append(f"| {r['set']} | compile | {r['label']} | {fmt_time(r['compile_s'])} | first call | "
@@ -81,7 +81,7 @@ def result_table(result):
                      f"{fmt_time(r['p20_s'])} .. {fmt_time(r['p80_s'])} | {fmt_x(r.get('speedup'))} | "
                      f"{r['bytes_moved'] / 1e6:.1f} MB | {r['bytes_per_s'] / 1e9:.1f} | {r['pct_copy']:.0f}% | "
                      f"{launches} | {fmt_time(r['host_s'])} |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""  # no rows (--providers none)
 
 
 def busy_table(result):
@@ -99,6 +99,31 @@ def busy_table(result):
         lines.append(f"| {r['set']} | {r['regime']} | {r['label']}{chk} | {fmt_time(r['mean_s'])} | "
                      f"{fmt_time(r['p50_s'])} | {fmt_time(r['p90_s'])} | {fmt_x(r.get('mean_speedup'))} | "
                      f"{fmt_x(r.get('p90_speedup'))} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def fmt_ratio(v):
+    return f"{v:.2f}" if v else "-"
+
+
+def zclip_table(result):
+    """--zclip: fusedclip.ZClip.step and fusedclip.clip_ against zclip's ZClip.step, median and tails."""
+    rows = [r for r in result["results"] if r.get("kind") == "zclip"]
+    if not rows:
+        return ""
+    lines = ["| set | regime | row | median | p20 .. p80 | mean | p90 | speedup vs zclip (median / mean / p90) | "
+             "time / clip_ (median / mean / p90) | launches |", "|" + "---|" * 10]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['set']} | {r['regime']} | {r['label']} | error: {r['error']} | | | | | | |")
+            continue
+        chk = " (CHECK FAILED)" if r.get("check") else ""
+        launches = "-" if r.get("launches") is None else str(r["launches"])
+        lines.append(f"| {r['set']} | {r['regime']} | {r['label']}{chk} | {fmt_time(r['median_s'])} | "
+                     f"{fmt_time(r['p20_s'])} .. {fmt_time(r['p80_s'])} | {fmt_time(r['mean_s'])} | "
+                     f"{fmt_time(r['p90_s'])} | {fmt_x(r.get('speedup'))} / {fmt_x(r.get('mean_speedup'))} / "
+                     f"{fmt_x(r.get('p90_speedup'))} | {fmt_ratio(r.get('vs_clip'))} / "
+                     f"{fmt_ratio(r.get('mean_vs_clip'))} / {fmt_ratio(r.get('p90_vs_clip'))} | {launches} |")
     return "\n".join(lines)
 
 
@@ -167,7 +192,8 @@ def _sections(result):
     """(title, body) of every table that has rows, in the order both reports show them."""
     out = [("Per set", result_table(result)),
            ("Under contention (a busy process on every core)", busy_table(result)),
-           ("Against the memory floor (one flat tensor of the same size and dtype)", floor_table(result))]
+           ("Against the memory floor (one flat tensor of the same size and dtype)", floor_table(result)),
+           ("ZClip (--zclip): against zclip's ZClip.step and plain fusedclip.clip_", zclip_table(result))]
     for curve in ("tensors", "elements"):
         out.append((f"Time per call against {curve} ({result['scaling']['regime']})", scaling_table(result, curve)))
     pt = result["scaling"].get("per_tensor_s", {})
@@ -215,11 +241,15 @@ def write_outputs(result, cfg):
     if skipped:
         result["notes"].append("plot skipped: matplotlib not installed (pip install matplotlib)")
         print(f"note: {result['notes'][-1]}")
+    empty = cfg.plot and not skipped and not has_content(result)
+    if empty:
+        result["notes"].append("plot skipped: nothing to plot (no provider rows nor scaling curves)")
+        print(f"note: {result['notes'][-1]}")
     with open(paths["json"], "w") as f:
         json.dump(result, f, indent=1, default=str)
     with open(paths["md"], "w") as f:
         f.write(markdown(result))
-    if cfg.plot and not skipped:
+    if cfg.plot and not skipped and not empty:
         paths["png"] = os.path.join(cfg.out, stem + ".png")
         plot(result, paths["png"])
     return paths

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import extras as ex
+from . import zclip_rows as zr
 from .machine import environment, free_bytes
 from .providers import BASELINE, FUSED, PROVIDERS, SCALING_SKIP
 from .reference import FLOOR_LABEL, copy_bandwidth, floor_fn
@@ -41,6 +42,7 @@ class Config:
     rounds: int = 3  # interleaved rounds of timing per set and regime
     max_s: float = 0.0  # soft time limit (0: none): later sets and points are skipped past it
     extras: list = field(default_factory=list)  # sets that also get the AMP and optimizer rows (--extras)
+    zclip: list = field(default_factory=list)  # sets that also get the ZClip rows (--zclip)
     floor: bool = True  # time each set's memory floor beside its providers
     busy_procs: int = 0  # busy processes in the busy regimes (0: one per core)
     t0: float = field(default_factory=time.perf_counter)
@@ -51,7 +53,8 @@ def config_json(cfg):
     return {"device": str(cfg.device), "sets": cfg.sets, "providers": cfg.providers, "regimes": cfg.regimes,
             "quick": cfg.quick, "budget_s": cfg.budget_s, "min_n": cfg.min_n, "max_n": cfg.max_n,
             "compile_sets": cfg.compile_sets, "scaling": cfg.scaling, "scaling_points": cfg.scaling_points,
-            "max_s": cfg.max_s, "rounds": cfg.rounds, "extras": cfg.extras, "scaling_regime": cfg.scaling_regime,
+            "max_s": cfg.max_s, "rounds": cfg.rounds, "extras": cfg.extras, "zclip": cfg.zclip,
+            "scaling_regime": cfg.scaling_regime,
             "tensors_elements": cfg.tensors_elements, "floor": cfg.floor, "busy_procs": cfg.busy_procs,
             "max_norm": MAX_NORM, "clip_norm": CLIP_NORM, "noclip_norm": NOCLIP_NORM}
 
@@ -175,19 +178,21 @@ def measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=
                             e.fail(err)
                 rows.append(row)
                 progress.step(status_line(row))
-            relate(rows, label, regime, baseline)
+            relate(rows, label, regime, baseline, kind)
     finally:
         del wl, floor_wl, fns
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def relate(rows, label, regime, baseline):
-    """Speedups against the baseline of the same set and regime (of the median, the mean and the p90), and
-    every row's time over the set's memory floor."""
+def relate(rows, label, regime, baseline, kind="set"):
+    """Speedups against the baseline of the same set, regime and kind of row (of the median, the mean and the
+    p90), and every row's time over the set's memory floor. The kind keeps the ZClip rows (regimes clip and
+    noclip too, their own baseline) from relating the plain rows to zclip, and the other way round."""
     same = [r for r in rows if r["set"] == label and r.get("regime") == regime and "median_s" in r]
-    base = next((r for r in same if r["provider"] == baseline), None)
     floor = next((r for r in same if r.get("kind") == "floor"), None)
+    same = [r for r in same if r.get("kind") == kind or (r is floor and kind == "set")]
+    base = next((r for r in same if r["provider"] == baseline), None)
     for r in same:
         if base:
             r["speedup"] = base["median_s"] / r["median_s"]
@@ -239,6 +244,45 @@ def measure_extras(cfg, clock, specs, label, progress, rows):
                 torch.cuda.empty_cache()
 
 
+def zclip_regimes(cfg):
+    """The regimes of the ZClip rows: the run's uncontended ones."""
+    return [r for r in cfg.regimes if r in ("clip", "noclip")]
+
+
+def measure_zclip(cfg, clock, specs, label, progress, rows):
+    """The ZClip rows of one set: zclip's ZClip.step (the baseline of the speedups), fusedclip.ZClip.step and
+    fusedclip.clip_, in each uncontended regime, with clippers made and warmed up afresh for each regime."""
+    device = cfg.device
+    nbytes = specs_bytes(specs)
+    rot = rotations_within(nbytes, device, cfg.mem_fraction)
+    regimes = zclip_regimes(cfg)
+    if rot == 0:
+        cfg.notes.append(f"zclip rows of {label} skipped: do not fit memory")
+        for _ in range(3 * len(regimes)):
+            progress.step(f"{label} zclip: skipped (memory)")
+        return
+    wl = Workload(specs, device, rot)
+    try:
+        for regime in regimes:
+            providers = []
+            for p in zr.zclip_providers(device, wl):
+                ok, why = p.available(device)
+                if ok:
+                    providers.append(p)
+                else:
+                    progress.step(f"{label} {regime} {p.label}: not run ({why})")
+                    note = f"zclip row {p.key} not run: {why}"
+                    if note not in cfg.notes:
+                        cfg.notes.append(note)
+            measure_set(_with_regimes(cfg, [regime]), clock, specs, label, providers, progress, rows,
+                        kind="zclip", wl=wl, baseline=zr.BASELINE)
+            zr.relate_to_clip(rows, label, regime)
+    finally:
+        del wl
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def over_time(cfg, fraction):
     return cfg.max_s > 0 and time.perf_counter() - cfg.t0 > fraction * cfg.max_s
 
@@ -266,6 +310,10 @@ def run(cfg):
             cfg.notes.append(note)
         if specs is not None:
             plan.append((name, specs, label))
+    for what, asked in (("--extras", cfg.extras), ("--zclip", cfg.zclip)):
+        left = [n for n in asked if n not in cfg.sets]
+        if left:
+            cfg.notes.append(f"{what} rows not run on {', '.join(left)}: not in the run's sets (--sets)")
     compile_sets = cfg.compile_sets
     if any(p.compiles for p in providers) and compile_sets is not None:
         left = [name for name, _, _ in plan if name not in compile_sets]
@@ -273,11 +321,12 @@ def run(cfg):
             cfg.notes.append(f"torch.compile not run on {', '.join(left)} (compile time grows with the tensor "
                              f"count; --compile-sets {','.join(left)} or all to include)")
     scal_prov = [p for p in providers if p.key not in SCALING_SKIP]
-    floors = sum(1 for r in cfg.regimes if not is_busy(r)) if cfg.floor else 0
+    floors = sum(1 for r in cfg.regimes if not is_busy(r)) if cfg.floor and providers else 0
     total = sum(floors + sum(len(runs_in(providers, r, compile_sets is None or n in compile_sets))
                              for r in cfg.regimes) for n, _, _ in plan)
     total += len(scal_prov) * sum(len(cfg.scaling_points[c]) for c in cfg.scaling)
     total += 3 * len(ex.EXTRAS) * sum(1 for n, _, _ in plan if n in cfg.extras)
+    total += 3 * len(zclip_regimes(cfg)) * sum(1 for n, _, _ in plan if n in cfg.zclip)
     progress = Progress(total + 1)
 
     meta = environment(device)
@@ -300,19 +349,24 @@ def run(cfg):
         if ok and over_time(cfg, 0.5) and any(p.compiles for p in providers):
             ok = False
             cfg.notes.append(f"torch.compile skipped on {label}: past half the time limit (--max-minutes)")
-        measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=ok, floor=cfg.floor)
+        if providers:  # --providers none: only the --extras or --zclip rows (the floor alone compares nothing)
+            measure_set(cfg, clock, specs, label, providers, progress, rows, compile_ok=ok, floor=cfg.floor)
         if name in cfg.extras:
             measure_extras(cfg, clock, specs, label, progress, rows)
+        if name in cfg.zclip:
+            measure_zclip(cfg, clock, specs, label, progress, rows)
     if any(name in cfg.extras for name, _, _ in plan):
         cfg.notes.append(ex.NOTE.format(scale=ex.AMP_SCALE))
+    if any(name in cfg.zclip for name, _, _ in plan):
+        cfg.notes.append(zr.NOTE if zclip_regimes(cfg) else "zclip rows not run: they need the clip or noclip regime")
     busy = [r for r in cfg.regimes if is_busy(r)]
-    if busy:
+    if busy and any(p.busy for p in providers):
         cfg.notes.append(
             f"{', '.join(busy)}: timed while {cfg.busy_procs or os.cpu_count()} processes spin "
             f"in Python (one per core by default, as data-loader workers or other ranks would), each call timed on "
             f"its own; providers {', '.join(p.key for p in providers if p.busy)} (torch.compile and "
             "foreach=False are not timed there); speedups are torch's mean (p90) over this mean (p90)")
-    if cfg.floor and rows:
+    if cfg.floor and any(r.get("kind") == "floor" for r in rows):
         cfg.notes.append(
             f"memory floor: one torch.linalg.vector_norm (noclip), or one vector_norm and one mul_ (clip), of one "
             f"flat tensor per dtype with the set's size, timed in the same rounds; judged only for sets larger "

@@ -3,6 +3,11 @@ to the JSON for whoever tracks the issues; the terminal and markdown show the me
 from .providers import FUSED
 from .reference import FLOOR_TOLERANCE
 from .workload import is_busy
+from .zclip_rows import FUSED_KEY as ZCLIP_FUSED
+from .zclip_rows import ZCLIP_VERSION
+
+ZCLIP_SPEEDUP = 3.0  # issue 16, on the CPU: fusedclip.ZClip.step at least 3x zclip's on a BERT-sized set ...
+ZCLIP_VS_CLIP = 1.10  # ... and within 10% of plain fusedclip.clip_ (on every set timed)
 
 
 def targets(rows, scaling, device, cache_bytes):
@@ -58,6 +63,14 @@ def targets(rows, scaling, device, cache_bytes):
                     add(4, f"{p}: many-small {regime} speedup vs torch.compile", c["median_s"] / r["median_s"], 2.0)
                 add(4, f"{p}: many-small {regime} launches per call", r and r.get("launches"), 1, higher=False,
                     unit="")
+    if device.type == "cpu":  # issue 16: the ZClip rows (--zclip)
+        for r in rows:
+            if r.get("kind") != "zclip" or r["provider"] != ZCLIP_FUSED or "median_s" not in r:
+                continue
+            what = f"fusedclip.ZClip.step: {r['set']} {r['regime']}"
+            if r["set"].split("[")[0].startswith("bert-base"):
+                add(16, f"{what} speedup vs zclip {ZCLIP_VERSION}", r.get("speedup"), ZCLIP_SPEEDUP)
+            add(16, f"{what} time / fusedclip.clip_", r.get("vs_clip"), ZCLIP_VS_CLIP, higher=False)
     for p in fused:
         s = scaling.get("per_tensor_s", {}).get(p)
         add(15, f"{p}: cost per tensor (tensors curve)", s and s * 1e6, 0.2, higher=False, unit="us")
