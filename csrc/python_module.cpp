@@ -1,6 +1,7 @@
 // The Python module fusedclip._C. Importing it loads this library, and with it
-// the operator registrations (ops.cpp, clip_cpu.cpp, clip_cuda.cu). Its two
-// functions are the eager fast path of fusedclip.clip_ and get_total_norm.
+// the operator registrations (ops.cpp, clip_cpu.cpp, clip_cuda.cu). Its
+// functions are the eager fast path of fusedclip.clip_, get_total_norm and
+// ZClip.step.
 //
 // Why a fast path: for thousands of small tensors, handing the dispatcher a
 // Python list costs more than the kernel. Every tensor of the converted list
@@ -26,6 +27,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -79,16 +81,48 @@ bool as_double(PyObject* o, double* out) {
   return false;
 }
 
+// ZClip's arguments (the zclip_ op's): the state tensor, the config (a list of floats), found_inf or None.
+struct ZClipArgs {
+  PyObject* state;
+  PyObject* config;
+  PyObject* found_inf;
+};
+
+// A plain tensor argument (THPVariable_CheckExact and plain_tensor), or null.
+const at::Tensor* plain_arg(PyObject* o) {
+  if (!THPVariable_CheckExact(o)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(o);
+  return plain_tensor(t) ? &t : nullptr;
+}
+
 // The fused norm (and clip) of `items` (a list or tuple): of each item's .grad
 // when of_grads (None grads skipped), else of the items. The norm in the
-// promotion of the tensors' dtypes, or None when the op path must run.
-PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyObject* norm_type_obj, bool clip) {
-  double max_norm = 0.0, norm_type = 0.0;
+// promotion of the tensors' dtypes (with ZClip: the accumulation dtype), or
+// None when the op path must run. With zargs, ZClip's rule (the L2 norm).
+PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyObject* norm_type_obj, bool clip,
+                     const ZClipArgs* zargs = nullptr) {
+  double max_norm = 0.0, norm_type = 2.0;
   // norm_type 0 is Python's (it counts tensors, as torch does).
-  if ((!PyList_Check(items) && !PyTuple_Check(items)) || !as_double(norm_type_obj, &norm_type) ||
-      norm_type == 0.0 || std::isnan(norm_type) || (clip && !as_double(max_norm_obj, &max_norm)) ||
+  if ((!PyList_Check(items) && !PyTuple_Check(items)) || (!zargs && !as_double(norm_type_obj, &norm_type)) ||
+      norm_type == 0.0 || std::isnan(norm_type) || (clip && !zargs && !as_double(max_norm_obj, &max_norm)) ||
       !plain_thread_state())
     Py_RETURN_NONE;
+  std::vector<double> zconfig;
+  const at::Tensor* zstate = nullptr;
+  std::optional<at::Tensor> found_inf;
+  if (zargs) {
+    if (!PyList_CheckExact(zargs->config) || !(zstate = plain_arg(zargs->state))) Py_RETURN_NONE;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(zargs->config); ++i) {
+      double v;
+      if (!as_double(PyList_GET_ITEM(zargs->config, i), &v)) Py_RETURN_NONE;
+      zconfig.push_back(v);
+    }
+    if (zargs->found_inf != Py_None) {
+      const at::Tensor* f = plain_arg(zargs->found_inf);
+      if (!f) Py_RETURN_NONE;
+      found_inf = *f;
+    }
+  }
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
   PyObject** objects = PySequence_Fast_ITEMS(items);
   std::vector<const at::Tensor*> tensors;
@@ -103,24 +137,34 @@ PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyO
   }
   if (tensors.empty()) Py_RETURN_NONE;
   GradTable g;
+  std::optional<ZClipExtras> z;
+  ClipExtras extras;
   try {
     g = build_table(tensors, clip ? "clip_" : "total_norm", clip ? Access::kWrites : Access::kReads);
-  } catch (const c10::Error&) {  // several devices, an integer tensor, ...: the op path explains
+    if (zargs) {
+      z = zclip_extras(g, *zstate, zconfig, std::nullopt, false);
+      extras.found_inf = found_inf;
+      extras.zclip = &*z;
+      check_extras(g, extras);
+    }
+  } catch (const c10::Error&) {  // several devices, an integer tensor, a state elsewhere...: the op path explains
     Py_RETURN_NONE;
   }
+  const at::ScalarType out_dtype = zargs ? g.acc_dtype() : g.result_dtype;
   std::vector<c10::Storage> keep_alive;  // released after the GIL is taken back
   keep_alive.reserve(tensors.size());
   for (const at::Tensor* t : tensors) keep_alive.push_back(t->storage());
-  RECORD_FUNCTION(clip ? "fusedclip::clip_" : "fusedclip::total_norm", std::vector<c10::IValue>());
+  RECORD_FUNCTION(zargs ? "fusedclip::zclip_" : clip ? "fusedclip::clip_" : "fusedclip::total_norm",
+                  std::vector<c10::IValue>());
   at::Tensor norm;
   {
     pybind11::gil_scoped_release no_gil;
 #ifdef FUSEDCLIP_WITH_CUDA
     if (g.device.is_cuda())
-      norm = norm_and_maybe_clip_cuda(g, max_norm, norm_type, clip, g.result_dtype, ClipExtras{});
+      norm = norm_and_maybe_clip_cuda(g, max_norm, norm_type, clip, out_dtype, extras);
     else
 #endif
-      norm = norm_and_maybe_clip_cpu(g, max_norm, norm_type, clip, g.result_dtype, ClipExtras{});
+      norm = norm_and_maybe_clip_cpu(g, max_norm, norm_type, clip, out_dtype, extras);
   }
   return THPVariable_Wrap(std::move(norm));
 }
@@ -136,6 +180,14 @@ PyObject* total_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 2, "total_norm(tensors, norm_type) takes 2 arguments");
   return fused_norm(args[0], /*of_grads=*/false, nullptr, args[1], /*clip=*/false);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* zclip_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 4, "zclip_grads(params, state, config, found_inf) takes 4 arguments");
+  const ZClipArgs z{args[1], args[2], args[3]};
+  return fused_norm(args[0], /*of_grads=*/true, nullptr, nullptr, /*clip=*/true, &z);
   END_HANDLE_TH_ERRORS
 }
 
@@ -159,6 +211,8 @@ PyMethodDef kMethods[] = {
     {"set_cpu_isa", &put_cpu_isa, METH_O, "set_cpu_isa(name): run the CPU loops as 'baseline' or 'avx2' (tests)"},
     {"clip_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&clip_grads)), METH_FASTCALL,
      "clip_grads(params, max_norm, norm_type): the fused clip of the params' grads, or None (take the op path)"},
+    {"zclip_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&zclip_grads)), METH_FASTCALL,
+     "zclip_grads(params, state, config, found_inf): ZClip's fused step on the params' grads, or None"},
     {"total_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&total_norm)), METH_FASTCALL,
      "total_norm(tensors, norm_type): the fused norm of the tensors, or None (take the op path)"},
     {nullptr, nullptr, 0, nullptr}};

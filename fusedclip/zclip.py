@@ -38,11 +38,11 @@ import numbers
 
 import torch
 
-from . import backends, guard
+from . import _ext, backends, guard
 from . import distributed as _distributed
 from ._core import _as_list, _by_device, _total_norm
 from .amp import _begin_unscale
-from .clip import get_total_norm
+from .clip import _fast_path, get_total_norm
 
 _MODES = ("zscore", "percentile")
 _CLIP_OPTIONS = ("adaptive_scaling", "mean")
@@ -164,13 +164,21 @@ class ZClip:
         fusedclip/guard.py), and with scaler. scaler: a torch.amp.GradScaler whose gradients are still scaled:
         they are unscaled in the same pass (as scaler.unscale_(optimizer) then step() would), and the norm is
         the unscaled one."""
-        params = (model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module)
-                  else model_or_params)
-        grads = [p.grad for p in _as_list(params) if p.grad is not None]
+        params = _as_list(model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module)
+                          else model_or_params)
         if (self._skips or scaler is not None) and optimizer is None:
             raise ValueError("fusedclip.ZClip.step: pass the optimizer (step(model, optimizer)): "
                              + ("the scaler's state is per optimizer" if scaler is not None else
                                 "on_spike / on_nonfinite 'skip' skips its step"))
+        if self._state is not None and scaler is None and self.process_group is None and _fast_path(self.backend):
+            # the eager fast path (csrc/python_module.cpp): the grads read in C++, one kernel; None: declined
+            found = self._found_on(self._state.device) if self._skips else None
+            norm = _ext._C.zclip_grads(params, self._state, self._config, found)
+            if norm is not None:
+                if self._skips:
+                    guard.skip_next_step_if(optimizer, found)
+                return norm
+        grads = [p.grad for p in params if p.grad is not None]
         amp = scaler is not None and scaler.is_enabled()
         if amp and self._skips:
             raise NotImplementedError(

@@ -406,6 +406,44 @@ def compiled_sharded(rank, world, group):
 # The spawn
 # ---------------------------------------------------------------------------------------------------------
 
+@case
+def zclip_sharded(rank, world, group):
+    """fusedclip.ZClip on this rank's shards (process_group=) and on DTensor gradients: the same norms, the
+    same decisions and the same clipped values as ZClip on the unsharded gradients in one process, step by
+    step through the warm-up, spikes included; the state is the same on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    kw = dict(warmup_steps=3, max_grad_norm=2.0, on_spike="clip")
+    ref, pg, dt = fusedclip.ZClip(**kw), fusedclip.ZClip(**kw, process_group=group), fusedclip.ZClip(**kw)
+    changed = []
+    for t in range(10):
+        full = full_grads(seed=20 + t, scale=(12.0 if t in (5, 8) else 0.01 * (1 + t / 10)))
+        expected = [g.clone() for g in full]
+        n_ref = ref.step(params_with(expected))
+        flats, mine = shard([g.clone() for g in full], rank, world, seed=20 + t)
+        n_pg = pg.step(params_with(mine))
+        close(n_pg, n_ref, rtol=1e-6, atol=0)
+        for got, r_full, f in zip(mine, expected, flats):
+            off = got.storage_offset() - f.storage_offset()
+            close(got, r_full.reshape(-1)[off:off + got.numel()], rtol=1e-6, atol=1e-9)
+        big = [g for g in full if g.dim() >= 1 and g.shape[0] >= world]
+        dts = [distribute_tensor(g.clone(), mesh, [Shard(0)]) for g in big]
+        n_dt = dt.step(params_with(dts))
+        close(n_dt, ref_norm(big, 2.0), rtol=1e-5, atol=0)
+        changed.append(not all(torch.equal(a, b) for a, b in zip(expected, full)))
+    assert changed[5] and changed[8] and not all(changed), changed
+    # every rank holds the same state
+    for clipper in (pg, dt):
+        sd = clipper.state_dict()
+        state = torch.stack([sd["mean"], sd["var"], torch.tensor(float(sd["steps"]), dtype=torch.float64)])
+        gathered = [torch.empty_like(state) for _ in range(world)]
+        dist.all_gather(gathered, state, group=group)
+        assert all(torch.equal(g, state) for g in gathered)
+    close(pg.state_dict()["mean"], ref.state_dict()["mean"], rtol=1e-6, atol=0)
+
+
 def _worker(rank, world, port, out_dir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)

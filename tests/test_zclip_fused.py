@@ -216,7 +216,7 @@ def test_compile_fullgraph_matches_eager():
     eager_model, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
     eager, comp = fusedclip.ZClip(warmup_steps=WARMUP), fusedclip.ZClip(warmup_steps=WARMUP)
     params = list(compiled_model.parameters())
-    step = torch.compile(lambda: comp.step(params), fullgraph=True, backend="aot_eager")
+    step = torch.compile(lambda: comp.step(params), fullgraph=True)  # Inductor
     a = _run(eager, eager_model, seq)
     b = []
     for grads in seq:
@@ -259,3 +259,35 @@ def test_gpu_cuda_graph_replay(backend):
         assert torch.equal(out, a[t][0]), t
         assert all(torch.equal(p.grad, x) for p, x in zip(params, a[t][1])), t
     torch.testing.assert_close(graphed._state, eager._state, rtol=0, atol=0)
+
+
+def test_fast_path_is_taken_and_equals_the_op_path(monkeypatch):
+    """Eager steps after the first go through the C++ fast path (csrc/python_module.cpp) and give the op path's
+    bits."""
+    import fusedclip.zclip as zc
+
+    model = _model(torch.float32)
+    seq = _grad_sequence(model, torch.float32, steps=16)
+    calls = []
+    real = fusedclip._ext._C.zclip_grads
+    monkeypatch.setattr(fusedclip._ext._C, "zclip_grads", lambda *a: calls.append(1) or real(*a))
+    m_fast = copy.deepcopy(model)
+    opt = torch.optim.SGD(m_fast.parameters(), lr=0.0)
+    clipper = fusedclip.ZClip(warmup_steps=WARMUP, on_spike="skip")
+    fast = []
+    for grads in seq:
+        for p, g in zip(m_fast.parameters(), grads):
+            p.grad = g.clone()
+        fast.append((clipper.step(m_fast, opt), [p.grad.clone() for p in m_fast.parameters()]))
+    assert len(calls) == len(seq) - 1  # every step but the first (which creates the state)
+    monkeypatch.setattr(zc, "_fast_path", lambda backend: False)
+    m_op = copy.deepcopy(model)
+    opt2 = torch.optim.SGD(m_op.parameters(), lr=0.0)
+    clipper2 = fusedclip.ZClip(warmup_steps=WARMUP, on_spike="skip")
+    for t, grads in enumerate(seq):
+        for p, g in zip(m_op.parameters(), grads):
+            p.grad = g.clone()
+        n = clipper2.step(m_op, opt2)
+        assert torch.equal(n, fast[t][0]), t
+        assert all(torch.equal(p.grad, g) for p, g in zip(m_op.parameters(), fast[t][1])), t
+    assert torch.equal(clipper._state, clipper2._state) and clipper2.skipped_steps.item() > 0
