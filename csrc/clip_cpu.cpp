@@ -135,6 +135,10 @@ double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bo
     nonfinite = (x.inv_scale && nonfinite) || d.skip;  // with ZClip found_inf is AMP's, or a skipped step
   }
   if (x.found_inf && nonfinite) x.found_inf->fill_(1.0);
+  if (x.zclip && x.zclip->coef_out) {  // handed to the optimizer instead
+    x.zclip->coef_out->fill_(static_cast<double>(mul * coef));
+    clip = false;
+  }
   if (clip && t.n_chunks()) {
     const acc_t factor = mul * coef;
     if (needs_scaling(factor)) {
@@ -202,9 +206,9 @@ void clamp_cpu(at::TensorList grads, double clip_value) {
 
 at::Tensor zclip_cpu(at::TensorList grads, at::Tensor& state, at::ArrayRef<double> config,
                      const std::optional<at::Tensor>& norm, const std::optional<at::Tensor>& inv_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& coef_out) {
   const GradTable g = build_table(grads, "ZClip.step", Access::kWrites);
-  const ZClipExtras z = zclip_extras(g, state, config, norm, inv_scale.has_value());
+  const ZClipExtras z = zclip_extras(g, state, config, norm, inv_scale.has_value(), coef_out);
   ClipExtras x{std::nullopt, inv_scale, found_inf};
   x.zclip = &z;
   return norm_and_maybe_clip_cpu(g, 0.0, 2.0, true, g.acc_dtype(), x);

@@ -144,6 +144,7 @@ struct FusedArgs {
   ZConfig zconfig;
   const void* given_norm;          // ZClip: the norm, already known (no norm pass), or null
   int64_t given_norm_dtype;
+  float* coef_out;                 // ZClip: the factor goes here instead of into the grads, or null
 };
 
 template <NormKind K, typename acc_t>
@@ -195,8 +196,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K, acc_t>) fused_nor
     if (a.found_inf && set_found_inf) *a.found_inf = 1.0f;
   }
   if (a.per_tensor) per_tensor_norms<K>(t, a.chunk_partials, a.per_tensor, a.pw);
-  if (!a.clip) return;
   const acc_t factor = mul * coef;
+  if (a.coef_out) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) *a.coef_out = static_cast<float>(factor);
+    return;
+  }
+  if (!a.clip) return;
   if (needs_scaling(factor)) scale_my_chunks_reversed(t, factor);
 }
 
@@ -347,6 +352,7 @@ at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double 
       if (x.zclip) a.zconfig = x.zclip->config;
       a.given_norm = x.zclip && x.zclip->norm ? x.zclip->norm->data_ptr() : nullptr;
       a.given_norm_dtype = x.zclip && x.zclip->norm ? dtype_code(x.zclip->norm->scalar_type()) : 0;
+      a.coef_out = x.zclip && x.zclip->coef_out ? x.zclip->coef_out->data_ptr<float>() : nullptr;
       void* args[] = {&a};
       C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(grid),
                                                  dim3(kThreads), args, 0, l.stream.stream()));
@@ -374,9 +380,9 @@ at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type,
 
 at::Tensor zclip_cuda(at::TensorList grads, at::Tensor& state, at::ArrayRef<double> config,
                       const std::optional<at::Tensor>& norm, const std::optional<at::Tensor>& inv_scale,
-                      const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& coef_out) {
   const GradTable g = build_table(grads, "ZClip.step", Access::kWrites);
-  const ZClipExtras z = zclip_extras(g, state, config, norm, inv_scale.has_value());
+  const ZClipExtras z = zclip_extras(g, state, config, norm, inv_scale.has_value(), coef_out);
   ClipExtras x{std::nullopt, inv_scale, found_inf};
   x.zclip = &z;
   return norm_and_maybe_clip_cuda(g, 0.0, 2.0, true, g.acc_dtype(), x);

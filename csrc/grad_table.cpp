@@ -96,7 +96,8 @@ void check_extras(const GradTable& g, const ClipExtras& x) {
 }
 
 ZClipExtras zclip_extras(const GradTable& g, const at::Tensor& state, c10::ArrayRef<double> config,
-                         const std::optional<at::Tensor>& norm, bool unscaling) {
+                         const std::optional<at::Tensor>& norm, bool unscaling,
+                         const std::optional<at::Tensor>& coef_out) {
   TORCH_CHECK_VALUE(config.size() == kZConfigLen, "fusedclip.ZClip: the config has ", config.size(),
                     " values, the kernels take ", int64_t(kZConfigLen), ": rebuild the extension");
   const ZConfig c = zconfig_from(config.data());
@@ -112,7 +113,11 @@ ZClipExtras zclip_extras(const GradTable& g, const at::Tensor& state, c10::Array
                       "fusedclip.ZClip: the given norm must be a one-element tensor on ", g.device);
     dtype_code(norm->scalar_type());
   }
-  return ZClipExtras{state, c, norm ? std::optional<at::Tensor>(norm->reshape({}).contiguous()) : std::nullopt};
+  if (coef_out)
+    TORCH_CHECK_VALUE(coef_out->device() == g.device && coef_out->scalar_type() == at::kFloat && coef_out->numel() == 1,
+                      "fusedclip.ZClip: coef_out must be a one-element float32 tensor on ", g.device);
+  return ZClipExtras{state, c, norm ? std::optional<at::Tensor>(norm->reshape({}).contiguous()) : std::nullopt,
+                     coef_out};
 }
 
 GradTable build_dense_table(at::TensorList tensors) {

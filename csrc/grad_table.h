@@ -46,6 +46,7 @@ struct ZClipExtras {
   at::Tensor state;  // in/out: float64 [kZBuffer + n_warmup] on the gradients' device
   ZConfig config;
   std::optional<at::Tensor> norm;  // in: the norm, already known (a sharded clip's global one): no norm pass
+  std::optional<at::Tensor> coef_out;  // out: one fp32 value, the factor, instead of scaling the grads
 };
 
 // The optional extras of the fused clip (the same for both kernels).
@@ -106,7 +107,8 @@ void check_extras(const GradTable& g, const ClipExtras& x);
 
 // The zclip_ op's arguments checked and gathered. Raises before anything is written.
 ZClipExtras zclip_extras(const GradTable& g, const at::Tensor& state, c10::ArrayRef<double> config,
-                         const std::optional<at::Tensor>& norm, bool unscaling);
+                         const std::optional<at::Tensor>& norm, bool unscaling,
+                         const std::optional<at::Tensor>& coef_out = std::nullopt);
 
 // For the `table` op: tensors must be dense, since the caller cannot be handed copies to write back.
 GradTable build_dense_table(at::TensorList tensors);

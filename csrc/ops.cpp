@@ -47,9 +47,11 @@ TORCH_LIBRARY(fusedclip, m) {
   m.def("scale_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()");
   // ZClip's adaptive clip (csrc/zclip_rule.h): the L2 norm (or the given one), the coefficient from the
   // state, the in-place scaling only if it is not 1, and the state's update, in one pass; AMP's unscale as in
-  // clip_; found_inf is also set when the step is skipped. Returns the norm in the accumulation dtype.
+  // clip_; found_inf is also set when the step is skipped. With coef_out (one fp32 value) the factor is written
+  // there instead of into the grads (for a fused optimizer's grad_scale). Returns the norm in the accumulation
+  // dtype.
   m.def("zclip_(Tensor(a!)[] grads, Tensor(s!) state, float[] config, Tensor? norm=None, Tensor? inv_scale=None, "
-        "Tensor(c!)? found_inf=None) -> Tensor");
+        "Tensor(c!)? found_inf=None, Tensor(d!)? coef_out=None) -> Tensor");
   // clamp(-clip_value, clip_value) in place.
   m.def("clamp_(Tensor(a!)[] grads, float clip_value) -> ()");
   // The kernels' table of the tensors (csrc/clip_math.h: TableView), on their device (cached there), with

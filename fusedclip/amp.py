@@ -114,10 +114,14 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
     if still_scaled:  # the grads are scaled: the norm of the unscaled ones is norm / scale
         norm = norm * scaler._scale.double().reciprocal().to(device, norm.dtype)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    grad_scale = coef.reciprocal().float()  # the fused step divides by it
+    _hand_over(optimizer, coef.reciprocal().float())  # the fused step divides by it
+    return norm.to(result_dtype(grads))
+
+
+def _hand_over(optimizer, grad_scale):
+    """Makes the fused optimizer's next step divide every gradient by grad_scale (a device tensor)."""
     if not getattr(optimizer, "_fusedclip_hooked", False):
         optimizer.register_step_post_hook(_forget_grad_scale_after_step)
         optimizer._fusedclip_hooked = True
     optimizer.grad_scale = grad_scale
     optimizer._fusedclip_grad_scale = grad_scale
-    return norm.to(result_dtype(grads))

@@ -33,7 +33,7 @@ if _ext.LOADED:
         return None
 
     @torch.library.register_fake("fusedclip::zclip_")
-    def _zclip_fake(grads, state, config, norm=None, inv_scale=None, found_inf=None):
+    def _zclip_fake(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None):
         return grads[0].new_empty((), dtype=acc_dtype(grads))
 
     @torch.library.register_fake("fusedclip::clamp_")
@@ -85,8 +85,8 @@ class NativeBackend:
         torch.ops.fusedclip.clamp_(grads, clip_value)
 
     @staticmethod
-    def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None):
+    def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None):
         """ZClip's step (csrc/zclip_rule.h) in the fused pass: the norm (or the given one), the coefficient from
-        the float64 state, the scaling unless it is 1, the state's update; found_inf set also on a skipped
-        step. Returns the norm in the accumulation dtype."""
-        return torch.ops.fusedclip.zclip_(grads, state, config, norm, inv_scale, found_inf)
+        the float64 state, the scaling unless it is 1 (or, with coef_out, the factor written there instead),
+        the state's update; found_inf set also on a skipped step. Returns the norm in the accumulation dtype."""
+        return torch.ops.fusedclip.zclip_(grads, state, config, norm, inv_scale, found_inf, coef_out)

@@ -955,9 +955,9 @@ class TritonBackend:
         torch.ops.fusedclip_triton.clamp_(grads, clip_value)
 
     @staticmethod
-    def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None):
+    def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None):
         # defined by fusedclip/triton_zclip.py (imported with this module by fusedclip/__init__.py)
-        return torch.ops.fusedclip_triton.zclip_(grads, state, config, norm, inv_scale, found_inf)
+        return torch.ops.fusedclip_triton.zclip_(grads, state, config, norm, inv_scale, found_inf, coef_out)
 
 
 backends.register(TritonBackend)

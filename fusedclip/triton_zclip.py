@@ -112,13 +112,14 @@ def _update(state, x, warm, spike, nonfinite, skip, target, alpha, n_warmup, SKI
 
 
 _NO_VALUE_KEY = ["n", "n_chunks", "alpha_bits", "z_bits", "cap_bits", "eps_bits", "factor_bits", "n_warmup"]
-_NO_ALIGNMENT_KEY = ["table", "ws", "state", "norm_in", "norm_out", "inv_scale", "found_inf"]
+_NO_ALIGNMENT_KEY = ["table", "ws", "state", "norm_in", "norm_out", "inv_scale", "found_inf", "coef_out"]
 
 
 @triton.jit(do_not_specialize=_NO_VALUE_KEY, do_not_specialize_on_alignment=_NO_ALIGNMENT_KEY)
-def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, norm_out, inv_scale, found_inf,
+def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, norm_out, inv_scale, found_inf, coef_out,
                   alpha_bits: tl.int64, z_bits: tl.int64, cap_bits: tl.int64, eps_bits: tl.int64,
                   factor_bits: tl.int64, n_warmup: tl.int64, ONE_LAUNCH: tl.constexpr, GIVEN: tl.constexpr,
+                  COEF_OUT: tl.constexpr,
                   AMP: tl.constexpr, FOUND: tl.constexpr, PERCENTILE: tl.constexpr, CLIP_TO_MEAN: tl.constexpr,
                   HAS_CAP: tl.constexpr, SKIP_UPDATE_ON_SPIKE: tl.constexpr, SKIP_SPIKES: tl.constexpr,
                   SKIP_NONFINITE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
@@ -147,7 +148,10 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
         steps, mean, var, x, tb._f64(z_bits), cap, tb._f64(eps_bits), tb._f64(factor_bits), n_warmup, PERCENTILE,
         CLIP_TO_MEAN, HAS_CAP, SKIP_SPIKES, SKIP_NONFINITE)
     factor = _factor(warm, skip, coef, norm, cap, mul, HAS_CAP, ACC)
-    if factor != 1.0:  # unordered: a NaN factor scales too, so NaN spreads as in torch
+    if COEF_OUT:  # handed to the optimizer instead
+        if pid == 0:
+            tl.store(coef_out, factor.to(tl.float32))
+    elif factor != 1.0:  # unordered: a NaN factor scales too, so NaN spreads as in torch
         tb._scale_mine(table, n, n_chunks, factor, ACC, BLOCK, EXACT_POW)
     if ONE_LAUNCH:
         writer = pid == 0
@@ -170,7 +174,7 @@ def _bits(x):
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, launch=None):
+def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None, launch=None):
     """The native zclip_ op's contract (csrc/ops.cpp) in Triton; returns the norm in the accumulation dtype."""
     table, n_chunks, any_double, copies = tb._table(grads)
     device = grads[0].device
@@ -191,6 +195,9 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, launc
             raise ValueError(f"fusedclip.ZClip: the given norm must be a one-element tensor on {device}")
         norm = norm.reshape(()).contiguous()
     tb._check_extras(len(grads), device, acc_torch, None, inv_scale, found_inf)
+    if coef_out is not None and not (coef_out.device == device and coef_out.dtype == torch.float32
+                                     and coef_out.numel() == 1):
+        raise ValueError(f"fusedclip.ZClip: coef_out must be a one-element float32 tensor on {device}")
     amp = inv_scale is not None
     partials = torch.empty(max(n_chunks, 1), dtype=acc_torch, device=device)
     nonfinite = torch.empty(max(n_chunks, 1), dtype=acc_torch, device=device) if amp else partials
@@ -200,9 +207,11 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, launc
     norm_ = norm if norm is not None else partials
     one = tb.one_launch(launch)
     ws = tb._WORKSPACES.get(device)
-    args = (table, len(grads), n_chunks, partials, nonfinite, ws, state, norm_, out, inv_scale_, found_,
+    coef_ = coef_out.reshape(()) if coef_out is not None else partials
+    args = (table, len(grads), n_chunks, partials, nonfinite, ws, state, norm_, out, inv_scale_, found_, coef_,
             _bits(alpha), _bits(z_thresh), _bits(cap), _bits(eps), _bits(clip_factor), n_warmup)
-    constexprs = dict(ONE_LAUNCH=one, GIVEN=norm is not None, AMP=amp, FOUND=found_inf is not None,
+    constexprs = dict(ONE_LAUNCH=one, GIVEN=norm is not None, COEF_OUT=coef_out is not None, AMP=amp,
+                      FOUND=found_inf is not None,
                       PERCENTILE=bool(percentile), CLIP_TO_MEAN=bool(clip_to_mean), HAS_CAP=bool(has_cap),
                       SKIP_UPDATE_ON_SPIKE=bool(skip_update), SKIP_SPIKES=bool(skip_spikes),
                       SKIP_NONFINITE=bool(skip_nonfinite), ACC=tb._tl_acc(any_double), BLOCK=tb.BLOCK,
@@ -225,14 +234,14 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, launc
 
 
 def _define_op():
-    @torch.library.custom_op("fusedclip_triton::zclip_", mutates_args=("grads", "state", "found_inf"))
+    @torch.library.custom_op("fusedclip_triton::zclip_", mutates_args=("grads", "state", "found_inf", "coef_out"))
     def _zclip_op(grads: list[torch.Tensor], state: torch.Tensor, config: list[float],
                   norm: torch.Tensor | None = None, inv_scale: torch.Tensor | None = None,
-                  found_inf: torch.Tensor | None = None) -> torch.Tensor:
-        return zclip(grads, state, config, norm, inv_scale, found_inf)
+                  found_inf: torch.Tensor | None = None, coef_out: torch.Tensor | None = None) -> torch.Tensor:
+        return zclip(grads, state, config, norm, inv_scale, found_inf, coef_out)
 
     @_zclip_op.register_fake
-    def _(grads, state, config, norm=None, inv_scale=None, found_inf=None):
+    def _(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None):
         return grads[0].new_empty((), dtype=acc_dtype(grads))
 
 

@@ -41,7 +41,7 @@ import torch
 from . import _ext, backends, guard
 from . import distributed as _distributed
 from ._core import _as_list, _by_device, _total_norm
-from .amp import _begin_unscale
+from .amp import _begin_unscale, _hand_over, _optimizer_params
 from .clip import _fast_path, get_total_norm
 
 _MODES = ("zscore", "percentile")
@@ -217,6 +217,30 @@ class ZClip:
             self._torch_rule(self._state_on(norm.device), grads, norm, found)
         if amp:
             commit()
+        if self._skips:
+            guard.skip_next_step_if(optimizer, found)
+        return norm
+
+    @torch.no_grad()
+    def step_into(self, optimizer):
+        """step() with the coefficient handed to the optimizer instead of written into the gradients, as
+        fusedclip.clip_into_ does: one read of the gradients and no write; the next optimizer.step() applies
+        grad * coef (up to the rounding of grad / (1 / coef) against grad * coef). For torch's fused
+        optimizers (fused=True), which take a device-side grad_scale; with others, and for gradients on
+        several devices or sharded ones, this is step(<the optimizer's params>, optimizer), which writes them.
+        The gradients must be unscaled (with AMP: scaler.unscale_(optimizer) first). Returns the norm."""
+        params = _optimizer_params(optimizer)
+        grads = [p.grad for p in params if p.grad is not None]
+        be = backends.resolve(self.backend, grads[0].device.type if grads else "cpu")
+        if (not guard.is_fused(optimizer) or not grads or len({g.device for g in grads}) > 1
+                or self.process_group is not None or _distributed.is_dtensor(grads[0]) or be.name == "torch"
+                or getattr(be, "zclip", None) is None):
+            return self.step(params, optimizer if self._skips else None)
+        device = grads[0].device
+        found = self._found_on(device) if self._skips else None
+        factor = torch.empty((), dtype=torch.float32, device=device)
+        norm = be.zclip(grads, self._state_on(device), self._config, None, None, found, factor)
+        _hand_over(optimizer, factor.reciprocal())
         if self._skips:
             guard.skip_next_step_if(optimizer, found)
         return norm

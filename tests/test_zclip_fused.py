@@ -291,3 +291,36 @@ def test_fast_path_is_taken_and_equals_the_op_path(monkeypatch):
         assert torch.equal(n, fast[t][0]), t
         assert all(torch.equal(p.grad, g) for p, g in zip(m_op.parameters(), fast[t][1])), t
     assert torch.equal(clipper._state, clipper2._state) and clipper2.skipped_steps.item() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("on_spike", ["clip", "skip"])
+def test_step_into_a_fused_optimizer(backend, on_spike):
+    """step_into(optimizer): the coefficient goes to the fused optimizer's grad_scale; the gradients are only
+    read; the parameters follow step() + optimizer.step() up to the rounding of grad / (1 / coef). With
+    on_spike="skip" the spikes' steps are skipped there too."""
+    model = _model(torch.float32)
+    seq = _grad_sequence(model, torch.float32, steps=20)
+    runs = []
+    for into in (True, False):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        clipper = fusedclip.ZClip(warmup_steps=WARMUP, on_spike=on_spike, backend=backend)
+        out = []
+        for grads in seq:
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+            if into:
+                norm = clipper.step_into(opt)
+                assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), grads))  # not written
+            else:
+                norm = clipper.step(m, opt if on_spike == "skip" else None)
+            opt.step()
+            assert getattr(opt, "grad_scale", None) is None  # for one step only
+            out.append((norm, [p.detach().clone() for p in m.parameters()], clipper.skipped_steps.item()))
+        runs.append(out)
+    for t, ((n1, p1, s1), (n2, p2, s2)) in enumerate(zip(*runs)):
+        assert torch.equal(n1, n2) and s1 == s2, t
+        for a, b in zip(p1, p2):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {t}: {m}")
+    assert (runs[0][-1][2] > 0) == (on_spike == "skip")
