@@ -149,7 +149,8 @@ do_bench() {
   local minutes
   minutes=$(awk -v s="$STEP_LIMIT" 'BEGIN { printf "%.2f", (s > 60 ? s - 25 : s / 2) / 60 }')
   "$PY" -m fusedclip bench --device cuda --sets gpt2-small,mixed,many-small,llama-7b --providers "$BENCH_PROVIDERS" \
-    --time 0.05 --rounds 1 --scaling none --compile-sets gpt2-small --no-plot --out "$OUT/bench" --tag gpu-check \
+    --time 0.05 --rounds 1 --scaling none --compile-sets gpt2-small --zclip gpt2-small --no-plot --out "$OUT/bench" \
+    --tag gpu-check \
     --max-minutes "$minutes"
 }
 
