@@ -324,3 +324,34 @@ def test_step_into_a_fused_optimizer(backend, on_spike):
         for a, b in zip(p1, p2):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {t}: {m}")
     assert (runs[0][-1][2] > 0) == (on_spike == "skip")
+
+
+@pytest.mark.skipif("triton" not in fusedclip.available_backends("cpu") and not torch.cuda.is_available(),
+                    reason="no Triton backend here (the interpreter child of tests/test_triton.py runs it)")
+def test_triton_one_launch_equals_two_launches(monkeypatch):
+    """Triton's two variants (state read before the grid barrier and written by program 0; or written by the
+    last program to take a ticket) give the same norms, gradients and state, bit for bit."""
+    from fusedclip import triton_backend as tb
+
+    device = "cpu" if tb.INTERPRET else "cuda"
+    model = _model(torch.float32).to(device)
+    seq = [[g.to(device) for g in gs] for gs in _grad_sequence(model, torch.float32, steps=14)]
+    runs = []
+    for launch in ("one", "two"):
+        monkeypatch.setattr(tb, "LAUNCH", launch)
+        clipper = fusedclip.ZClip(warmup_steps=WARMUP, on_spike="skip", backend="triton")
+        m = copy.deepcopy(model)
+        runs.append((_run_with(clipper, m, seq, torch.optim.SGD(m.parameters(), lr=0.0)), clipper._state.clone()))
+    (a, sa), (b, sb) = runs
+    assert torch.equal(sa, sb) and sa[3] > 0  # some steps skipped
+    for t, ((n1, g1), (n2, g2)) in enumerate(zip(a, b)):
+        assert torch.equal(n1, n2) and all(torch.equal(x, y) for x, y in zip(g1, g2)), t
+
+
+def _run_with(clipper, model, seq, optimizer):
+    out = []
+    for grads in seq:
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        out.append((clipper.step(model, optimizer), [p.grad.clone() for p in model.parameters()]))
+    return out
