@@ -36,6 +36,10 @@ if _ext.LOADED:
     def _clamp_fake(grads, clip_value):
         return None
 
+    @torch.library.register_fake("fusedclip::agc_")
+    def _agc_fake(weights, grads, clip_factor, eps, norm_type):
+        return None
+
 
 class NativeBackend:
     """The compiled kernels: the CPU kernel for CPU tensors, the one-launch CUDA kernel for CUDA tensors.
@@ -79,3 +83,9 @@ class NativeBackend:
     @staticmethod
     def clamp(grads, clip_value):
         torch.ops.fusedclip.clamp_(grads, clip_value)
+
+    @staticmethod
+    def agc(weights, grads, clip_factor, eps, norm_type):
+        """Adaptive gradient clipping (fusedclip/agc.py): weights[i] and grads[i] of one shape and dtype, none
+        empty; norm_type not 0."""
+        torch.ops.fusedclip.agc_(weights, grads, clip_factor, eps, norm_type)
