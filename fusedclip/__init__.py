@@ -19,6 +19,7 @@ from .zclip import ZClip
 
 try:
     from . import triton_backend  # noqa: F401  (registers backend="triton")
+    from . import triton_agc  # noqa: F401  (its clip_agc_ kernel)
 except ImportError:  # Triton is not installed
     pass
 

@@ -309,11 +309,16 @@ TRITON_CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import fusedclip, test_agc as t
     assert "triton" in fusedclip.available_backends("cpu")
+    assert fusedclip.backends.BACKENDS["triton"].agc is not None  # its own kernel, not the torch fallback
+    calls = []
+    real = fusedclip.triton_agc._launch_group
+    fusedclip.triton_agc._launch_group = lambda *a: (calls.append(1), real(*a))
     for dtype, p in [(torch.float32, 2.0), (torch.bfloat16, math.inf), (torch.float64, 2.0), (torch.float16, 1.0)]:
         params = t.make_pairs(t.SHAPES, dtype, p, seed=100 + t.DTYPES.index(dtype))
         orig = t.clone(params)
         fusedclip.clip_agc_(params, 0.01, 1e-3, p, backend="triton")
         t.check_against_reference(params, orig, 0.01, 1e-3, p)
+    assert len(calls) == 4, calls
     print("TRITON-AGC-OK")
 """)
 
