@@ -64,7 +64,7 @@ def _pairs(params):
         if g.device != p.device:
             raise ValueError(f"fusedclip.clip_agc_: parameter {i} is on {p.device} but its gradient on {g.device}")
         if g.numel():
-            pairs.append((p.detach(), g))
+            pairs.append((p, g))  # read only, under no_grad (a detach per parameter would cost a dispatch each)
     return pairs
 
 

@@ -58,6 +58,19 @@ def targets(rows, scaling, device, cache_bytes):
                     add(4, f"{p}: many-small {regime} speedup vs torch.compile", c["median_s"] / r["median_s"], 2.0)
                 add(4, f"{p}: many-small {regime} launches per call", r and r.get("launches"), 1, higher=False,
                     unit="")
+    # issue 17: AGC at least 4x timm on the CPU; on a GPU within 1.2x of reading the weights and gradients once
+    # at the measured copy bandwidth
+    for p in ("agc-native", "agc-triton"):
+        for s in ("resnet50", "vit-b"):
+            r = row(s, "agc", p)
+            if r is None:
+                continue
+            if device.type == "cpu":
+                add(17, f"{p}: {s} agc speedup vs timm", r.get("speedup"), 4.0)
+            elif r.get("pct_copy"):
+                copy_bps = r["bytes_per_s"] * 100.0 / r["pct_copy"]
+                add(17, f"{p}: {s} agc time / reading weights and gradients once", r["median_s"] * copy_bps /
+                    (2 * r["bytes"]), 1.2, higher=False)
     for p in fused:
         s = scaling.get("per_tensor_s", {}).get(p)
         add(15, f"{p}: cost per tensor (tensors curve)", s and s * 1e6, 0.2, higher=False, unit="us")
