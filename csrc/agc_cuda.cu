@@ -1,6 +1,6 @@
 // Adaptive gradient clipping on CUDA: one launch over all (weight, gradient) pairs of one table.
 //
-// Units are mapped by size: a pair whose units have at most kWarpMaxElems elements is done a warp per unit
+// Units are mapped by size: a pair whose units have at most kWarpMaxElems (2,048) elements is done a warp per unit
 // (kWarps units per block), a larger one a block per unit. Each thread reads its share of the weight unit
 // (for its norm only) and of the gradient unit, keeping the gradient in registers (kCacheVecs 16-byte vectors
 // a thread) when the unit fits them; the warp or block reduces both norms by a fixed tree (deterministic),
@@ -25,11 +25,21 @@ namespace {
 constexpr int kAgcThreads = 256;
 constexpr int kWarps = kAgcThreads / 32;
 constexpr int kVecBytes = 16;
+// 16-byte vectors of gradient a thread keeps in registers: as many as fit in the 80 registers without spilling,
+// which ptxas makes fewer from sm_100 on (2 there; 3 still spilled the inf kernels on sm_100; checked for every
+// architecture of the build by tests/test_kernel_resources.py). Only the kernel decides what is cached.
 #ifndef FC_AGC_CACHE_VECS
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+#define FC_AGC_CACHE_VECS 2
+#else
 #define FC_AGC_CACHE_VECS 4
 #endif
-constexpr int kCacheVecs = FC_AGC_CACHE_VECS;  // 16-byte vectors of gradient a thread keeps in registers
-constexpr int64_t kWarpMaxElems = 4096;   // units up to this size: a warp each
+#endif
+constexpr int kCacheVecs = FC_AGC_CACHE_VECS;
+// Units up to this size: a warp each (cached up to 512 fp32 elements on sm_90, streamed above); larger ones a
+// block each (cached up to 4,096 fp32 elements on sm_90): ViT-B's 768-element rows go to warps, its 3,072 ones
+// to cached blocks.
+constexpr int64_t kWarpMaxElems = 2048;
 
 // Blocks per SM the kernel is compiled for (__launch_bounds__): 3 x 256 threads leaves 80 registers a thread
 // (at 4 x 256, 64 registers, the cache and the weight loop's loads in flight spill); the p-norm kernel (a pow
@@ -79,8 +89,8 @@ __device__ Norms<K, acc_t> block_reduce(Norms<K, acc_t> v, Norms<K, acc_t>* smem
   return r;
 }
 
-// The gradient cache: kCacheVecs raw 16-byte vectors a thread, whatever the dtype (fp32: 16 elements, fp16/bf16:
-// 32, fp64: 8). Raw, so that every dtype's code uses the same registers: with one typed array per dtype, the
+// The gradient cache: kCacheVecs raw 16-byte vectors a thread, whatever the dtype (with 4: fp32 16 elements,
+// fp16/bf16 32, fp64 8). Raw, so that every dtype's code uses the same registers: with one typed array per dtype, the
 // branches' shared code (the reductions) kept all of them live at once and spilled.
 struct Raw {
   uint32_t w[4];

@@ -143,8 +143,8 @@ def kernel_resources(path: Optional[str] = None) -> List[KernelResources]:
     kernels = parse_resource_usage(text)
     for k in kernels:
         k.threads = agc_threads if k.name.startswith("agc_kernel") else threads
-        if threads and k.arch in SM_LIMITS:
-            k.blocks_per_sm = blocks_per_sm(k.arch, threads, k.registers, k.shared)
+        if k.threads and k.arch in SM_LIMITS:
+            k.blocks_per_sm = blocks_per_sm(k.arch, k.threads, k.registers, k.shared)
     return kernels
 
 
