@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "agc_table.h"
 #include "grad_table.h"
 
 // Set by the build (scripts/build_config.py), for `python -m fusedclip info`.
@@ -27,7 +28,7 @@ std::string build_info() {
   std::string info = "cuda=" + cuda + ";cuda_archs=" + FUSEDCLIP_CUDA_ARCHS + ";torch=" + FUSEDCLIP_TORCH_VERSION +
                      ";chunk_elems=" + std::to_string(kChunkElems);
 #ifdef FUSEDCLIP_WITH_CUDA
-  info += ";" + cuda_launch_info();
+  info += ";" + cuda_launch_info() + ";" + agc_cuda_launch_info();
 #endif
   return info;
 }
@@ -58,6 +59,10 @@ TORCH_LIBRARY(fusedclip, m) {
   // the number of chunks and whether fp64 accumulation is needed: for kernels written outside this
   // library (the Triton backend). Every tensor must be dense (is_non_overlapping_and_dense).
   m.def("table(Tensor[] tensors) -> (Tensor, int, bool)");
+  // Adaptive gradient clipping (csrc/agc_table.h): each unit of grads[i] (a row for 2-D and up, else the whole
+  // tensor) is scaled by max / max(|g_unit|, 1e-6) unless |g_unit| < max = clip_factor * max(|w_unit|, eps).
+  // weights[i] and grads[i]: same shape and dtype, not empty. Kernels in agc_cpu.cpp and agc_cuda.cu.
+  m.def("agc_(Tensor[] weights, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 

@@ -8,6 +8,7 @@ launch computes the norm of all gradients and scales them in place; on CPU one
 fused C++ kernel does the same.
 """
 from . import _ext  # noqa: F401  (loads the compiled operators first)
+from .agc import clip_agc_
 from .amp import clip_into_, unscale_clip_
 from .backends import available_backends
 from .distributed import DDPNormState, ddp_norm_hook
@@ -19,11 +20,12 @@ from .zclip import ZClip
 try:
     from . import triton_backend  # noqa: F401  (registers backend="triton")
     from . import triton_zclip  # noqa: F401  (its ZClip op)
+    from . import triton_agc  # noqa: F401  (its clip_agc_ kernel)
 except ImportError:  # Triton is not installed
     pass
 
 __version__ = "0.1.0"
 
-__all__ = ["clip_", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_value_",
+__all__ = ["clip_", "clip_agc_", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_value_",
            "clip_grad_value_", "available_backends", "unscale_clip_", "clip_into_",
            "patch_torch", "unpatch_torch", "patched", "is_patched", "DDPNormState", "ddp_norm_hook", "ZClip"]

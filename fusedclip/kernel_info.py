@@ -88,7 +88,7 @@ _NORM_KINDS = {"0": "L2", "1": "inf", "2": "-inf", "3": "p"}
 
 def short_name(mangled: str) -> str:
     """`_ZN9fusedclip..22fused_norm_clip_kernelILNS_8NormKindE0EfEEv...` -> `fused_norm_clip_kernel<L2, float>`."""
-    m = re.search(r"\d+(fused_norm_clip_kernel|scale_by_norm_kernel|clamp_kernel)(I.*)?", mangled)
+    m = re.search(r"\d+(fused_norm_clip_kernel|scale_by_norm_kernel|clamp_kernel|agc_kernel)(I.*)?", mangled)
     if not m:
         return mangled
     name, args = m.group(1), m.group(2) or ""
@@ -137,21 +137,24 @@ def kernel_resources(path: Optional[str] = None) -> List[KernelResources]:
                            "(its nvidia backend ships one)")
     path = path or module_path()
     text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
-    threads = int(_ext.build_info().get("cuda_block_threads", 0))
+    info = _ext.build_info()
+    threads = int(info.get("cuda_block_threads", 0))
+    agc_threads = int(info.get("agc_block_threads", 0))  # csrc/agc_cuda.cu's block size
     kernels = parse_resource_usage(text)
     for k in kernels:
-        k.threads = threads
-        if threads and k.arch in SM_LIMITS:
-            k.blocks_per_sm = blocks_per_sm(k.arch, threads, k.registers, k.shared)
+        k.threads = agc_threads if k.name.startswith("agc_kernel") else threads
+        if k.threads and k.arch in SM_LIMITS:
+            k.blocks_per_sm = blocks_per_sm(k.arch, k.threads, k.registers, k.shared)
     return kernels
 
 
 def declared_min_blocks() -> Dict[str, int]:
-    """The blocks per SM each fused kernel is compiled for (csrc/clip_cuda.cu, kMinBlocksPerSm), from the
-    module's build_info: {"fused_norm_clip_kernel<L2, float>": 2, ...}."""
+    """The blocks per SM each fused kernel is compiled for (csrc/clip_cuda.cu, kMinBlocksPerSm; csrc/agc_cuda.cu,
+    kAgcMinBlocksPerSm), from the module's build_info: {"fused_norm_clip_kernel<L2, float>": 2, ...}."""
     from . import _ext
 
-    spec = _ext.build_info().get("cuda_min_blocks", "")
+    info = _ext.build_info()
+    spec = info.get("cuda_min_blocks", "") + "," + info.get("agc_min_blocks", "")
     return {name: int(n) for name, n in re.findall(r"([\w]+<[^>]*>)=(\d+)", spec)}
 
 

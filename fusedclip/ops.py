@@ -40,6 +40,10 @@ if _ext.LOADED:
     def _clamp_fake(grads, clip_value):
         return None
 
+    @torch.library.register_fake("fusedclip::agc_")
+    def _agc_fake(weights, grads, clip_factor, eps, norm_type):
+        return None
+
 
 class NativeBackend:
     """The compiled kernels: the CPU kernel for CPU tensors, the one-launch CUDA kernel for CUDA tensors.
@@ -90,3 +94,9 @@ class NativeBackend:
         the float64 state, the scaling unless it is 1 (or, with coef_out, the factor written there instead),
         the state's update; found_inf set also on a skipped step. Returns the norm in the accumulation dtype."""
         return torch.ops.fusedclip.zclip_(grads, state, config, norm, inv_scale, found_inf, coef_out)
+
+    @staticmethod
+    def agc(weights, grads, clip_factor, eps, norm_type):
+        """Adaptive gradient clipping (fusedclip/agc.py): weights[i] and grads[i] of one shape and dtype, none
+        empty; norm_type not 0."""
+        torch.ops.fusedclip.agc_(weights, grads, clip_factor, eps, norm_type)

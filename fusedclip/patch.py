@@ -14,6 +14,10 @@ torch.nn.utils, and those of the four names that torch.nn.utils.clip_grad define
 (clip_grad_norm_ and clip_grad_value_ in torch 2.14; get_total_norm and clip_grads_with_norm_ are
 private there). The replacements keep torch's signatures (max_norm, norm_type, error_if_nonfinite,
 foreach, clip_value), accept generators, and return what fusedclip returns (a 0-dim tensor).
+Also timm's adaptive gradient clipping, when timm.utils is imported at the time of patching (fusedclip does not
+import timm itself: that takes seconds): timm.utils.agc.adaptive_clip_grad and its copies in timm.utils and
+timm.utils.clip_grad (which dispatch_clip_grad(mode="agc") and timm's --clip-mode agc call) become
+fusedclip.clip_agc_ (same arguments).
 Also FSDP1's FullyShardedDataParallel.clip_grad_norm_ (what Accelerate and Lightning Fabric call under FSDP1),
 by fusedclip.fsdp.clip_grad_norm_ (its shards reduced over the FSDP process group); the first patching
 imports torch.distributed.fsdp for it (about a second).
@@ -42,6 +46,7 @@ Decisions:
 """
 import contextlib
 import inspect
+import sys
 import threading
 import types
 import warnings
@@ -52,6 +57,7 @@ import torch.nn.utils
 import torch.nn.utils.clip_grad
 
 from . import _core, backends
+from . import agc as _agc
 from . import clip as _clip
 
 __all__ = ["patch_torch", "unpatch_torch", "patched", "is_patched"]
@@ -82,6 +88,21 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
 def clip_grad_value_(parameters, clip_value, foreach=None):
     """fusedclip.clip_grad_value_, installed by fusedclip.patch_torch() as torch.nn.utils.clip_grad_value_."""
     return _clip.clip_value_(parameters, clip_value, foreach, backend=_backend)
+
+
+def adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
+    """fusedclip.clip_agc_, installed by fusedclip.patch_torch() as timm's adaptive_clip_grad (timm.utils.agc,
+    timm.utils, timm.utils.clip_grad)."""
+    return _agc.clip_agc_(parameters, clip_factor, eps, norm_type, backend=_backend)
+
+
+def _timm_targets():
+    """timm's adaptive_clip_grad and the modules that hold a copy of it, if timm.utils is imported."""
+    if "timm.utils" not in sys.modules:
+        return []
+    owners = [sys.modules.get(name) for name in ("timm.utils.agc", "timm.utils", "timm.utils.clip_grad")]
+    return [(m, "adaptive_clip_grad", adaptive_clip_grad) for m in owners
+            if m is not None and hasattr(m, "adaptive_clip_grad")]
 
 
 _REPLACEMENTS = {
@@ -141,7 +162,7 @@ def _check_backend(backend):
 def _install():
     if not _TARGETS:
         _TARGETS.extend(_targets())
-    for owner, name, replacement in _TARGETS:
+    for owner, name, replacement in _TARGETS + _timm_targets():  # timm's: looked up each time (imported since?)
         current = getattr(owner, name)
         if current is not replacement:
             _originals[(owner, name)] = (current, replacement)
@@ -170,9 +191,9 @@ def _sync():
 
 def patch_torch(backend="auto"):
     """Routes torch.nn.utils.clip_grad_norm_, clip_grad_value_, get_total_norm and clip_grads_with_norm_
-    (and torch.nn.utils.clip_grad's public copies, and FSDP1's FullyShardedDataParallel.clip_grad_norm_) to
-    fusedclip, with this backend ("auto", "native", "torch", ...). Idempotent; calling it again changes
-    only the backend."""
+    (and torch.nn.utils.clip_grad's public copies, FSDP1's FullyShardedDataParallel.clip_grad_norm_, and timm's
+    adaptive_clip_grad when timm.utils is imported) to fusedclip, with this backend ("auto", "native", "torch",
+    ...). Idempotent; calling it again changes only the backend."""
     _check_backend(backend)
     with _lock:
         _holders.pop(_EXPLICIT, None)

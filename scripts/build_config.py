@@ -17,8 +17,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/grad_table.cpp", "csrc/clip_cpu.cpp", "csrc/python_module.cpp"]
-CUDA_SOURCES = ["csrc/clip_cuda.cu"]
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/grad_table.cpp", "csrc/clip_cpu.cpp", "csrc/python_module.cpp",
+               "csrc/agc_table.cpp", "csrc/agc_cpu.cpp"]
+CUDA_SOURCES = ["csrc/clip_cuda.cu", "csrc/agc_cuda.cu"]
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the CPU kernel runs on one thread.
 # -ffp-contract=off: no multiply-add contraction, so the CPU loops' ISA variants give the same bits (csrc/cpu_simd.h).
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]

@@ -1,5 +1,5 @@
 """The GPU checks that are not unit tests: CUDA-graph replay, torch.compile, two streams at once, 20,000
-tensors, a gradient set larger than L2, Transformer-shaped sets, repeatability. Every result is compared
+tensors, a gradient set larger than L2, Transformer-shaped sets, repeatability, adaptive clipping (clip_agc_). Every result is compared
 with a float64 reference and with torch. Run by scripts/gpu_check.sh; `--device cpu` runs the subset that
 makes sense on a CPU (a dry run of this script's logic).
 
@@ -258,9 +258,56 @@ def several_devices(device, backend):
     assert n.device.type == "cpu" and close(n.item(), ref, 2e-6)
 
 
+def _agc_weights(params, clip_factor, seed):
+    """Weights whose unit norms put each unit's gradient at 2x (clipped) or 0.5x (left alone) its threshold."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for q in params:
+            rows = q.shape[0] if q.ndim > 1 else 1
+            dims = tuple(range(1, q.ndim)) if q.ndim > 1 else None
+            shape = (rows,) + (1,) * (q.ndim - 1) if q.ndim > 1 else ()
+            norms = lambda t: torch.linalg.vector_norm(t.float(), dim=dims, keepdim=q.ndim > 1)  # noqa: E731
+            side = torch.where(torch.rand(rows, generator=g) < 0.5, 0.5, 2.0).reshape(shape).to(q.device)
+            w = torch.randn(q.shape, generator=g).to(q.device)
+            q.copy_((w / norms(w) * norms(q.grad) / clip_factor * side).to(q.dtype))
+
+
+@check()
+def agc(device, backend):
+    """fusedclip.clip_agc_ on a ResNet-50 stage (fp32), a ViT-B block (bf16) and units for every kernel path
+    (warps and blocks, cached in registers and streamed), real weights with units on both sides of their
+    threshold: the same units clipped as by the native CPU kernel on copies (the same rule in fp32), the values
+    to rounding, the others bit for bit, weights never written, and identical calls give identical bits."""
+    from fusedclip.bench.sets import resnet50_shapes, vit_shapes
+
+    cases = [(resnet50_shapes()[:40], torch.float32), (vit_shapes(layers=1), torch.bfloat16),
+             ([(50000, 8), (700, 1000), (5, 3000), (3, 200000), (70001,), (7,), ()], torch.float32),
+             ([(600, 700), (9, 5000), (33,)], torch.float64)]
+    for i, (shapes, dtype) in enumerate(cases):
+        params = make(shapes, dtype, device, 30 + i)
+        _agc_weights(params, 0.01, 40 + i)
+        w0, g0 = [q.detach().clone() for q in params], [q.grad.clone() for q in params]
+        ref = [torch.nn.Parameter(w.cpu().clone()) for w in w0]
+        again = [torch.nn.Parameter(w.clone()) for w in w0]
+        for r, a, g in zip(ref, again, g0):
+            r.grad, a.grad = g.cpu().clone(), g.clone()
+        fusedclip.clip_agc_(ref, 0.01, backend="native")
+        fusedclip.clip_agc_(params, 0.01, backend=backend)
+        fusedclip.clip_agc_(again, 0.01, backend=backend)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float64: 1e-12}[dtype]
+        for q, r, w, g, a in zip(params, ref, w0, g0, again):
+            assert same_bits(q.detach(), w), "a weight was written"
+            assert same_bits(q.grad, a.grad), "identical calls differ"
+            rows = q.shape[0] if q.ndim > 1 else 1
+            ours = (q.grad.cpu() != g.cpu()).reshape(rows, -1).any(1)
+            cpu = (r.grad != g.cpu()).reshape(rows, -1).any(1)
+            assert torch.equal(ours, cpu), f"{tuple(q.shape)}: {int((ours != cpu).sum())} units decided otherwise"
+            torch.testing.assert_close(q.grad.cpu().double(), r.grad.double(), rtol=tol, atol=0)
+
+
 # what only a GPU can answer first; torch.compile (slow to compile) last
 ORDER = ["cuda_graph_replay", "two_streams", "many_tensors", "larger_than_l2", "repeatable", "amp_and_per_tensor",
-         "transformer_sets", "nonfinite", "several_devices", "compile_fullgraph"]
+         "transformer_sets", "nonfinite", "several_devices", "agc", "compile_fullgraph"]
 MIN_LEFT_S = 8.0
 
 

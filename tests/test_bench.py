@@ -32,6 +32,7 @@ TINY = ["--device", "cpu", "--quick", "--time", "0.01"]  # every run: the CPU, t
     ("llama-7b", 291, 6_738_415_616),
     ("transformer", 184, 44_140_544),
     ("resnet50", 161, 25_557_032),  # torchvision.models.resnet50()
+    ("vit-b", 152, 86_567_656),  # timm.create_model("vit_base_patch16_224")
     ("transformer-small", 68, 172_576),  # examples/train_transformer.py --small
 ])
 def test_param_sets_match_the_models(name, tensors, elements):
@@ -190,6 +191,37 @@ def test_extras_rows(tmp_path):
     assert rows["optim-into"]["bytes_moved"] == (1 + extras.ADAMW_BYTES) * n
     md = next(f for f in os.listdir(tmp_path) if f.endswith(".md"))
     assert "| tiny | amp | fusedclip.unscale_clip_ |" in (tmp_path / md).read_text()
+
+
+def test_agc_rows(tmp_path):
+    """--agc: fusedclip.clip_agc_ against timm's adaptive_clip_grad, checked against it (about half the units
+    clipped), with the bytes that must move (2.5N) and the speedup against timm; not run by default when --sets
+    is given."""
+    pytest.importorskip("timm")
+    rc = bench.main(TINY + ["--sets", "tiny", "--providers", "torch", "--regimes", "clip", "--scaling", "none",
+                            "--no-floor", "--no-plot", "--agc", "tiny", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    result = json.loads((tmp_path / path).read_text())
+    rows = {r["provider"]: r for r in result["results"] if r.get("kind") == "agc"}
+    assert {"agc-timm", "agc-native"} <= set(rows)
+    for r in rows.values():
+        assert r["set"] == "tiny" and r["regime"] == "agc" and "error" not in r and r["check"] == "", r
+        assert r["bytes_moved"] == int(2.5 * r["bytes"]) and r["speedup"] > 0 and r["median_s"] > 0
+    assert math.isclose(rows["agc-timm"]["speedup"], 1.0)
+    assert cli.make_config(cli.parse(["--device", "cpu", "--sets", "tiny"])).agc == []
+    assert cli.make_config(cli.parse(["--device", "cpu"])).agc == ["resnet50", "vit-b"]
+    assert cli.make_config(cli.parse(["--device", "cpu", "--agc", "none"])).agc == []
+
+
+def test_agc_check_catches_a_provider_that_does_not_clip():
+    pytest.importorskip("timm")
+    from fusedclip.bench import agc
+
+    wl = agc.make_workload(sets.SETS["tiny"].specs(), torch.device("cpu"), 1)
+    wl.set_regime(True)
+    assert agc.check(lambda ps: fusedclip.clip_agc_(ps, agc.CLIP_FACTOR), wl) == ""
+    assert "units clipped" in agc.check(lambda ps: None, wl)
 
 
 def test_run_without_matplotlib_skips_the_plot(tmp_path, capsys, monkeypatch):

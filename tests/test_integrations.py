@@ -72,12 +72,13 @@ def test_hf_trainer_max_grad_norm_goes_through_fusedclip(spy, monkeypatch, tmp_p
 
 # ---- timm ------------------------------------------------------------------------------------------------
 
-# mode -> the fusedclip function it must reach. "agc" joins when fusedclip has adaptive clipping (its own
-# issue): timm's "agc" calls timm's adaptive_clip_grad, not torch, so patch._targets() will need its entry.
-TIMM_MODES = {"norm": "clip_", "value": "clip_value_"}
+# mode -> the fusedclip function it must reach ("agc": timm's adaptive_clip_grad, which patch_torch() replaces
+# in timm's modules when timm.utils is imported).
+TIMM_MODES = {"norm": "clip_", "value": "clip_value_", "agc": "clip_agc_"}
 
 
-@pytest.mark.parametrize("mode, value, norm_type", [("norm", 0.5, 2.0), ("norm", 0.05, INF), ("value", 0.01, 2.0)])
+@pytest.mark.parametrize("mode, value, norm_type", [("norm", 0.5, 2.0), ("norm", 0.05, INF), ("value", 0.01, 2.0),
+                                                    ("agc", 0.01, 2.0), ("agc", 0.01, INF)])
 def test_timm_dispatch_clip_grad_goes_through_fusedclip(spy, mode, value, norm_type):  # noqa: F811
     timm_utils = pytest.importorskip("timm.utils")
     params = make_params([(5, 7), (130,), (), (33, 129)], [torch.float32], seed=3)
@@ -93,6 +94,8 @@ def test_timm_dispatch_clip_grad_goes_through_fusedclip(spy, mode, value, norm_t
     for p, q in zip(params, theirs):
         if mode == "value":
             assert torch.equal(p.grad, q.grad)
+        elif mode == "agc":
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-5, atol=0)
         else:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 

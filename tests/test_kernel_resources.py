@@ -1,6 +1,6 @@
 """Static proof of the CUDA kernels, from the built module (no GPU needed): every instantiation for every
 architecture is present, none spills, and each fits the blocks per SM that the launcher's cooperative grid
-and csrc/clip_cuda.cu's kMinBlocksPerSm count on."""
+and csrc/clip_cuda.cu's kMinBlocksPerSm (csrc/agc_cuda.cu's kAgcMinBlocksPerSm) count on."""
 import subprocess
 import sys
 
@@ -12,7 +12,8 @@ pytestmark = pytest.mark.skipif(not _ext.HAS_CUDA_KERNELS, reason="this build ha
 
 KINDS = ["L2", "inf", "-inf", "p"]
 EXPECTED = ([f"fused_norm_clip_kernel<{k}, {acc}>" for k in KINDS for acc in ("float", "double")]
-            + ["scale_by_norm_kernel<float>", "scale_by_norm_kernel<double>", "clamp_kernel"])
+            + ["scale_by_norm_kernel<float>", "scale_by_norm_kernel<double>", "clamp_kernel"]
+            + [f"agc_kernel<{k}>" for k in KINDS])
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,14 @@ def test_no_kernel_spills(kernels):
 
 def test_fused_kernels_fit_the_blocks_per_sm_they_are_compiled_for(kernels):
     declared = kernel_info.declared_min_blocks()
-    assert set(declared) == {n for n in EXPECTED if n.startswith("fused")}
-    # The bandwidth-bound fp32 kernels run two blocks per SM; the fp64 and p-norm ones one.
+    assert set(declared) == {n for n in EXPECTED if n.startswith(("fused", "agc"))}
+    # The bandwidth-bound fp32 kernels run two blocks per SM; the fp64 and p-norm ones one. AGC (256 threads a
+    # block): three, the p-norm one two.
     assert all(declared[f"fused_norm_clip_kernel<{k}, float>"] == 2 for k in ("L2", "inf", "-inf"))
-    threads = int(_ext.build_info()["cuda_block_threads"])
+    assert all(declared[f"agc_kernel<{k}>"] == 3 for k in ("L2", "inf", "-inf")) and declared["agc_kernel<p>"] == 2
+    info = _ext.build_info()
     for k in kernels:
-        assert k.threads == threads
+        assert k.threads == int(info["agc_block_threads" if k.name.startswith("agc") else "cuda_block_threads"])
         if k.name in declared:
             assert k.blocks_per_sm >= declared[k.name], (k.arch, k.name, k.registers, k.shared, k.blocks_per_sm)
 
@@ -64,6 +67,9 @@ def test_names_from_mangled():
     assert kernel_info.short_name(
         "_ZN9fusedclip45_GLOBAL__N__db687411_12_clip_cuda_cu_1860927820scale_by_norm_kernelIfEEvPKllPKvlT_"
     ) == "scale_by_norm_kernel<float>"
+    assert kernel_info.short_name(
+        "_ZN9fusedclip48_GLOBAL__N__bb801c05_11_agc_cuda_cu_8114ecb9_46610agc_kernelILNS_8NormKindE3EEEvPKllddd"
+    ) == "agc_kernel<p>"
 
 
 def test_info_kernels_command():

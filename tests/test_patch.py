@@ -36,16 +36,17 @@ def restore_torch():
 def spy(monkeypatch):
     """Counts the calls that reach fusedclip's public functions (the patched names call them by module
     attribute, so a spy there sees exactly what got routed) and records what they return."""
-    calls = {"clip_": [], "get_total_norm": [], "clip_grads_with_norm_": [], "clip_value_": []}
+    calls = {"clip_": [], "get_total_norm": [], "clip_grads_with_norm_": [], "clip_value_": [], "clip_agc_": []}
     for name in calls:
-        real = getattr(fusedclip.clip, name)
+        module = fusedclip.agc if name == "clip_agc_" else fusedclip.clip
+        real = getattr(module, name)
 
         def wrapper(*args, _real=real, _name=name, **kwargs):
             calls[_name].append(None)  # counted even when the call raises
             calls[_name][-1] = out = _real(*args, **kwargs)
             return out
 
-        monkeypatch.setattr(fusedclip.clip, name, wrapper)
+        monkeypatch.setattr(module, name, wrapper)
     return calls
 
 

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from .agc import AGC_DEFAULT_SETS
 from .extras import EXTRAS_DEFAULT_SETS
 from .providers import PROVIDERS
 from .report import terminal, write_outputs
@@ -75,6 +76,10 @@ def parse(argv):
                          "fusedclip.clip_ (clip and noclip regimes, past the warm-up), on the listed sets (comma-"
                          f"separated, or 'all'; bare --zclip: {', '.join(ZCLIP_DEFAULT_SETS)} when run, else "
                          "every set of the run). Off by default")
+    ap.add_argument("--agc", nargs="?", const="auto", default=None,
+                    help="adaptive gradient clipping rows, fusedclip.clip_agc_ against timm's adaptive_clip_grad, on "
+                         f"the listed sets (comma-separated; bare --agc: {','.join(AGC_DEFAULT_SETS)}; 'none'). "
+                         "Default: those two when --sets is not given, none when it is")
     ap.add_argument("--list", action="store_true", help="list the sets and providers and exit")
     return ap.parse_args(argv)
 
@@ -128,6 +133,14 @@ def make_config(ns):
         zclip = [s for s in sets if s in ZCLIP_DEFAULT_SETS] or list(sets)
     else:
         zclip = _csv(ns.zclip, SETS, "set")
+    if ns.agc is None:
+        agc = list(AGC_DEFAULT_SETS) if ns.sets in (None, "default") else []
+    elif ns.agc == "none":
+        agc = []
+    elif ns.agc == "auto":
+        agc = list(AGC_DEFAULT_SETS)
+    else:
+        agc = _csv(ns.agc, SETS, "set")
     scaling = [] if ns.scaling == "none" else _csv(ns.scaling, {"tensors", "elements"}, "scaling curve")
     points = dict(SCALING["quick" if ns.quick else dt])
     for curve, text in (("tensors", ns.tensors_points), ("elements", ns.elements_points)):
@@ -147,7 +160,7 @@ def make_config(ns):
                   scaling_points=points, scaling_regime=ns.scaling_regime,
                   tensors_elements=int(ns.tensors_elements), plot=not ns.no_plot, tag=ns.tag,
                   mem_fraction=ns.mem_fraction or (0.85 if dt == "cuda" else 0.5),
-                  rounds=max(1, ns.rounds or (2 if ns.quick else 3)), extras=extras, zclip=zclip,
+                  rounds=max(1, ns.rounds or (2 if ns.quick else 3)), extras=extras, zclip=zclip, agc=agc,
                   floor=dt == "cpu" if ns.floor is None else ns.floor, busy_procs=max(0, ns.busy_procs),
                   max_s=60 * (ns.max_minutes if ns.max_minutes is not None else (7 if dt == "cuda" else 0)))
 
@@ -175,7 +188,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     print(f"fusedclip bench on {cfg.device}: sets {', '.join(cfg.sets)}; providers {', '.join(cfg.providers)}; "
           f"regimes {', '.join(cfg.regimes)}; floor {'on' if cfg.floor else 'off'}; "
-          f"scaling {', '.join(cfg.scaling) or 'none'}; results to {cfg.out}", flush=True)
+          f"scaling {', '.join(cfg.scaling) or 'none'}; agc rows {', '.join(cfg.agc) or 'none'}; results to {cfg.out}",
+          flush=True)
     result = run(cfg)
     result["meta"]["wall_s"] = time.perf_counter() - t0
     terminal(result)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import agc
 from . import extras as ex
 from . import zclip_rows as zr
 from .machine import environment, free_bytes
@@ -43,6 +44,7 @@ class Config:
     max_s: float = 0.0  # soft time limit (0: none): later sets and points are skipped past it
     extras: list = field(default_factory=list)  # sets that also get the AMP and optimizer rows (--extras)
     zclip: list = field(default_factory=list)  # sets that also get the ZClip rows (--zclip)
+    agc: list = field(default_factory=list)  # sets of the AGC rows (--agc; agc.py)
     floor: bool = True  # time each set's memory floor beside its providers
     busy_procs: int = 0  # busy processes in the busy regimes (0: one per core)
     t0: float = field(default_factory=time.perf_counter)
@@ -53,7 +55,7 @@ def config_json(cfg):
     return {"device": str(cfg.device), "sets": cfg.sets, "providers": cfg.providers, "regimes": cfg.regimes,
             "quick": cfg.quick, "budget_s": cfg.budget_s, "min_n": cfg.min_n, "max_n": cfg.max_n,
             "compile_sets": cfg.compile_sets, "scaling": cfg.scaling, "scaling_points": cfg.scaling_points,
-            "max_s": cfg.max_s, "rounds": cfg.rounds, "extras": cfg.extras, "zclip": cfg.zclip,
+            "max_s": cfg.max_s, "rounds": cfg.rounds, "extras": cfg.extras, "zclip": cfg.zclip, "agc": cfg.agc,
             "scaling_regime": cfg.scaling_regime,
             "tensors_elements": cfg.tensors_elements, "floor": cfg.floor, "busy_procs": cfg.busy_procs,
             "max_norm": MAX_NORM, "clip_norm": CLIP_NORM, "noclip_norm": NOCLIP_NORM}
@@ -283,6 +285,26 @@ def measure_zclip(cfg, clock, specs, label, progress, rows):
             torch.cuda.empty_cache()
 
 
+def measure_agc(cfg, clock, specs, label, progress, rows, provs):
+    """The AGC rows of one set (regime "agc", speedups against timm; agc.py)."""
+    device = cfg.device
+    rot = rotations_within(specs_bytes(specs), device, cfg.mem_fraction, agc.PER_LIST)
+    if rot == 0:
+        cfg.notes.append(f"agc rows of {label} skipped: do not fit memory")
+        for _ in provs:
+            progress.step(f"{label} agc: skipped (memory)")
+        return
+    progress.note(f"{label}: making weights and gradients for the agc rows")
+    wl = agc.make_workload(specs, device, rot)
+    try:
+        measure_set(_with_regimes(cfg, [agc.REGIME]), clock, specs, label, provs, progress, rows, kind="agc",
+                    wl=wl, baseline=agc.BASELINE)
+    finally:
+        del wl
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def over_time(cfg, fraction):
     return cfg.max_s > 0 and time.perf_counter() - cfg.t0 > fraction * cfg.max_s
 
@@ -327,6 +349,11 @@ def run(cfg):
     total += len(scal_prov) * sum(len(cfg.scaling_points[c]) for c in cfg.scaling)
     total += 3 * len(ex.EXTRAS) * sum(1 for n, _, _ in plan if n in cfg.extras)
     total += 3 * len(zclip_regimes(cfg)) * sum(1 for n, _, _ in plan if n in cfg.zclip)
+    agc_sets = cfg.agc if agc.timm_available() else []
+    if cfg.agc and not agc_sets:
+        cfg.notes.append("agc rows not run: timm is not installed (pip install timm)")
+    agc_provs = agc.providers(device) if agc_sets else []
+    total += len(agc_provs) * len(agc_sets)
     progress = Progress(total + 1)
 
     meta = environment(device)
@@ -359,6 +386,17 @@ def run(cfg):
         cfg.notes.append(ex.NOTE.format(scale=ex.AMP_SCALE))
     if any(name in cfg.zclip for name, _, _ in plan):
         cfg.notes.append(zr.NOTE if zclip_regimes(cfg) else "zclip rows not run: they need the clip or noclip regime")
+    for name in agc_sets:
+        if over_time(cfg, 1.0):
+            cfg.notes.append(f"agc rows of {name} skipped: past the time limit (--max-minutes)")
+            continue
+        specs, label, note = fit_set(SETS[name], device, cfg.mem_fraction)
+        if specs is None:
+            cfg.notes.append(note)
+            continue
+        measure_agc(cfg, clock, specs, label, progress, rows, agc_provs)
+    if agc_sets:
+        cfg.notes.append(agc.NOTE.format(cf=agc.CLIP_FACTOR))
     busy = [r for r in cfg.regimes if is_busy(r)]
     if busy and any(p.busy for p in providers):
         cfg.notes.append(

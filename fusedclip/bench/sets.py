@@ -48,6 +48,15 @@ def resnet50_shapes(blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), classes=100
     return shapes + [(classes, cin), (classes,)]
 
 
+def vit_shapes(layers=12, d=768, ffn=3072, patch=16, image=224, classes=1000):
+    """timm vit_base_patch16_224 (ViT-B/16): cls token, position embedding, patch embedding, 12 tensors per
+    block (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2), final norm, head. 152 tensors, 86.6M elements."""
+    shapes = [(1, 1, d), (1, (image // patch) ** 2 + 1, d), (d, 3, patch, patch), (d,)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (ffn, d), (ffn,), (d, ffn), (d,)]
+    return shapes + [(d,), (d,), (classes, d), (classes,)]
+
+
 def transformer_shapes(d_model=512, nhead=8, layers=6, ff=2048):
     """torch.nn.Transformer(d_model, nhead, layers + layers, ff), built on the meta device."""
     import warnings
@@ -112,6 +121,7 @@ SETS = {s.name: s for s in [
     *_same_shapes("resnet50", "ResNet-50 (torchvision)", resnet50_shapes, (F32, F16, BF16)),
     ParamSet("llama-7b", "Llama-2 7B, bf16 (32 layers, d=4096)",
              lambda n: with_dtype(llama_shapes(n or 32), BF16), layers=32),
+    ParamSet("vit-b", "ViT-B/16 (timm vit_base_patch16_224), fp32", lambda n: with_dtype(vit_shapes(), F32)),
     ParamSet("transformer", "nn.Transformer d_model=512, 6+6 layers, fp32",
              lambda n: with_dtype(transformer_shapes(), F32)),
     ParamSet("transformer-small", "the training example's --small model (nn.Transformer d_model=64, 2+2 layers), fp32",
@@ -128,7 +138,7 @@ SETS = {s.name: s for s in [
 
 DEFAULT_SETS = {"cpu": ["transformer-small", "gpt2-small", "transformer", "many-small", "mixed",
                         "bert-base", "bert-base-fp16", "bert-base-bf16", "resnet50", "resnet50-fp16", "resnet50-bf16"],
-                "cuda": [n for n, s in SETS.items() if not s.hidden]}
+                "cuda": [n for n, s in SETS.items() if not s.hidden and n != "vit-b"]}  # vit-b: the AGC rows' (agc.py)
 QUICK_SETS = {"cpu": ["transformer-small", "many-small", "gpt2-small"],
               "cuda": ["many-small", "gpt2-small", "mixed"]}
 # torch.compile's compile time grows with the tensor count (on a 2-core CPU about 30 s for gpt2-small's 148

@@ -71,6 +71,19 @@ def targets(rows, scaling, device, cache_bytes):
             if r["set"].split("[")[0].startswith("bert-base"):
                 add(16, f"{what} speedup vs zclip {ZCLIP_VERSION}", r.get("speedup"), ZCLIP_SPEEDUP)
             add(16, f"{what} time / fusedclip.clip_", r.get("vs_clip"), ZCLIP_VS_CLIP, higher=False)
+    # issue 17: AGC at least 4x timm on the CPU; on a GPU within 1.2x of reading the weights and gradients once
+    # at the measured copy bandwidth
+    for p in ("agc-native", "agc-triton"):
+        for s in ("resnet50", "vit-b"):
+            r = row(s, "agc", p)
+            if r is None:
+                continue
+            if device.type == "cpu":
+                add(17, f"{p}: {s} agc speedup vs timm", r.get("speedup"), 4.0)
+            elif r.get("pct_copy"):
+                copy_bps = r["bytes_per_s"] * 100.0 / r["pct_copy"]
+                add(17, f"{p}: {s} agc time / reading weights and gradients once", r["median_s"] * copy_bps /
+                    (2 * r["bytes"]), 1.2, higher=False)
     for p in fused:
         s = scaling.get("per_tensor_s", {}).get(p)
         add(15, f"{p}: cost per tensor (tensors curve)", s and s * 1e6, 0.2, higher=False, unit="us")
