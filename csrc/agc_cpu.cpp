@@ -18,9 +18,6 @@
 namespace fusedclip {
 namespace {
 
-constexpr int kVecBytes = 64;                     // clip_cpu.cpp's kCpuVecBytes
-constexpr int64_t kMinBytesPerThread = 4 << 20;   // clip_cpu.cpp's rule: threads only for >= 4 MB each
-
 int64_t cpu_items(int64_t rows, int64_t len, int64_t) {
   if (len > kChunkElems) return rows * ((len + kChunkElems - 1) / kChunkElems);
   const int64_t per = kChunkElems / len;
@@ -64,7 +61,7 @@ template <NormKind K>
 void run_item(Run& r, int64_t pair, int64_t c) {
   const AgcView& t = r.t;
   const int64_t len = t.len(pair), rows = t.rows(pair), k = c - t.item_begin(pair);
-  with_typed_ptr<kVecBytes>(t.dtype(pair), t.g_ptr(pair), [&](auto width, auto* g) {
+  with_typed_ptr<kCpuVecBytes>(t.dtype(pair), t.g_ptr(pair), [&](auto width, auto* g) {
     using T = std::remove_pointer_t<decltype(g)>;
     using acc_t = typename AccType<T>::type;
     using Loops = ChunkLoops<decltype(width)::value, T>;
@@ -121,7 +118,7 @@ void finish_split(Run& r) {
 void scale_split_item(Run& r, int64_t pair, int64_t c) {
   const AgcView& t = r.t;
   const int64_t len = t.len(pair), k = c - t.item_begin(pair);
-  with_typed_ptr<kVecBytes>(t.dtype(pair), t.g_ptr(pair), [&](auto width, auto* g) {
+  with_typed_ptr<kCpuVecBytes>(t.dtype(pair), t.g_ptr(pair), [&](auto width, auto* g) {
     using T = std::remove_pointer_t<decltype(g)>;
     using acc_t = typename AccType<T>::type;
     using Loops = ChunkLoops<decltype(width)::value, T>;
