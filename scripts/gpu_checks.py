@@ -1,5 +1,5 @@
 """The GPU checks that are not unit tests: CUDA-graph replay, torch.compile, two streams at once, 20,000
-tensors, a gradient set larger than L2, Transformer-shaped sets, repeatability, adaptive clipping (clip_agc_). Every result is compared
+tensors, a gradient set larger than L2, Transformer-shaped sets, repeatability, adaptive clipping (clip_agc_, ZClip). Every result is compared
 with a float64 reference and with torch. Run by scripts/gpu_check.sh; `--device cpu` runs the subset that
 makes sense on a CPU (a dry run of this script's logic).
 
@@ -305,9 +305,39 @@ def agc(device, backend):
             torch.testing.assert_close(q.grad.cpu().double(), r.grad.double(), rtol=tol, atol=0)
 
 
+@check()
+def zclip(device, backend):
+    """fusedclip.ZClip on a set larger than L2 (every block of the grid takes part: the state is read before
+    the grid sync and written by one block after it), fp32 and bf16, through the warm-up and spikes, skipping
+    spikes with a fused optimizer: the same decisions, norms and clipped gradients as the native CPU kernel on
+    copies, and the same state, step by step."""
+    for dtype in (torch.float32, torch.bfloat16):
+        shapes = [(4096, 4096), (4096, 4096), (4096,), (11008, 1024), (7,)]  # 45M elements: above any L2
+        params = make(shapes, dtype, device, 50)
+        ref = [torch.nn.Parameter(q.detach().cpu().clone()) for q in params]
+        ours = fusedclip.ZClip(warmup_steps=3, on_spike="skip", backend=backend)
+        cpu = fusedclip.ZClip(warmup_steps=3, on_spike="skip", backend="native")
+        opt = torch.optim.AdamW(params, lr=0.0, fused=True)
+        opt_cpu = torch.optim.AdamW(ref, lr=0.0, fused=True)
+        g = torch.Generator(device="cpu").manual_seed(51)
+        for t in range(8):
+            scale = 40.0 if t in (4, 6) else 1.0 + 0.05 * t
+            grads = [(torch.randn(q.shape, generator=g) * 1e-3 * scale).to(dtype) for q in params]
+            for q, r, gr in zip(params, ref, grads):
+                q.grad, r.grad = gr.to(device), gr.clone()
+            n, n_cpu = ours.step(params, opt), cpu.step(ref, opt_cpu)
+            assert close(n.item(), n_cpu.item(), 1e-5), f"step {t}: norm {n.item()} vs CPU {n_cpu.item()}"
+            for q, r in zip(params, ref):
+                torch.testing.assert_close(q.grad.cpu().float(), r.grad.float(), rtol=1e-2 if dtype != torch.float32
+                                           else 1e-5, atol=1e-7)
+            assert ours.skipped_steps.item() == cpu.skipped_steps.item(), f"step {t}: skips differ"
+            torch.testing.assert_close(ours._state.cpu(), cpu._state, rtol=1e-6, atol=0)
+        assert ours.skipped_steps.item() >= 1, "no spike was skipped"
+
+
 # what only a GPU can answer first; torch.compile (slow to compile) last
 ORDER = ["cuda_graph_replay", "two_streams", "many_tensors", "larger_than_l2", "repeatable", "amp_and_per_tensor",
-         "transformer_sets", "nonfinite", "several_devices", "agc", "compile_fullgraph"]
+         "transformer_sets", "nonfinite", "several_devices", "agc", "zclip", "compile_fullgraph"]
 MIN_LEFT_S = 8.0
 
 
