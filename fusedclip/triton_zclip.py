@@ -10,8 +10,6 @@ Both launch variants of triton_backend.py:
 The kernels are compiled with enable_fp_fusion=False: a * b + c contracted to one fma would round differently
 from zclip's Python floats.
 """
-import struct
-
 import torch
 import triton
 import triton.language as tl
@@ -170,10 +168,6 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
                 tl.store(found_inf, 1.0)
 
 
-def _bits(x):
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
 def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None, launch=None):
     """The native zclip_ op's contract (csrc/ops.cpp) in Triton; returns the norm in the accumulation dtype."""
     table, n_chunks, any_double, copies = tb._table(grads)
@@ -209,7 +203,7 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_
     ws = tb._WORKSPACES.get(device)
     coef_ = coef_out.reshape(()) if coef_out is not None else partials
     args = (table, len(grads), n_chunks, partials, nonfinite, ws, state, norm_, out, inv_scale_, found_, coef_,
-            _bits(alpha), _bits(z_thresh), _bits(cap), _bits(eps), _bits(clip_factor), n_warmup)
+            tb._bits(alpha), tb._bits(z_thresh), tb._bits(cap), tb._bits(eps), tb._bits(clip_factor), n_warmup)
     constexprs = dict(ONE_LAUNCH=one, GIVEN=norm is not None, COEF_OUT=coef_out is not None, AMP=amp,
                       FOUND=found_inf is not None,
                       PERCENTILE=bool(percentile), CLIP_TO_MEAN=bool(clip_to_mean), HAS_CAP=bool(has_cap),
@@ -226,7 +220,7 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_
         options, programs = dict(num_warps=tb.NUM_WARPS, **_OPTIONS), tb._programs(device, max(n_chunks, 1))
         if norm is None and n_chunks:
             tb._launch(tb._partials_kernel, programs, table, len(grads), n_chunks, partials, nonfinite, inv_scale_,
-                       _bits(2.0), NORM=tb.L2, ACC=constexprs["ACC"], AMP=amp, BLOCK=tb.BLOCK,
+                       tb._bits(2.0), NORM=tb.L2, ACC=constexprs["ACC"], AMP=amp, BLOCK=tb.BLOCK,
                        EXACT_POW=tb.EXACT_POW)
     tb._launch(_zclip_kernel, programs, *args, options=options, **constexprs)
     tb._write_back(copies)

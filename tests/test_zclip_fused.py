@@ -11,13 +11,9 @@ import torch
 import fusedclip
 import zclip  # the published implementation (`make setup` installs zclip 1.0.0)
 from conftest import BACKENDS, DEVICES
-from test_zclip import CONFIGS, SPIKES, TOLS, _compare, _grad_sequence, _model, _run
+from test_zclip import CONFIGS, SPIKES, _compare, _grad_sequence, _model, _run
 
 WARMUP = 5
-
-
-def _to(model, device):
-    return model.to(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -26,7 +22,7 @@ def _to(model, device):
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_backend_matches_zclip(device, backend, dtype, config):
     kw = dict(config, warmup_steps=WARMUP, max_grad_norm=1.0, skip_update_on_spike=config.get("mode") == "percentile")
-    model = _to(_model(dtype), device)
+    model = _model(dtype).to(device)
     seq = [[g.to(device) for g in gs] for gs in _grad_sequence(model, dtype, steps=24)]
     theirs = _run(zclip.ZClip(**kw), copy.deepcopy(model), seq)
     ours = _run(fusedclip.ZClip(**kw, backend=backend), copy.deepcopy(model), seq)
@@ -39,7 +35,7 @@ def test_backend_matches_zclip(device, backend, dtype, config):
 def test_low_precision_grads_match_the_fp32_rule(device, backend):
     """bf16/fp16 gradients: the norm is accumulated in fp32 (zclip would take it in bf16), so the same decisions
     as on an fp32 copy of the gradients, and the grads scaled by the fp32 coefficient."""
-    model = _to(_model(torch.float32), device)
+    model = _model(torch.float32).to(device)
     seq = _grad_sequence(model, torch.float32, steps=20)
     for dtype in (torch.bfloat16, torch.float16):
         low = [[g.to(device, dtype) for g in gs] for gs in seq]
