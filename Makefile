@@ -1,12 +1,13 @@
 # make test   set-up (a .venv with torch, ninja, pytest, numpy), the build, the test suite
 # make bench  set-up, the build, then the benchmark
+# make test-compat  the suite on the other torches users run (scripts/compat_test.sh; CI runs it after test)
 PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 MAX_JOBS ?= 2
 SOURCES := $(wildcard csrc/*) setup.py pyproject.toml scripts/build_config.py
 
-.PHONY: setup build test bench bench-note cmake-build clean
+.PHONY: setup build test test-compat bench bench-note cmake-build clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed:
@@ -32,6 +33,13 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 test: build
 	$(PYTHON) -m pytest -q -ra tests
 
+# Each in a venv and a copy of the tree of its own under .compat/ (scripts/compat_test.sh): torch 2.6.0 on
+# Python 3.10 (the PyTorch 2.6 image's torch; a CPU-only build, Triton 3.2 under its interpreter) and torch 2.11.0
+# with Triton 3.6 on Python 3.12 (the GPU machine's stack; the CUDA build for sm_90).
+COMPAT_TORCH ?= 2.6.0 2.11.0
+test-compat:
+	@for v in $(COMPAT_TORCH); do MAX_JOBS=$(MAX_JOBS) scripts/compat_test.sh $$v || exit 1; done
+
 # bench-note first: it prints before the set-up and the build, which take minutes on a fresh machine.
 bench: bench-note build
 	$(PYTHON) -m fusedclip info
@@ -48,4 +56,4 @@ cmake-build: $(VENV)/.installed
 	$(VENV)/bin/cmake --build build-cmake -j $(MAX_JOBS)
 
 clean:
-	rm -rf build build-cmake *.egg-info fusedclip/*.so $(VENV)/.built
+	rm -rf build build-cmake *.egg-info fusedclip/*.so $(VENV)/.built .compat/*/src

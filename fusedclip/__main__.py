@@ -2,12 +2,16 @@
 import argparse
 import sys
 
+# What CI runs the suite on (Makefile: test, test-compat); README "Supported versions" says the same.
+SUPPORTED = ("torch >= 2.6 on Python >= 3.10; the suite runs on torch 2.6.0 (Python 3.10, Triton 3.2), "
+             "2.11.0 (Python 3.12, Triton 3.6, CUDA build for sm_90) and 2.14.1 (Python 3.11, Triton 3.8)")
+
 
 def info():
     import torch
 
     import fusedclip
-    from fusedclip import _ext
+    from fusedclip import _ext, backends
 
     print(f"fusedclip {fusedclip.__version__}")
     print(f"torch     {torch.__version__} (CUDA {torch.version.cuda})")
@@ -32,6 +36,14 @@ def info():
         print("GPU       none visible")
     for device in ("cpu", "cuda"):
         print(f"backends for {device}: {fusedclip.available_backends(device)}")
+        for name in backends.AUTO_ORDER:
+            ok, why = backends.BACKENDS[name].available(device)
+            if not ok:
+                print(f"  {name} not for {device}: {why}")
+    for name, why in backends.UNAVAILABLE.items():
+        print(f"backend {name!r} unavailable: {why}")
+    print(f"distributed: {'available' if torch.distributed.is_available() else 'not in this torch build'}")
+    print(f"supported: {SUPPORTED}")
 
 
 def main(argv=None):

@@ -24,6 +24,9 @@ class TorchBackend:
 # In the order "auto" prefers them (fastest first).
 BACKENDS = {"native": NativeBackend, "torch": TorchBackend}
 AUTO_ORDER = ["native", "torch"]
+# Backends that could not be set up in this environment, with the reason (e.g. "triton": Triton too old):
+# asking for one by name raises with that reason; `python -m fusedclip info` lists them.
+UNAVAILABLE = {}
 _resolved = {}  # (requested, device type) -> backend; availability does not change within a process
 
 
@@ -33,6 +36,22 @@ def register(backend, before="torch"):
     _resolved.clear()  # "auto" may now pick the new one
     if backend.name not in AUTO_ORDER:
         AUTO_ORDER.insert(AUTO_ORDER.index(before), backend.name)
+
+
+def mark_unavailable(name, why):
+    """Records that backend `name` cannot run in this environment at all, and why."""
+    UNAVAILABLE[name] = why
+    _resolved.clear()
+
+
+def check_name(backend, fn):
+    """For entry points that take a backend name now and resolve it later: a ValueError for an unknown name, a
+    RuntimeError with the reason for a known one that cannot run here."""
+    if backend == "auto" or backend in BACKENDS:
+        return
+    if backend in UNAVAILABLE:
+        raise RuntimeError(f"fusedclip.{fn}: backend {backend!r} is not available here: {UNAVAILABLE[backend]}")
+    raise ValueError(f"fusedclip.{fn}: unknown backend {backend!r}; the backends are {sorted(BACKENDS)} or 'auto'")
 
 
 def _device_type(device):
@@ -64,6 +83,9 @@ def _resolve(backend, device_type):
             if BACKENDS[name].available(device_type)[0]:
                 return BACKENDS[name]
         raise RuntimeError(f"fusedclip: no backend can run on {device_type} tensors")
+    if backend not in BACKENDS and backend in UNAVAILABLE:
+        raise RuntimeError(f"fusedclip: backend {backend!r} is not available here: {UNAVAILABLE[backend]}. "
+                           f"Available for {device_type}: {available_backends(device_type)}")
     if backend not in BACKENDS:
         raise ValueError(f"fusedclip: unknown backend {backend!r}; the backends are {sorted(BACKENDS)} or 'auto' "
                          f"(available for {device_type}: {available_backends(device_type)})")

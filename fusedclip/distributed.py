@@ -161,12 +161,15 @@ def _mesh_groups(mesh):
 
 
 def _dtensor_parts(grads, fn):
-    """(the local tensors to scale, {mesh: tensors this rank counts in the norm}, {mesh: all local tensors}).
+    """(the local tensors to scale, [(mesh, tensors this rank counts in the norm, all its local tensors)]).
     A gradient replicated along a mesh dim is counted only by the ranks at coordinate 0 of that dim, so
     replicas are not counted twice; Partial gradients are made Replicate for the norm (they are scaled as
     they are: scaling is linear)."""
     from torch.distributed.tensor import DTensor, Replicate
-    locals_, counted, per_mesh = [], {}, {}
+    # Meshes are told apart by identity in a list, not used as dict keys: torch 2.6's dynamo cannot hash a
+    # DeviceMesh (torch.compile of a sharded clip failed on dict.setdefault). Two equal meshes that are distinct
+    # objects are reduced separately: the same norm, one more collective.
+    locals_, meshes, counted, per_mesh = [], [], [], []
     for i, g in enumerate(grads):
         if not isinstance(g, DTensor):
             raise TypeError(f"fusedclip.{fn}: gradient {i} is a {type(g).__name__} among DTensor gradients; "
@@ -174,35 +177,39 @@ def _dtensor_parts(grads, fn):
         local = g.to_local()
         locals_.append(local)
         mesh, placements = g.device_mesh, g.placements
-        per_mesh.setdefault(mesh, []).append(local)
+        k = next((j for j, m in enumerate(meshes) if m is mesh), None)
+        if k is None:
+            k = len(meshes)
+            meshes.append(mesh)
+            counted.append([])
+            per_mesh.append([])
+        per_mesh[k].append(local)
         if any(pl.is_partial() for pl in placements):
             placements = tuple(Replicate() if pl.is_partial() else pl for pl in placements)
             local = g.redistribute(mesh, placements).to_local()
-        mine = all(mesh.get_local_rank(d) == 0 for d, pl in enumerate(placements) if pl.is_replicate())
-        counted.setdefault(mesh, [])
-        if mine:
-            counted[mesh].append(local)
-    return locals_, counted, per_mesh
+        if all(mesh.get_local_rank(d) == 0 for d, pl in enumerate(placements) if pl.is_replicate()):
+            counted[k].append(local)
+    return locals_, list(zip(meshes, counted, per_mesh))
 
 
 def _dtensor_norm(grads, p, be, fn):
     """The global norm (float64) of DTensor gradients, equal to torch's total_norm.full_tensor(); and the
     local tensors to scale, and the meshes."""
-    locals_, counted, per_mesh = _dtensor_parts(grads, fn)
+    locals_, parts = _dtensor_parts(grads, fn)
     device = locals_[0].device
     total, op = None, None
-    for mesh, tensors in counted.items():
+    for mesh, tensors, all_local in parts:
         if p == 0.0:
             # torch's p=0 counts the (whole) tensors with a nonzero element: a per-tensor flag, MAX over the
             # mesh (every rank of a mesh holds a shard, maybe empty, of each of its DTensors), then a count.
-            flags = torch.stack([(t != 0).any().to(device) for t in per_mesh[mesh]]).to(torch.float64)
+            flags = torch.stack([(t != 0).any().to(device) for t in all_local]).to(torch.float64)
             t, op = _all_reduce(flags, "max", _mesh_groups(mesh)).sum(), "sum"
         else:
             local, has = _local_norm(tensors, p, be, fn)
             t, op = _pack(local, has, p, device)
             t = _all_reduce(t, op, _mesh_groups(mesh))
         total = t if total is None else _combine(total, t, op)
-    return _unpack(total, p), locals_, list(per_mesh)
+    return _unpack(total, p), locals_, [mesh for mesh, _, _ in parts]
 
 
 def _as_dtensor(norm, meshes):
@@ -262,7 +269,7 @@ def scale_(params, grads, max_norm, total_norm, be, foreach=None):
         total_norm = total_norm.full_tensor()
     elif not isinstance(total_norm, torch.Tensor):
         total_norm = torch.tensor(_core._number(total_norm, "clip_grads_with_norm_", "total_norm"))
-    locals_, _, _ = _dtensor_parts(grads, "clip_grads_with_norm_")
+    locals_, _ = _dtensor_parts(grads, "clip_grads_with_norm_")
     _scale_local(locals_, max_norm, total_norm.to(locals_[0].device), be, "clip_grads_with_norm_")
     return None
 

@@ -154,9 +154,7 @@ _EXPLICIT = "patch_torch"  # the token of patch_torch() (one, however often it i
 
 
 def _check_backend(backend):
-    if backend != "auto" and backend not in backends.BACKENDS:
-        raise ValueError(f"fusedclip.patch_torch: unknown backend {backend!r}; the backends are "
-                         f"{sorted(backends.BACKENDS)} or 'auto'")
+    backends.check_name(backend, "patch_torch")
 
 
 def _install():

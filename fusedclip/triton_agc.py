@@ -219,10 +219,3 @@ def _define_op():
 
 if not hasattr(torch.ops.fusedclip_triton, "agc_"):  # once per process
     _define_op()
-
-
-def _backend_agc(weights, grads, clip_factor, eps, norm_type):
-    torch.ops.fusedclip_triton.agc_(weights, grads, clip_factor, eps, norm_type)
-
-
-tb.TritonBackend.agc = staticmethod(_backend_agc)

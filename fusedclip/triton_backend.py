@@ -855,9 +855,12 @@ def _define_ops():
     # see, so the mutation is declared in the schema instead. The bodies look the launchers up at call time.
     # The same signatures as the native ops (csrc/ops.cpp), extras included, so the two backends are
     # interchangeable in clip.py and amp.py.
+    # The optional tensors have no default: torch 2.6's custom_op wrapper indexes mutated arguments by position in
+    # the arguments as the dispatcher hands them over, and the dispatcher drops trailing arguments equal to their
+    # default (an IndexError there). The backend methods below pass every argument.
     @torch.library.custom_op("fusedclip_triton::total_norm", mutates_args=("per_tensor",))
     def _total_norm_op(tensors: List[torch.Tensor], norm_type: float,
-                       per_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       per_tensor: Optional[torch.Tensor]) -> torch.Tensor:
         return total_norm(tensors, norm_type, per_tensor)
 
     @_total_norm_op.register_fake
@@ -865,9 +868,8 @@ def _define_ops():
         return tensors[0].new_empty((), dtype=acc_dtype(tensors))
 
     @torch.library.custom_op("fusedclip_triton::clip_", mutates_args=("grads", "per_tensor", "found_inf"))
-    def _clip_op(grads: List[torch.Tensor], max_norm: float, norm_type: float,
-                 per_tensor: Optional[torch.Tensor] = None, inv_scale: Optional[torch.Tensor] = None,
-                 found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _clip_op(grads: List[torch.Tensor], max_norm: float, norm_type: float, per_tensor: Optional[torch.Tensor],
+                 inv_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> torch.Tensor:
         return clip(grads, max_norm, norm_type, per_tensor, inv_scale, found_inf)
 
     @_clip_op.register_fake
@@ -954,10 +956,12 @@ class TritonBackend:
     def clamp(grads, clip_value):
         torch.ops.fusedclip_triton.clamp_(grads, clip_value)
 
+    # The next two ops are defined by fusedclip/triton_zclip.py and triton_agc.py. fusedclip/__init__.py imports
+    # the three modules and registers this backend only when all three loaded, so it is never half there.
     @staticmethod
     def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None):
-        # defined by fusedclip/triton_zclip.py (imported with this module by fusedclip/__init__.py)
         return torch.ops.fusedclip_triton.zclip_(grads, state, config, norm, inv_scale, found_inf, coef_out)
 
-
-backends.register(TritonBackend)
+    @staticmethod
+    def agc(weights, grads, clip_factor, eps, norm_type):
+        torch.ops.fusedclip_triton.agc_(weights, grads, clip_factor, eps, norm_type)

@@ -10,6 +10,8 @@ Both launch variants of triton_backend.py:
 The kernels are compiled with enable_fp_fusion=False: a * b + c contracted to one fma would round differently
 from zclip's Python floats.
 """
+from typing import List, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -228,10 +230,13 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_
 
 
 def _define_op():
+    # typing's List/Optional: torch 2.6's schema inference knows no list[...] or X | None. The optional tensors
+    # have no default: torch 2.6's custom_op wrapper indexes mutated arguments by position in the arguments as
+    # the dispatcher hands them over, and it drops trailing arguments equal to their default (an IndexError).
     @torch.library.custom_op("fusedclip_triton::zclip_", mutates_args=("grads", "state", "found_inf", "coef_out"))
-    def _zclip_op(grads: list[torch.Tensor], state: torch.Tensor, config: list[float],
-                  norm: torch.Tensor | None = None, inv_scale: torch.Tensor | None = None,
-                  found_inf: torch.Tensor | None = None, coef_out: torch.Tensor | None = None) -> torch.Tensor:
+    def _zclip_op(grads: List[torch.Tensor], state: torch.Tensor, config: List[float],
+                  norm: Optional[torch.Tensor], inv_scale: Optional[torch.Tensor],
+                  found_inf: Optional[torch.Tensor], coef_out: Optional[torch.Tensor]) -> torch.Tensor:
         return zclip(grads, state, config, norm, inv_scale, found_inf, coef_out)
 
     @_zclip_op.register_fake

@@ -94,9 +94,7 @@ class ZClip:
         self.skip_update_on_spike = skip_update_on_spike
         self.on_spike = _choice(on_spike, "on_spike", _ON)
         self.on_nonfinite = _choice(on_nonfinite, "on_nonfinite", _ON)
-        if backend != "auto" and backend not in backends.BACKENDS:
-            raise ValueError(f"fusedclip.ZClip: unknown backend {backend!r}; the backends are "
-                             f"{sorted(backends.BACKENDS)} or 'auto'")
+        backends.check_name(backend, "ZClip")
         self.backend = backend
         self.process_group = process_group
         # zclip appends the norm before testing len(buffer) >= warmup_steps, so 0 warm-up steps behave as 1.
@@ -191,7 +189,8 @@ class ZClip:
             amp = False
         device = grads[0].device if grads else (self._state.device if self._state is not None else None)
         be = backends.resolve(self.backend, device.type if device is not None else "cpu")
-        one_device = bool(grads) and len({g.device for g in grads}) == 1
+        # len(grads) > 0, not bool(grads): torch 2.6 and 2.11 cannot trace bool() of a list
+        one_device = len(grads) > 0 and len({g.device for g in grads}) == 1
         fused = getattr(be, "zclip", None) is not None and one_device and be.name != "torch"
         if amp and not fused:
             scaler.unscale_(optimizer)
