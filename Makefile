@@ -1,4 +1,5 @@
-# make test   set-up (a .venv with torch, ninja, pytest, numpy), the build, the test suite
+# make test   set-up (a .venv with torch, ninja, pytest, numpy), the build, zclip's own test suite against
+#             fusedclip.ZClip (test-zclip-upstream), the test suite
 # make bench  set-up, the build, then the benchmark
 # make test-compat  the suite on the other torches users run (scripts/compat_test.sh; CI runs it after test)
 PY ?= python3
@@ -7,7 +8,7 @@ PYTHON := $(VENV)/bin/python
 MAX_JOBS ?= 2
 SOURCES := $(wildcard csrc/*) setup.py pyproject.toml scripts/build_config.py
 
-.PHONY: setup build test test-compat bench bench-note cmake-build clean
+.PHONY: setup build test test-zclip-upstream test-compat bench bench-note cmake-build clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed:
@@ -30,8 +31,30 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	$(PYTHON) -m fusedclip info
 	touch $@
 
-test: build
+test: build test-zclip-upstream
 	$(PYTHON) -m pytest -q -ra tests
+
+# zclip 1.0.0's own tests (those of its published sdist; none is kept in this repository) with zclip.ZClip
+# replaced by fusedclip.ZClip (tests/zclip_upstream/fusedclip_as_zclip.py, which also deselects, with the reason,
+# the tests of zclip's private methods and the one that fails on zclip itself): native backend, then Triton
+# under its interpreter in its own process. The sdist is downloaded once (its hash checked), unpacked afresh.
+ZCLIP_DIR := build/zclip-upstream
+ZCLIP_SDIST := $(ZCLIP_DIR)/zclip-1.0.0.tar.gz
+ZCLIP_SHA256 := 8fd6098e4b7ba81884c2493b187cc87d527e2be5478e2c8d4d77ab85318e622f
+ZCLIP_PYTEST = PYTHONPATH=tests/zclip_upstream $(PYTHON) -m pytest -q -ra -p fusedclip_as_zclip \
+	-c tests/zclip_upstream/pytest.ini --rootdir $(ZCLIP_DIR)/zclip-1.0.0 $(ZCLIP_DIR)/zclip-1.0.0/tests
+
+$(ZCLIP_SDIST): | $(VENV)/.installed
+	rm -rf $(ZCLIP_DIR)/download && mkdir -p $(ZCLIP_DIR)
+	$(PYTHON) -m pip download -q --no-deps --no-binary :all: "zclip==1.0.0" -d $(ZCLIP_DIR)/download
+	echo "$(ZCLIP_SHA256)  $(ZCLIP_DIR)/download/zclip-1.0.0.tar.gz" | sha256sum -c --quiet
+	mv $(ZCLIP_DIR)/download/zclip-1.0.0.tar.gz $@ && rm -rf $(ZCLIP_DIR)/download
+
+test-zclip-upstream: build $(ZCLIP_SDIST)
+	rm -rf $(ZCLIP_DIR)/zclip-1.0.0
+	tar -xzf $(ZCLIP_SDIST) -C $(ZCLIP_DIR)
+	$(ZCLIP_PYTEST)
+	TRITON_INTERPRET=1 $(ZCLIP_PYTEST) --fusedclip-backend=triton
 
 # Each in a venv and a copy of the tree of its own under .compat/ (scripts/compat_test.sh): torch 2.6.0 on
 # Python 3.10 (the PyTorch 2.6 image's torch; a CPU-only build, Triton 3.2 under its interpreter) and torch 2.11.0

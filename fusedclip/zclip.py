@@ -24,10 +24,33 @@ by torch.compile(fullgraph=True). backend="torch" (and gradients on several devi
 torch ops, which reads the step count on the host. Every operation of the rule is one correctly rounded
 float64 operation in zclip's order, so the decisions are those of zclip's Python floats.
 
-Known differences from zclip: the norm is fusedclip's (accumulated in fp32, fp64 for fp64 gradients; zclip
-accumulates in the first parameter's dtype); step() returns that norm as a 0-dim tensor in the accumulation
-dtype (fp32, fp64 for fp64 gradients), not a float; squares and square roots are correctly rounded (x * x,
-sqrt) where zclip's `**` goes through libm's pow, which is 1 ulp off in about 0.1% of cases.
+zclip's public surface is kept: the arguments, `initialized`, `buffer`, `mean` and `var` (read from the device
+state, and assignable: seeding `mean`, `var` then `initialized = True` starts the EMA from those values, as in
+zclip), `apply_in_place_clipping`, and zclip's exception classes and wording for a bad `mode` or `clip_option`.
+zclip's own test suite runs against this class (`make test-zclip-upstream`, tests/zclip_upstream/).
+
+Deliberate differences from zclip, each for a reason:
+* The norm is fusedclip's (accumulated in fp32, fp64 for fp64 gradients, never rounded to fp16/bf16; zclip
+  accumulates in the first parameter's dtype), and step() returns it as a 0-dim tensor in that dtype, not a
+  float: a float would be a host sync on every step. Squares and square roots are correctly rounded (x * x,
+  sqrt) where zclip's `**` goes through libm's pow, 1 ulp off in about 0.1% of cases: the same results on
+  every backend and device.
+* The state lives on the device (for the sync-free step): reading or assigning `initialized`, `buffer`, `mean`
+  or `var` is a host read of it (a sync on CUDA). `buffer` is a new list on each read (zclip's is the list it
+  appends to: assign a list to change it) and holds at most warmup_steps - 1 norms between steps (the kernels
+  keep a buffer of warmup_steps). The kernels tell the warm-up from the step count, so assigning
+  `initialized = True` mid warm-up sets `steps` to warmup_steps, and False to the norms in the buffer.
+* step() is one fused pass: it calls none of zclip's private methods (`_compute_grad_norm`,
+  `_compute_clip_val`, ...) nor `apply_in_place_clipping`; replacing them changes nothing.
+* step() with `initialized` True and `mean` or `var` None raises a RuntimeError before touching the gradients
+  (zclip's fails with a TypeError in its arithmetic).
+* Arguments are checked at construction (a ValueError) where zclip takes anything and fails or misbehaves
+  later (alpha outside [0, 1], a non-positive z_thresh, eps, clip_factor or max_grad_norm, a non-int
+  warmup_steps). A bad clip_option in zscore mode raises ZClipArgumentError, both a ValueError and zclip's
+  AssertionError, with zclip's message (also under `python -O`, which strips zclip's assert); a bad mode a
+  ValueError with zclip's message (also for a non-str, where zclip fails with an AttributeError);
+  clip_option is case-insensitive (zclip lowers it after its check). In percentile mode clip_option is
+  ignored and stored as None, as in zclip, whatever it is; one that is no option at all warns (a likely typo).
 
 Beyond zclip: on_spike="skip" / on_nonfinite="skip" skip the optimizer step on a spike / a non-finite norm,
 without a host sync for torch's fused optimizers (fusedclip/guard.py); AMP's unscale in the same pass
@@ -35,6 +58,7 @@ without a host sync for torch's fused optimizers (fusedclip/guard.py); AMP's uns
 """
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -42,13 +66,21 @@ from . import _ext, backends, guard
 from . import distributed as _distributed
 from ._core import _as_list, _by_device, _total_norm
 from .amp import _begin_unscale, _hand_over, _optimizer_params
-from .clip import _fast_path, get_total_norm
+from .clip import _fast_path, clip_grads_with_norm_, get_total_norm
+from .ops import acc_dtype
 
 _MODES = ("zscore", "percentile")
 _CLIP_OPTIONS = ("adaptive_scaling", "mean")
 _ON = ("clip", "skip")
 # The state's slots (csrc/zclip_rule.h ZSlot), then the warm-up norms.
 STEPS, MEAN, VAR, SKIPPED, BUFFER = 0, 1, 2, 3, 4
+_UNIT_NORMS = {}  # dtype -> _unit_norm(dtype)
+
+
+class ZClipArgumentError(ValueError, AssertionError):
+    """A bad argument to ZClip. A ValueError, as fusedclip's other argument errors are, and an AssertionError,
+    which is what zclip 1.0.0 raises for a bad clip_option (its check is an assert): code that catches either
+    one keeps working."""
 
 
 def _real(x, what, ok, must):
@@ -82,12 +114,23 @@ class ZClip:
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"fusedclip.ZClip: warmup_steps must be an int >= 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
-        self.mode = _choice(mode.lower() if isinstance(mode, str) else mode, "mode", _MODES)
-        # zclip ignores clip_option in percentile mode (None included); a misspelt one is still an error here.
-        if clip_option is None and self.mode == "percentile":
-            clip_option = "adaptive_scaling"
-        self.clip_option = _choice(clip_option.lower() if isinstance(clip_option, str) else clip_option,
-                                   "clip_option", _CLIP_OPTIONS)
+        self.mode = mode.lower() if isinstance(mode, str) else mode
+        if self.mode not in _MODES:  # zclip's ValueError and wording (it fails on a non-str with AttributeError)
+            raise ValueError(f"fusedclip.ZClip: mode must be either 'zscore' or 'percentile', got {mode!r}")
+        option = clip_option.lower() if isinstance(clip_option, str) else clip_option
+        if self.mode == "percentile":
+            # zclip ignores clip_option here and stores None: so does this class. A value that is no option at
+            # all is a likely typo, but it changes nothing in this mode and zclip takes it: a warning, no error.
+            if option is not None and option not in _CLIP_OPTIONS:
+                warnings.warn(f"fusedclip.ZClip: clip_option {clip_option!r} is not one of {_CLIP_OPTIONS}; it is "
+                              "ignored in percentile mode (as zclip ignores it)", stacklevel=2)
+            self.clip_option = None
+        elif option not in _CLIP_OPTIONS:
+            # zclip asserts here (an AssertionError); fusedclip's argument errors are ValueErrors: this is both
+            raise ZClipArgumentError("fusedclip.ZClip: For zscore mode, clip_option must be either 'mean' or "
+                                     f"'adaptive_scaling', got {clip_option!r}")
+        else:
+            self.clip_option = option
         self.clip_factor = _real(clip_factor, "clip_factor", lambda c: 0.0 < c < math.inf, "a positive finite number")
         if not isinstance(skip_update_on_spike, bool):
             raise ValueError(f"fusedclip.ZClip: skip_update_on_spike must be a bool, got {skip_update_on_spike!r}")
@@ -107,6 +150,13 @@ class ZClip:
         self._skips = on_spike == "skip" or on_nonfinite == "skip"
         self._state = None  # created on the gradients' device by the first step (or load_state_dict)
         self._found = None  # the skip flag handed to the optimizer
+        # Host-side facts about zclip's attributes that the state cannot tell (see the properties below):
+        # _none: "mean" / "var" -> where zclip's attribute is None: "warmup" (None until a warm-up ends, as
+        # after construction) or "init" (None although initialized: assigned so; step() refuses to run);
+        # _stale: how many norms zclip's buffer still holds while initialized (set by assigning initialized
+        # = True mid warm-up, or buffer while initialized); they are slots BUFFER.. of the state.
+        self._set_none({"mean": "warmup", "var": "warmup"})
+        self._stale = 0
 
     # -- state ------------------------------------------------------------------------------------------
 
@@ -119,8 +169,130 @@ class ZClip:
 
     @property
     def steps(self):
-        """The steps taken (skipped non-finite ones not counted). Reads the device: a host sync."""
+        """The steps taken (skipped non-finite ones not counted); assigning initialized = True mid warm-up sets
+        it to the warm-up's length, False to the norms in the buffer. Reads the device: a host sync."""
         return 0 if self._state is None else int(self._state[STEPS])
+
+    # zclip's public state, read from and written to the device state. Each read or assignment is a host
+    # read of the device (a sync on CUDA); step() itself never reads the state on the host. Assignments write
+    # the state in place, so they reach a step() captured in a CUDA graph too.
+
+    @property
+    def initialized(self):
+        """zclip's `initialized`: whether the warm-up is over (the EMA is in use). Reading it is a host read of
+        the device state. Assigning True skips the rest of the warm-up (seed `mean` and `var`: the next step
+        uses them as zclip's would); False starts a warm-up again, from the norms in `buffer`."""
+        if self._state is None:
+            return False
+        return self._head()[STEPS] >= self._n_warmup
+
+    @initialized.setter
+    def initialized(self, value):
+        s = self._writable_state()
+        steps = int(self._head()[STEPS])
+        n = self._n_warmup
+        if value and steps < n:
+            # zclip keeps the warm-up's norms (unread until initialized is False again); the kernels leave the
+            # warm-up when the step count reaches the warm-up's length
+            self._stale = steps
+            s[STEPS] = n
+            self._set_none({k: "init" for k in self._none})
+        elif not value and steps >= n:
+            s[STEPS] = self._stale  # the next step appends to the norms zclip's buffer holds
+            self._stale = 0
+            self._set_none({k: "warmup" for k in self._none})
+
+    @property
+    def buffer(self):
+        """zclip's `buffer`: the norms (floats) collected so far in the warm-up; [] once the warm-up has ended.
+        A new list on each read (zclip's is the list it appends to): assign a list to change it. Reading it is a
+        host read of the device state."""
+        if self._state is None:
+            return []
+        s = self._state.tolist()
+        steps = int(s[STEPS])
+        return s[BUFFER:BUFFER + (steps if steps < self._n_warmup else self._stale)]
+
+    @buffer.setter
+    def buffer(self, values):
+        norms = [float(v) for v in values]
+        if len(norms) >= self._n_warmup:
+            raise ValueError(f"fusedclip.ZClip: buffer can hold at most {self._n_warmup - 1} norms between steps "
+                             f"(the next step's norm ends a warm-up of {self._n_warmup}), got {len(norms)}")
+        s = self._writable_state()
+        steps = int(self._head()[STEPS])
+        s[BUFFER:] = 0.0
+        if norms:
+            s[BUFFER:BUFFER + len(norms)] = torch.tensor(norms, dtype=torch.float64)
+        if steps < self._n_warmup:
+            s[STEPS] = len(norms)
+        else:
+            self._stale = len(norms)
+
+    @property
+    def mean(self):
+        """zclip's `mean`: the EMA of the norm, a float; None before the first warm-up ends (unless assigned).
+        Reading it is a host read of the device state; assigning it writes the state."""
+        return self._ema(MEAN, "mean")
+
+    @mean.setter
+    def mean(self, value):
+        self._set_ema(MEAN, "mean", value)
+
+    @property
+    def var(self):
+        """zclip's `var`: the EMA of the norm's variance, a float; None before the first warm-up ends (unless
+        assigned). Reading it is a host read of the device state; assigning it writes the state."""
+        return self._ema(VAR, "var")
+
+    @var.setter
+    def var(self, value):
+        self._set_ema(VAR, "var", value)
+
+    def _head(self):
+        """The state's slots before the buffer, as floats (one read of the device); forgets the None of a
+        "warmup" kind once the warm-up has ended on the device."""
+        head = self._state[:BUFFER].tolist()
+        if head[STEPS] >= self._n_warmup:
+            self._set_none({k: v for k, v in self._none.items() if v != "warmup"})
+        return head
+
+    def _writable_state(self):
+        """The state, created on the CPU before the first step (that step moves it to the gradients' device)."""
+        return self._state_on(torch.device("cpu")) if self._state is None else self._state
+
+    def _ema(self, slot, name):
+        if self._state is None:
+            return None
+        head = self._head()
+        return None if name in self._none else head[slot]
+
+    def _set_ema(self, slot, name, value):
+        s = self._writable_state()
+        initialized = self._head()[STEPS] >= self._n_warmup
+        if value is None:  # zclip's step fails on a None once initialized: step() refuses to run then
+            self._set_none(dict(self._none, **{name: "init" if initialized else "warmup"}))
+            return
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"fusedclip.ZClip: {name} must be a number, got a tensor of shape "
+                                 f"{tuple(value.shape)}")
+            s[slot].copy_(value.reshape(()))
+        else:
+            s[slot] = float(value)
+        self._set_none({k: v for k, v in self._none.items() if k != name})
+
+    def _set_none(self, none):
+        self._none = none
+        self._refuse = "init" in none.values()  # step() checks this flag only (no host read)
+
+    def _check_seeded(self):
+        """zclip's step would fail with a TypeError on its None mean or var: a clear error instead."""
+        missing = [k for k, v in self._none.items() if v == "init"]
+        if missing:
+            raise RuntimeError(f"fusedclip.ZClip.step: initialized is True but {' and '.join(missing)} "
+                               f"{'is' if len(missing) == 1 else 'are'} None: assign "
+                               f"{' and '.join(missing)} (or initialized = False) first")
 
     @property
     def skipped_steps(self):
@@ -150,6 +322,8 @@ class ZClip:
         s[VAR].copy_(state_dict["var"])
         s[BUFFER:].copy_(buf)
         self._state = s
+        self._stale = 0
+        self._set_none({} if steps >= self._n_warmup else {"mean": "warmup", "var": "warmup"})
 
     # -- the step ---------------------------------------------------------------------------------------
 
@@ -162,6 +336,8 @@ class ZClip:
         fusedclip/guard.py), and with scaler. scaler: a torch.amp.GradScaler whose gradients are still scaled:
         they are unscaled in the same pass (as scaler.unscale_(optimizer) then step() would), and the norm is
         the unscaled one."""
+        if self._refuse:
+            self._check_seeded()
         params = _as_list(model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module)
                           else model_or_params)
         if (self._skips or scaler is not None) and optimizer is None:
@@ -228,6 +404,8 @@ class ZClip:
         optimizers (fused=True), which take a device-side grad_scale; with others, and for gradients on
         several devices or sharded ones, this is step(<the optimizer's params>, optimizer), which writes them.
         The gradients must be unscaled (with AMP: scaler.unscale_(optimizer) first). Returns the norm."""
+        if self._refuse:
+            self._check_seeded()
         params = _optimizer_params(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
         be = backends.resolve(self.backend, grads[0].device.type if grads else "cpu")
@@ -243,6 +421,32 @@ class ZClip:
         if self._skips:
             guard.skip_next_step_if(optimizer, found)
         return norm
+
+    @torch.no_grad()
+    def apply_in_place_clipping(self, pl_module, global_norm, max_global_norm):
+        """zclip's method: when global_norm > max_global_norm, scales the gradients of `pl_module` (a module, or
+        an iterable of parameters) in place by max_global_norm / (global_norm + 1e-6), computed in float64 as
+        zclip's Python floats are and applied in the accumulation dtype (fp32 for fp32/fp16/bf16 gradients), as
+        zclip's mul_ by a Python float is: the same gradients, bit for bit. One fused scaling pass (the
+        backend's clip_grads_with_norm_ kernel; backend="torch": zclip's mul_ per gradient). The norms are numbers;
+        a tensor is read on the host (a sync). step() does not call this method: its scaling is in its own pass."""
+        global_norm, max_global_norm = float(global_norm), float(max_global_norm)
+        if not global_norm > max_global_norm:  # zclip's coefficient is then 1 (a NaN norm too): nothing written
+            return
+        coef = max_global_norm / (global_norm + 1e-6)
+        if not coef < 1.0:
+            return
+        params = _as_list(pl_module.parameters() if isinstance(pl_module, torch.nn.Module) else pl_module)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        if backends.resolve(self.backend, grads[0].device.type).name == "torch":
+            for g in grads:  # zclip's own op (torch._foreach_mul_ rounds the scalar to fp16/bf16 first)
+                g.mul_(coef)
+            return
+        # The kernels' coefficient is max_norm / (total_norm + 1e-6) in the accumulation dtype: with a total_norm
+        # u such that u + 1e-6 is exactly 1 there, it is max_norm rounded to that dtype, i.e. zclip's coef.
+        clip_grads_with_norm_(params, coef, _unit_norm(acc_dtype(grads)), backend=self.backend)
 
     def _found_on(self, device):
         if self._found is None or self._found.device != device:
@@ -361,3 +565,21 @@ class ZClip:
             new_var = torch.where(spike, var, new_var)
         s[MEAN].copy_(new_mean)
         s[VAR].copy_(new_var)
+
+
+def _unit_norm(dtype):
+    """A 0-dim tensor u of `dtype` (float32 or float64) with u + 1e-6 == 1 exactly in that dtype (1e-6 rounded to
+    it first, as the scale kernels and torch compute norm + 1e-6)."""
+    u = _UNIT_NORMS.get(dtype)
+    if u is None:
+        one, eps = torch.ones((), dtype=dtype), torch.tensor(1e-6, dtype=dtype)
+        u = one - eps
+        for _ in range(8):  # at most an ulp or two from 1 - eps
+            total = u + eps
+            if total == one:
+                break
+            u = torch.nextafter(u, -one if total > one else one)
+        if not u + eps == one:
+            raise RuntimeError(f"fusedclip.ZClip: no unit norm found for {dtype}")
+        _UNIT_NORMS[dtype] = u
+    return u

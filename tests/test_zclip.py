@@ -175,7 +175,7 @@ def test_step_takes_parameters_and_counts_gradless_steps():
     (dict(max_grad_norm=math.nan), "max_grad_norm"), (dict(eps=0.0), "eps"), (dict(eps=None), "eps"),
     (dict(warmup_steps=-1), "warmup_steps"), (dict(warmup_steps=2.5), "warmup_steps"),
     (dict(warmup_steps=True), "warmup_steps"), (dict(mode="median"), "mode"), (dict(mode=None), "mode"),
-    (dict(clip_option="max"), "clip_option"), (dict(mode="percentile", clip_option="max"), "clip_option"),
+    (dict(clip_option="max"), "clip_option"),
     (dict(clip_factor=0.0), "clip_factor"), (dict(clip_factor=-0.5), "clip_factor"),
     (dict(skip_update_on_spike="yes"), "skip_update_on_spike"), (dict(backend="cuda"), "backend"),
 ])
@@ -192,3 +192,173 @@ def test_accepted_arguments_and_bad_state():
         fusedclip.ZClip(warmup_steps=5).load_state_dict(sd)
     with pytest.raises(ValueError, match="steps"):
         fusedclip.ZClip(warmup_steps=4).load_state_dict(dict(sd, steps=-1))
+
+
+# ---- zclip's public surface: initialized, buffer, mean, var, apply_in_place_clipping, argument errors ----
+
+def _public(clipper):
+    return clipper.initialized, clipper.buffer, clipper.mean, clipper.var
+
+
+def _mixed_scale_grads(shapes, dtype, steps, seed):
+    """Per step one gradient per shape, each of its own scale (1e-3 to 10, log-uniform, redrawn every step), with
+    spikes of 50x on some steps."""
+    g = torch.Generator().manual_seed(seed)
+    seq = []
+    for t in range(steps):
+        scales = 10.0 ** (torch.rand(len(shapes), generator=g, dtype=torch.float64) * 4 - 3)
+        spike = 50.0 if t % 7 == 6 else 1.0
+        seq.append([(torch.randn(s, generator=g, dtype=torch.float64) * float(k) * spike).to(dtype)
+                    for s, k in zip(shapes, scales)])
+    return seq
+
+
+def _lockstep(ours, ref, params_ours, params_ref, seq, exact, seed_at=None, unseed_at=None, where=""):
+    """Steps both clippers through seq, comparing zclip's public attributes (and the norm and the clipped
+    gradients) after every step. seed_at: {step: (mean, var)} assigned to both (then initialized = True) before
+    that step; unseed_at: steps before which both get initialized = False."""
+    for t, grads in enumerate(seq):
+        if seed_at and t in seed_at:
+            for c in (ours, ref):
+                c.mean, c.var = seed_at[t]
+                c.initialized = True
+        if unseed_at and t in unseed_at:
+            ours.initialized = ref.initialized = False
+        for p, q, gr in zip(params_ours, params_ref, grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        norm = ours.step(params_ours)
+        ref_norm = ref.step(torch.nn.ParameterList(params_ref))
+        mine, theirs = _public(ours), _public(ref)
+        msg = f"{where}, step {t}: ours {mine}, zclip {theirs}"
+        assert mine[0] is theirs[0] and len(mine[1]) == len(theirs[1]), msg
+        assert (mine[2] is None) == (theirs[2] is None) and (mine[3] is None) == (theirs[3] is None), msg
+        assert all(type(v) is float for v in mine[1]) and all(type(v) in (float, type(None)) for v in mine[2:]), msg
+        if exact:
+            assert mine == theirs, msg
+            assert norm.item() == ref_norm, msg
+            assert all(torch.equal(p.grad, q.grad) for p, q in zip(params_ours, params_ref)), msg
+        else:
+            assert mine[1] == pytest.approx(theirs[1], rel=1e-12), msg
+            assert [v for v in mine[2:] if v is not None] == pytest.approx(
+                [v for v in theirs[2:] if v is not None], rel=1e-12), msg
+
+
+PUBLIC_CONFIGS = [dict(mode="zscore"), dict(mode="zscore", clip_option="mean", skip_update_on_spike=True),
+                  dict(mode="percentile", max_grad_norm=None)]
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["warmup", "seeded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("config", PUBLIC_CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_public_state_matches_zclip_bit_for_bit(config, dtype, seeded):
+    """One gradient of one element (of mixed scales from step to step): its norm is |g| exactly on both sides
+    (sqrt(fl(g * g)) == |g| in binary floating point), so zclip's Python floats and the device state must agree
+    to the bit at every step: initialized, buffer, mean, var, the norm and the clipped gradient. Seeded: the
+    EMA assigned before the first step, as zclip's own tests do."""
+    kw = dict(dict(warmup_steps=WARMUP, max_grad_norm=2.0), **config)
+    p, q = torch.nn.Parameter(torch.zeros(1, dtype=dtype)), torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+    ours, ref = fusedclip.ZClip(**kw), zclip.ZClip(**kw)
+    assert _public(ours) == _public(ref) == (False, [], None, None)
+    seq = _mixed_scale_grads([(1,)], dtype, 40, seed=3)
+    _lockstep(ours, ref, [p], [q], seq, exact=True, seed_at={0: (0.5, 0.04)} if seeded else None, where=kw)
+
+
+@pytest.mark.parametrize("config", PUBLIC_CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_public_state_matches_zclip_on_a_model(config):
+    """Several fp64 gradients of mixed scales: the norms agree to ~1e-16 (accumulated in other orders), the
+    public state to 1e-12; seeded mid warm-up (zclip then keeps the two norms of its buffer, unread) and sent
+    back to a warm-up (from those norms) later."""
+    kw = dict(dict(warmup_steps=WARMUP), **config)
+    shapes = [(16, 8), (16,), (4, 16), (4,)]
+    ps = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+    qs = [torch.nn.Parameter(torch.zeros(s, dtype=torch.float64)) for s in shapes]
+    seq = _mixed_scale_grads(shapes, torch.float64, 40, seed=4)
+    _lockstep(fusedclip.ZClip(**kw), zclip.ZClip(**kw), ps, qs, seq, exact=False, seed_at={2: (3.0, 4.0)},
+              unseed_at={20}, where=kw)
+
+
+def test_seeding_in_any_order_and_the_steps_it_implies():
+    a, ref = fusedclip.ZClip(warmup_steps=3, z_thresh=2.0), zclip.ZClip(warmup_steps=3, z_thresh=2.0)
+    a.initialized = True  # before mean and var: step() must wait for them (zclip's would fail on None)
+    assert a.initialized and a.mean is None and a.var is None and a.steps == 3
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 0.0])
+    with pytest.raises(RuntimeError, match="mean and var are None"):
+        a.step([p])
+    a.var = 0.25
+    with pytest.raises(RuntimeError, match="mean is None"):
+        a.step([p])
+    a.mean = torch.tensor(1.0)  # a tensor is taken too
+    ref.mean, ref.var, ref.initialized = 1.0, 0.25, True
+    q = torch.nn.Parameter(torch.zeros(2))
+    q.grad = torch.tensor([3.0, 0.0])
+    assert a.step([p]).item() == ref.step(torch.nn.ParameterList([q])) == 3.0  # z = 4: a spike, clipped to 1.5
+    assert torch.equal(p.grad, q.grad) and p.grad[0].item() < 3.0
+    assert _public(a) == _public(ref) and a.steps == 4
+    # resumes: the state_dict carries what was seeded
+    b = fusedclip.ZClip(warmup_steps=3, z_thresh=2.0)
+    b.load_state_dict(a.state_dict())
+    assert _public(b) == _public(a)
+    # None again once initialized: refused until assigned (or sent back to a warm-up)
+    a.mean = None
+    with pytest.raises(RuntimeError, match="mean is None"):
+        a.step([p])
+    a.initialized = False
+    assert a.mean is None and a.buffer == [] and a.steps == 0
+    p.grad = torch.tensor([3.0, 0.0])
+    a.step([p])
+    assert a.buffer == [3.0] and not a.initialized
+
+
+def test_buffer_assignment():
+    ours, ref = fusedclip.ZClip(warmup_steps=4), zclip.ZClip(warmup_steps=4)
+    ours.buffer = ref.buffer = [0.5, torch.tensor(0.25, dtype=torch.float64), 2.0]
+    assert ours.buffer == [0.5, 0.25, 2.0] and ours.steps == 3
+    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    p.grad, q.grad = torch.tensor([0.75]), torch.tensor([0.75])
+    ours.step([p]), ref.step(torch.nn.ParameterList([q]))
+    assert _public(ours) == _public(ref) and ours.initialized  # the 4th norm ended the warm-up
+    with pytest.raises(ValueError, match="at most 3 norms"):
+        ours.buffer = [1.0] * 4
+    ours.buffer = [1.0]  # while initialized: kept aside, as zclip's, until initialized = False
+    assert ours.buffer == [1.0] and ours.initialized
+    ours.initialized = False
+    assert ours.buffer == [1.0] and ours.steps == 1
+
+
+@pytest.mark.parametrize("be", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_apply_in_place_clipping_is_zclips(dtype, be):
+    """zclip's coefficient (float64) applied as zclip applies it (mul_ by a Python float): bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    model = _model(dtype)
+    ref_model = copy.deepcopy(model)
+    ours, ref = fusedclip.ZClip(backend=be), zclip.ZClip()
+    for norm, cap in [(2.0, 1.0), (1.0, 1.0), (1.0 + 1e-7, 1.0), (3.7, 0.123), (1e3, 7.0), (0.5, 1.0),
+                      (torch.tensor(5.0), 1.0), (math.inf, 1.0), (math.nan, 1.0)]:
+        grads = [torch.randn(p.shape, generator=g).to(dtype) for p in model.parameters()]
+        for p, q, gr in zip(model.parameters(), ref_model.parameters(), grads):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        ours.apply_in_place_clipping(model, norm, cap)
+        ref.apply_in_place_clipping(ref_model, float(norm), cap)
+        for p, q, gr in zip(model.parameters(), ref_model.parameters(), grads):
+            assert torch.equal(p.grad, q.grad), (norm, cap)
+            if not float(norm) > cap:  # zclip's coefficient is 1: nothing written
+                assert torch.equal(p.grad, gr), (norm, cap)
+    ours.apply_in_place_clipping(torch.nn.Linear(2, 2), 2.0, 1.0)  # no gradients: nothing to do
+
+
+def test_arguments_as_zclip_takes_them():
+    # percentile mode: clip_option is ignored and stored as None, whatever it is (an unknown one warns)
+    assert fusedclip.ZClip(mode="percentile").clip_option is None
+    assert fusedclip.ZClip(mode="percentile", clip_option="mean").clip_option is None
+    with pytest.warns(UserWarning, match="ignored in percentile mode"):
+        assert fusedclip.ZClip(mode="percentile", clip_option="max").clip_option is None
+    # zclip's exception classes and wording (zclip's own tests match these messages)
+    with pytest.raises(ValueError, match="mode must be either 'zscore' or 'percentile'"):
+        fusedclip.ZClip(mode="invalid_mode")
+    for catch in (AssertionError, ValueError):
+        with pytest.raises(catch, match="For zscore mode, clip_option must be either 'mean' or 'adaptive_scaling'"):
+            fusedclip.ZClip(mode="zscore", clip_option="invalid_option")
+    assert issubclass(fusedclip.zclip.ZClipArgumentError, (ValueError, AssertionError))
+    assert fusedclip.ZClip(clip_option="MEAN").clip_option == "mean"

@@ -11,7 +11,7 @@ import torch
 import fusedclip
 import zclip  # the published implementation (`make setup` installs zclip 1.0.0)
 from conftest import BACKENDS, DEVICES
-from test_zclip import CONFIGS, SPIKES, _compare, _grad_sequence, _model, _run
+from test_zclip import CONFIGS, SPIKES, _compare, _grad_sequence, _lockstep, _mixed_scale_grads, _model, _run
 
 WARMUP = 5
 
@@ -28,6 +28,25 @@ def test_backend_matches_zclip(device, backend, dtype, config):
     ours = _run(fusedclip.ZClip(**kw, backend=backend), copy.deepcopy(model), seq)
     _compare(ours, theirs, dtype, f"{backend} {kw}")
     assert [c for _, _, c in ours] == [c for _, _, c in theirs]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_public_state_and_apply_in_place_clipping(backend, dtype):
+    """zclip's public attributes, seeded then stepped, bit for bit with zclip (one-element gradients: the same
+    norm on both sides; see tests/test_zclip.py), and apply_in_place_clipping's gradients, on every backend."""
+    kw = dict(warmup_steps=WARMUP, max_grad_norm=2.0)
+    p, q = torch.nn.Parameter(torch.zeros(1, dtype=dtype)), torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+    seq = _mixed_scale_grads([(1,)], dtype, 16, seed=6)
+    _lockstep(fusedclip.ZClip(**kw, backend=backend), zclip.ZClip(**kw), [p], [q], seq,
+              exact=dtype != torch.bfloat16, seed_at={3: (0.5, 0.04)}, where=backend)
+    model = _model(dtype)
+    ref_model = copy.deepcopy(model)
+    for m, clipper in ((model, fusedclip.ZClip(backend=backend)), (ref_model, zclip.ZClip())):
+        for i, prm in enumerate(m.parameters()):
+            prm.grad = torch.linspace(-1, 1, prm.numel(), dtype=torch.float64).reshape(prm.shape).to(dtype) * (i + 1)
+        clipper.apply_in_place_clipping(m, 3.7, 0.123)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), ref_model.parameters()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
