@@ -29,8 +29,9 @@ def race(*args, env=None, timeout=240):
     except subprocess.TimeoutExpired as e:  # a deadlock is a failure too
         pytest.fail(f"{' '.join(cmd)} did not end in {timeout} s (a deadlock?)\nstdout:\n{e.stdout}\nstderr:\n{e.stderr}")
     why = f"signal {-out.returncode}" if out.returncode < 0 else f"exit status {out.returncode}"
+    err = out.stderr if len(out.stderr) <= 12000 else out.stderr[:8000] + "\n[...]\n" + out.stderr[-4000:]
     assert out.returncode == 0, (f"{' '.join(args)}: the racing child died ({why})\nstdout:\n{out.stdout[-4000:]}\n"
-                                 f"stderr:\n{out.stderr[-8000:]}")
+                                 f"stderr (a sanitizer report's head is where it happened):\n{err}")
     assert os.path.join(ROOT, "fusedclip") in out.stdout, out.stdout  # this tree's package ran
     return out.stdout
 
