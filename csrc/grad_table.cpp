@@ -24,18 +24,12 @@ NormKind norm_kind(double p) {
 }
 
 GradTable build_table(at::TensorList tensors, const char* op, Access access) {
-  std::vector<const at::Tensor*> ptrs(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) ptrs[i] = &tensors[i];
-  return build_table(ptrs, op, access);
-}
-
-GradTable build_table(c10::ArrayRef<const at::Tensor*> tensors, const char* op, Access access) {
   TORCH_CHECK_VALUE(!tensors.empty(), "fusedclip.", op, ": empty tensor list");
   GradTable g;
   const int64_t n = static_cast<int64_t>(tensors.size());
   g.n_tensors = n;
-  g.device = tensors[0]->device();
-  g.result_dtype = tensors[0]->scalar_type();
+  g.device = tensors[0].device();
+  g.result_dtype = tensors[0].scalar_type();
   g.table.resize(table_size(n));
   int64_t* ptrs = g.table.data();
   int64_t* numels = ptrs + n;
@@ -43,7 +37,7 @@ GradTable build_table(c10::ArrayRef<const at::Tensor*> tensors, const char* op, 
   int64_t* chunk_begin = dtypes + n;
   int64_t chunks = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& t = *tensors[i];
+    const at::Tensor& t = tensors[i];
     TORCH_CHECK_VALUE(t.defined(), "fusedclip.", op, ": tensor ", i, " is undefined");
     TORCH_CHECK_NOT_IMPLEMENTED(t.layout() == at::kStrided, "fusedclip.", op, ": tensor ", i, " has layout ",
                                 t.layout(), "; only dense (strided) gradients are supported, use backend='torch'");
@@ -70,9 +64,9 @@ GradTable build_table(c10::ArrayRef<const at::Tensor*> tensors, const char* op, 
   if (access == Access::kWrites) {
     if (g.device.is_cpu()) {
       g.to_bump.reserve(tensors.size());
-      for (const at::Tensor* t : tensors) g.to_bump.push_back(t->unsafeGetTensorImpl());
+      for (const at::Tensor& t : tensors) g.to_bump.push_back(t.unsafeGetTensorImpl());
     } else {
-      for (const at::Tensor* t : tensors) t->unsafeGetTensorImpl()->bump_version();
+      for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
     }
   }
   return g;

@@ -29,7 +29,8 @@ struct GradTable {
 
   // CPU in-place ops bump the version counters only when they write (the decision is on the host there,
   // and a counter is a separately allocated atomic: a cache miss per tensor that a no-clip call would pay
-  // for nothing); CUDA ones bump them in build_table, since the decision stays on the GPU.
+  // for nothing); CUDA ones bump them in build_table, since the decision stays on the GPU. Borrowed: see
+  // build_table.
   std::vector<c10::TensorImpl*> to_bump;
 
   TableView view() const { return TableView{table.data(), n_tensors}; }
@@ -65,11 +66,11 @@ struct ClipExtras {
 enum class Access { kReads, kWrites };
 
 // Validates tensors (non-empty list, strided floating tensors on one device)
-// and builds their table. Raises before anything is written.
+// and builds their table. Raises before anything is written. The table (its
+// data pointers) and to_bump (the TensorImpls) borrow from `tensors`: the caller
+// keeps them, and their storages, alive until the kernel has run (the op's
+// arguments; the fast path's own references, python_module.cpp).
 GradTable build_table(at::TensorList tensors, const char* op, Access access);
-// The same over pointers, for the fast path (python_module.cpp), which reads
-// the tensors out of Python objects without taking references.
-GradTable build_table(c10::ArrayRef<const at::Tensor*> tensors, const char* op, Access access);
 
 // The fused norm of a table, then, when `clip`, the in-place scaling (unless
 // the factor is exactly 1); the norm is returned as a 0-dim out_dtype tensor.

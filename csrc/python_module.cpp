@@ -8,9 +8,24 @@
 // holds a reference that, on a tensor with a Python object, also references
 // that object, and the list is dropped with the GIL released, so each
 // tensor re-takes the GIL (~0.3 us a tensor, measured). Here the tensors are
-// read straight out of the Python objects with the GIL held and no reference
-// taken; only their storages are kept alive while the kernel runs without
-// the GIL.
+// read straight out of the Python objects with the GIL held.
+//
+// What it holds: the kernel runs with the GIL released, and meanwhile another
+// thread may replace a gradient (p.grad = new, which frees the old tensor) or
+// its storage (p.grad.data = new). So every tensor the kernel or the
+// bookkeeping touches after the GIL is released is owned for the whole call:
+// a reference (an at::Tensor copy) to each gradient, for its TensorImpl (the
+// version counter bumped after the kernel writes: GradTable::to_bump), and one
+// to each gradient's storage, for the memory the kernel reads and writes
+// (p.grad.data = new swaps the storage of a tensor we hold; torch's own ops do
+// not guard against that, so the op path does not either); ZClip's state and
+// found_inf likewise. Taken in the loop that reads the gradients, the two cost
+// what the storages alone did (measured: 2,000 and 10,000 tensors). The
+// numbers of such a race are racy; the memory is sound. All of them are taken with the GIL held and dropped only after it
+// is taken back (they are declared before the gil_scoped_release, so they are
+// destroyed after it, on the exception path too): dropping the last C++
+// reference to a tensor with a Python object decrefs that object, which
+// without the GIL means taking it (the ~0.3 us above).
 //
 // It takes only calls that the ops would run the same way: plain dense CPU or
 // CUDA tensors (no subclass, functorch or functionalization wrapper, no
@@ -107,11 +122,17 @@ PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyO
       norm_type == 0.0 || std::isnan(norm_type) || (clip && !zargs && !as_double(max_norm_obj, &max_norm)) ||
       !plain_thread_state())
     Py_RETURN_NONE;
-  std::vector<double> zconfig;
-  const at::Tensor* zstate = nullptr;
+  // Everything below that the kernel or the bookkeeping uses is owned here (see the header). Declared before
+  // the GIL is released, so destroyed after it is taken back, whichever way this function leaves.
+  std::vector<at::Tensor> tensors;
+  std::vector<c10::Storage> storages;
+  std::optional<at::Tensor> zstate;
   std::optional<at::Tensor> found_inf;
+  std::vector<double> zconfig;
   if (zargs) {
-    if (!PyList_CheckExact(zargs->config) || !(zstate = plain_arg(zargs->state))) Py_RETURN_NONE;
+    const at::Tensor* s = plain_arg(zargs->state);
+    if (!PyList_CheckExact(zargs->config) || !s) Py_RETURN_NONE;
+    zstate = *s;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(zargs->config); ++i) {
       double v;
       if (!as_double(PyList_GET_ITEM(zargs->config, i), &v)) Py_RETURN_NONE;
@@ -125,15 +146,16 @@ PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyO
   }
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
   PyObject** objects = PySequence_Fast_ITEMS(items);
-  std::vector<const at::Tensor*> tensors;
   tensors.reserve(n);
+  storages.reserve(n + 2);
   for (Py_ssize_t i = 0; i < n; ++i) {
     if (!THPVariable_CheckExact(objects[i])) Py_RETURN_NONE;  // subclasses may override .grad or ops
     const at::Tensor& item = THPVariable_Unpack(objects[i]);
     const at::Tensor& t = of_grads ? item.grad() : item;
     if (of_grads && !t.defined()) continue;
     if (!t.defined() || !plain_tensor(t)) Py_RETURN_NONE;
-    tensors.push_back(&t);
+    tensors.push_back(t);
+    storages.push_back(t.storage());  // the memory the table will point at (built below, the GIL still held)
   }
   if (tensors.empty()) Py_RETURN_NONE;
   GradTable g;
@@ -151,9 +173,8 @@ PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyO
     Py_RETURN_NONE;
   }
   const at::ScalarType out_dtype = zargs ? g.acc_dtype() : g.result_dtype;
-  std::vector<c10::Storage> keep_alive;  // released after the GIL is taken back
-  keep_alive.reserve(tensors.size());
-  for (const at::Tensor* t : tensors) keep_alive.push_back(t->storage());
+  if (zstate) storages.push_back(zstate->storage());
+  if (found_inf) storages.push_back(found_inf->storage());
   RECORD_FUNCTION(zargs ? "fusedclip::zclip_" : clip ? "fusedclip::clip_" : "fusedclip::total_norm",
                   std::vector<c10::IValue>());
   at::Tensor norm;

@@ -372,3 +372,33 @@ def test_several_devices(backend):
     check_against_reference(params, orig, norm, 1.0, 2.0)
     norm = fusedclip.clip_(params, 1.0, math.inf, backend=backend)
     assert rel_err(norm, ref_norm(grads_of(params), math.inf)) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_gradient_past_2_31_elements(device):
+    """One bf16 gradient of 2**31 + 4,099 elements (4.3 GB): element indices past int32. The norm is right (a
+    float64 reference, in chunks) and the elements past 2**31, the last one among them, are scaled. The last 4,099
+    hold most of the norm, so a kernel that missed them could not pass. Slow (tens of seconds on CPU): marked,
+    but `make test` runs it."""
+    n = 2**31 + 4099
+    try:
+        g = torch.empty(n, dtype=torch.bfloat16, device=device)
+    except (RuntimeError, MemoryError):
+        pytest.skip(f"no memory for a {n * 2 / 2**30:.1f} GiB gradient on {device}")
+    block = torch.randn(2**20, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+    body = n - 4099
+    g[:body - body % 2**20].view(-1, 2**20).copy_(block.expand(body // 2**20, -1))
+    g[body - body % 2**20:body].copy_(block[:body % 2**20])
+    g[body:].copy_(torch.linspace(-1000.0, 1000.0, 4099).to(torch.bfloat16))
+    ref = math.sqrt(sum(float(c.double().square().sum()) for c in g.split(2**26)))
+    watch = torch.tensor([0, 2**31 - 1, 2**31, n - 2, n - 1], device=device)
+    before = g[watch].float()
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16, device=device).expand(n))  # no second 4.3 GB
+    p.grad = g
+    norm = fusedclip.clip_([p], 1.0, backend="native")
+    assert norm.dtype == torch.bfloat16
+    assert rel_err(norm.double(), ref) < 1e-2, (float(norm), ref)
+    coef = 1.0 / (float(norm.float()) + 1e-6)
+    torch.testing.assert_close(g[watch].float(), (before * coef).bfloat16().float(), rtol=1.6e-2, atol=1e-6)
+    assert float(g[n - 1]) != 0.0 and abs(float(g[n - 1])) < 1.0  # 1000 scaled by ~1/60000

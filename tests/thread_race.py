@@ -1,0 +1,114 @@
+"""The racing workload of tests/test_threads.py, run in a child process (a crash must fail that test, not kill
+pytest):
+
+    python tests/thread_race.py --backend native --seconds 2 [--params 2000]
+
+Writer threads keep replacing the parameters' .grad with new tensors: of the same size and dtype (p.grad = ...),
+and of other sizes and dtypes (p.data = ... then p.grad = ..., since torch takes only a grad of the parameter's
+size and dtype), so freed gradients' memory is soon reused by tensors of other sizes. Reader threads meanwhile
+run fusedclip.clip_, get_total_norm, clip_value_ and ZClip.step (one ZClip per thread) on the same parameters.
+The numbers are racy by design; what must hold is the memory: no crash, no heap corruption, no error. Exits 0
+when every thread ran to the end without an exception (printing how many calls each made), 1 otherwise (the
+tracebacks on stderr); a crash is the child's signal. Gradients are never set to None (torch's own .grad
+getter crashes under that race, with or without fusedclip)."""
+import argparse
+import random
+import sys
+import threading
+import time
+import traceback
+
+import torch
+
+import fusedclip
+from fusedclip import _ext
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="native")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--params", type=int, default=2000)
+    ap.add_argument("--numel", type=int, default=1000)
+    ap.add_argument("--writers", type=int, default=2)
+    ap.add_argument("--data-swaps", action="store_true",
+                    help="the writers also replace the storage of gradients in place (p.grad.data = new), and the "
+                         "readers are the fast path's ops only (clip_, get_total_norm, ZClip.step): it holds the "
+                         "storages; torch's own ops, and so the op path, hold the tensors only")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the threads race each other, not OpenMP's workers
+    rng = random.Random(0)
+    params = []
+    for i in range(args.params):
+        dtype = DTYPES[i % len(DTYPES)] if i % 5 == 4 else torch.float32
+        p = torch.nn.Parameter(torch.zeros(rng.randint(1, 2 * args.numel), dtype=dtype))
+        p.grad = torch.randn(p.shape, dtype=dtype)
+        params.append(p)
+    be = args.backend
+    print("fusedclip:", fusedclip.__file__, flush=True)
+    if be == "native":  # the readers' calls take the fast path (csrc/python_module.cpp): the code under test
+        assert _ext._C.clip_grads(params, 1e30, 2.0) is not None
+        assert _ext._C.total_norm([p.grad for p in params], 2.0) is not None
+    stop = time.monotonic() + args.seconds
+    errors = []
+    counts = {}
+
+    def run(name, body):
+        def loop():
+            n = 0
+            try:
+                while time.monotonic() < stop:
+                    body()
+                    n += 1
+            except BaseException:  # noqa: B902  every error is a failure here: the race must not raise
+                errors.append(f"{name}:\n{traceback.format_exc()}")
+            counts[name] = n
+        return threading.Thread(target=loop, name=name)
+
+    def writer(seed):
+        r = random.Random(seed)
+
+        mine = params[seed::args.writers]  # each writer its own parameters: p.data then p.grad is one change
+
+        def body():
+            for _ in range(64):
+                p = mine[r.randrange(len(mine))]
+                if args.data_swaps and r.random() < 0.5:  # a new storage under the same gradient tensor
+                    p.grad.data = torch.randn(p.shape, dtype=p.dtype)
+                elif r.random() < 0.8:  # a new gradient, same size and dtype
+                    p.grad = torch.randn(p.shape, dtype=p.dtype)
+                else:  # another size and dtype: the parameter's first (torch checks the grad against it)
+                    n, dtype = r.randint(1, 2 * args.numel), r.choice(DTYPES)
+                    p.data = torch.zeros(n, dtype=dtype)
+                    p.grad = torch.randn(n, dtype=dtype)
+                if r.random() < 0.1:  # churn: memory of other sizes, allocated and freed
+                    torch.empty(r.randint(1, 8 * args.numel), dtype=torch.uint8).fill_(0xFF)
+        return body
+
+    zclips = [fusedclip.ZClip(warmup_steps=3, backend=be) for _ in range(2)]
+    for z in zclips:  # the first step (which creates the state) takes the op path; the later ones the fast path
+        z.step(params)
+    threads = [run(f"writer{i}", writer(i)) for i in range(args.writers)]
+    threads += [
+        run("clip_", lambda: fusedclip.clip_(params, 1.0, backend=be)),
+        run("clip_inf", lambda: fusedclip.clip_(params, 1.0, float("inf"), backend=be)),
+        run("get_total_norm", lambda: fusedclip.get_total_norm([p.grad for p in params], backend=be)),
+        run("zclip0", lambda: zclips[0].step(params)),
+        run("zclip1", lambda: zclips[1].step(params)),
+    ]
+    if not args.data_swaps:
+        threads.append(run("clip_value_", lambda: fusedclip.clip_value_(params, 0.5, backend=be)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), flush=True)
+    if errors:
+        print("\n".join(errors), file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
