@@ -177,9 +177,12 @@ def _dtensor_parts(grads, fn):
         local = g.to_local()
         locals_.append(local)
         mesh, placements = g.device_mesh, g.placements
-        k = next((j for j, m in enumerate(meshes) if m is mesh), None)
-        if k is None:
-            k = len(meshes)
+        k = len(meshes)  # a plain loop: torch 2.6's dynamo cannot trace next(generator, default)
+        for j, m in enumerate(meshes):
+            if m is mesh:
+                k = j
+                break
+        if k == len(meshes):
             meshes.append(mesh)
             counted.append([])
             per_mesh.append([])

@@ -167,7 +167,10 @@ def _store_as(ptrs, y, mask, T: tl.constexpr):
 @triton.jit
 def _clamp_block(x, c):
     """clamp_min(-c), then clamp_max(c): a NaN passes through (both comparisons are false)."""
-    x = tl.where(x < -c, -c, x)
+    # c * -1.0, not -c: Triton 3.2 negates as 0 - c, which makes -0.0 of c = 0.0 (torch clamps a negative
+    # gradient to -0.0 there; seen under Triton 3.2's interpreter, torch 2.6).
+    lo = c * -1.0
+    x = tl.where(x < lo, lo, x)
     return tl.where(x > c, c, x)
 
 

@@ -7,19 +7,33 @@
 # Each leg has a venv and a copy of the source tree of its own under .compat/torch-VERSION/ (git-ignored), so
 # its build never touches the in-place module of the default .venv (`make test`); the copy is refreshed from
 # the working tree on every run and ninja rebuilds only what changed. pip's download cache makes a rerun cheap.
-# Extra pytest arguments: COMPAT_PYTEST_ARGS.
+# COMPAT_PYTEST_ARGS: pytest arguments instead of the leg's selection (below), e.g. "tests" for the whole suite.
 set -euo pipefail
 VERSION=${1:?usage: scripts/compat_test.sh TORCH_VERSION}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LEG=$ROOT/.compat/torch-$VERSION
-MAX_JOBS=${MAX_JOBS:-2}
+JOBS=${MAX_JOBS:-2}
+unset MAX_JOBS  # the build's only: the tests see the environment `make test` gives them
 
+# What each leg runs (the whole suite runs on the default torch, `make test`; CI's time allows these here): every
+# public entry point (clip_, get_total_norm, clip_grads_with_norm_, clip_value_, per-tensor norms, unscale_clip_,
+# clip_into_, ZClip, clip_agc_, the sharded paths on Gloo, torch.compile, the fast path) on the native backend,
+# and the Triton backend in its interpreter (tests/test_triton.py runs its own and the extras', ZClip's and
+# AGC's Triton cases in a child under TRITON_INTERPRET=1). Left to `make test`: packaging and the CMake build,
+# the benchmark harness, the GPU check's dry run, the frameworks' integrations, examples, properties.
+API_TESTS="tests/test_clip.py tests/test_fast_path.py tests/test_fused_extras.py tests/test_compile.py
+  tests/test_zclip.py tests/test_zclip_fused.py tests/test_agc.py tests/test_distributed.py tests/test_triton.py"
 case "$VERSION" in
-  # The oldest supported torch on the oldest supported Python.
-  2.6.0)  PYVER=3.10; EXTRA="";              BUILD_ENV=(FUSEDCLIP_CUDA=0) ;;
+  # The oldest supported torch on the oldest supported Python: the PyTorch 2.6 image's torch (a CUDA 12.4 build;
+  # nvcc 13 here cannot build against it, so the extension is CPU-only, as FUSEDCLIP_CUDA=0 makes it).
+  2.6.0)  PYVER=3.10; EXTRA=""; BUILD_ENV=(FUSEDCLIP_CUDA=0)
+          TESTS="$API_TESTS tests/test_patch.py" ;;
   # Exactly the GPU machine's stack (Python 3.12 too). nvcc 13 here builds the extension it would load, for its
-  # H200 (sm_90), so a header or API break of that torch shows here before a GPU run.
-  2.11.0) PYVER=3.12; EXTRA="triton==3.6.0"; BUILD_ENV=(FUSEDCLIP_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0) ;;
+  # H200 (sm_90), so a header or API break of that torch shows here before a GPU run; the built kernels'
+  # resources are read from it (test_kernel_resources). numpy < 2.4: Triton 3.6's interpreter turns 1-element
+  # arrays into Python ints (range(tl.program_id(0), ...)): deprecated since NumPy 1.25, an error from 2.4 on.
+  2.11.0) PYVER=3.12; EXTRA="triton==3.6.0 numpy<2.4"; BUILD_ENV=(FUSEDCLIP_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)
+          TESTS="$API_TESTS tests/test_kernel_resources.py" ;;
   *) echo "compat_test.sh: no leg for torch $VERSION (2.6.0, 2.11.0)" >&2; exit 2 ;;
 esac
 # pyenv's interpreters first: its shims on PATH answer only for the globally selected versions.
@@ -65,7 +79,10 @@ PYEOF
 cd "$LEG/src"
 # In place, with setup.py's build/ kept: pip's editable install would recompile everything in a fresh temporary
 # folder every run. The tests import the package from here (cwd); tests/test_packaging.py checks pip's build.
-env "${BUILD_ENV[@]}" MAX_JOBS="$MAX_JOBS" "$LEG/venv/bin/python" setup.py -q build_ext --inplace
+env "${BUILD_ENV[@]}" MAX_JOBS="$JOBS" "$LEG/venv/bin/python" setup.py -q build_ext --inplace
 "$LEG/venv/bin/python" -m fusedclip info
+# The build switches stay set, as in the shell of a user who built this way (the CMake test builds alike);
+# PYTHONPATH: the examples and other child processes import this copy's package too.
 # -p no:cacheprovider: the copy is rewritten by each run; nothing to keep between them.
-"$LEG/venv/bin/python" -m pytest -q -ra -p no:cacheprovider tests ${COMPAT_PYTEST_ARGS:-}
+env "${BUILD_ENV[@]}" PYTHONPATH="$LEG/src" \
+  "$LEG/venv/bin/python" -m pytest -q -ra -p no:cacheprovider ${COMPAT_PYTEST_ARGS:-$TESTS}

@@ -17,6 +17,11 @@
 # GPU_CHECK_CAP_SCALE (1: multiplies every step's cap; the tests shrink them), PYTHON (python3). Dry run only:
 # GPU_CHECK_STANDIN_{SLEEP,RC,SAY}_<STEP> (STEP upper-cased, '-' -> '_'): what the stand-ins do in that step.
 #
+# The GPU machine's stack (Python 3.12, torch 2.11.0+cu130, Triton 3.6.0) is exercised here on every commit before
+# any GPU run: `make test-compat` (scripts/compat_test.sh 2.11.0) builds the extension against that torch for sm_90
+# with nvcc 13.0 and runs the CPU suite and the Triton interpreter suite on it, so an API break of that torch or
+# Triton shows in CI, not in the one GPU run.
+#
 # At most 8 files land in OUTDIR, none deeper than OUTDIR/bench/:
 #   summary.txt build.log smoke.txt bench.txt bench/{*.json,*.md} checks.txt tests.txt
 set -uo pipefail

@@ -7,6 +7,9 @@ import torch
 import fusedclip
 
 HAS_GPU = torch.cuda.is_available()
+# (major, minor) of the torch under test: the suite also runs on torch 2.6 and 2.11 (make test-compat), where some
+# of torch's own behaviour that a test compares with differs.
+TORCH = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no GPU")])]
 
 

@@ -255,9 +255,10 @@ def test_opcheck():
         return grads_of(make_params([(7,), (33, 5), (0,), (20000,)], [torch.float32, torch.bfloat16],
                                     device=DEVICE, seed=30, noncontig=False))
 
-    torch.library.opcheck(ops.total_norm.default, (sample(), 2.0))
-    torch.library.opcheck(ops.clip_.default, (sample(), 0.5, 2.0))
-    torch.library.opcheck(ops.clip_.default, (sample(), 0.5, float("inf")))
+    # The optional tensors are passed as None: the Triton ops declare no defaults (fusedclip/triton_backend.py).
+    torch.library.opcheck(ops.total_norm.default, (sample(), 2.0, None))
+    torch.library.opcheck(ops.clip_.default, (sample(), 0.5, 2.0, None, None, None))
+    torch.library.opcheck(ops.clip_.default, (sample(), 0.5, float("inf"), None, None, None))
     # the extras: per_tensor and found_inf written, inv_scale read
     torch.library.opcheck(ops.total_norm.default, (sample(), 2.0, torch.randn(4, device=DEVICE)))
     torch.library.opcheck(ops.clip_.default, (sample(), 0.5, 2.0, torch.randn(4, device=DEVICE),

@@ -17,7 +17,10 @@ import textwrap
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
+    pytest.skip(f"written for the compile internals of Triton 3.6 (the GPU machine's) and 3.8 "
+                f"(scripts/triton_static.py); this is Triton {triton.__version__}", allow_module_level=True)
 
 from fusedclip import _ext  # noqa: E402
 from fusedclip import triton_backend as tb  # noqa: E402
