@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed:
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q "torch>=2.6" ninja pybind11 pytest numpy expecttest matplotlib cmake
+	$(PYTHON) -m pip install -q "torch>=2.6" ninja pybind11 pytest numpy expecttest matplotlib cmake hypothesis
 	# the frameworks tests/test_patch.py runs real training steps with (they keep the installed torch)
 	$(PYTHON) -m pip install -q accelerate lightning
 	$(PYTHON) -m pip install -q transformers timm  # tests/test_integrations.py; timm pulls torchvision

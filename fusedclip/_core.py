@@ -41,6 +41,19 @@ def _check_tensors(items, fn, what):
             raise TypeError(f"fusedclip.{fn}: {what} must be Tensors, but item {i} is a {type(t).__name__}")
 
 
+def _check_writable(grads, fn, offset=0):
+    """Before any gradient is written: an expanded gradient (stride 0 along a dimension of size > 1) cannot be
+    written in place (torch's in-place ops refuse it too). Checked here, in Python, because the kernels write the
+    dense gradients in place and the others through copies written back last: the failing write-back would come
+    after the other gradients were scaled."""
+    for i, g in enumerate(grads):
+        if (isinstance(g, torch.Tensor) and g.layout == torch.strided and not g.is_contiguous()
+                and any(st == 0 and n > 1 for st, n in zip(g.stride(), g.shape))):
+            raise RuntimeError(f"fusedclip.{fn}: gradient {i + offset} is an expanded tensor (stride 0 along a "
+                               "dimension of size > 1): its elements share memory, so it cannot be written in place; "
+                               "clone() it first")
+
+
 def _norm_type(norm_type, fn):
     try:
         p = float(norm_type)
@@ -54,8 +67,9 @@ def _norm_type(norm_type, fn):
 def _number(x, fn, what):
     try:
         return float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"fusedclip.{fn}: {what} must be a number, got {x!r}") from None
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+        # RuntimeError / NotImplementedError: a tensor float() cannot read (on the meta device, several elements)
+        raise TypeError(f"fusedclip.{fn}: {what} must be a number, got {x!r} ({e})") from None
 
 
 def _by_device(tensors):
@@ -65,9 +79,28 @@ def _by_device(tensors):
     return groups
 
 
+def _groups_for(be, tensors, fn, writes=False):
+    """_by_device(tensors), after checking that `be` runs on every device among them (a gradient on the meta
+    device beside CPU ones, say): a clear error before anything is read or written, not a kernel's fake result.
+    With writes, meta tensors (no data: nothing to write, as torch's in-place ops on them do nothing) are left out."""
+    groups = _by_device(tensors)
+    if writes:
+        groups = {d: g for d, g in groups.items() if d.type != "meta"}
+    for device in groups:
+        ok, why = be.available(device.type)
+        if not ok:
+            raise RuntimeError(f"fusedclip.{fn}: the gradients are on {', '.join(str(d) for d in groups)}, and "
+                               f"backend {be.name!r} cannot run on {device.type} tensors: {why}")
+    return groups
+
+
 def _call(op, tensors, fn, *args):
     """op(tensors, *args) for one device. Returns (True, result), or (False, None) when the tensors span
     several devices (the caller then goes device by device); other failures become clear errors."""
+    if len({t.device for t in tensors if isinstance(t, torch.Tensor)}) > 1:
+        # not left to the op: with a meta tensor among them the dispatcher runs the op's fake kernel, which
+        # returns an uninitialized norm and writes nothing, instead of raising
+        return False, None
     try:
         return True, op(tensors, *args)
     except (TypeError, ValueError, RuntimeError, NotImplementedError):
@@ -101,6 +134,7 @@ def _total_norm(grads, p, be, fn, per_tensor=False):
     """The norm of all grads in the accumulation dtype (fp32, or fp64 when any grad is fp64), any devices;
     with per_tensor, also each grad's norm (returns the pair)."""
     if p == 0.0:
+        _check_tensors(grads, fn, "tensors" if fn == "get_total_norm" else "gradients")
         # torch's definition (the norm of the per-tensor norms) makes p=0 count the tensors with a nonzero
         # (or NaN) element; fusedclip keeps that.
         first = grads[0].device
@@ -115,7 +149,7 @@ def _total_norm(grads, p, be, fn, per_tensor=False):
     if not ok:
         dtype = acc_dtype(grads)
         first = grads[0].device
-        norms = [be.total_norm(group, p).to(first, dtype) for group in _by_device(grads).values()]
+        norms = [be.total_norm(group, p).to(first, dtype) for group in _groups_for(be, grads, fn).values()]
         norm, out = torch.linalg.vector_norm(torch.stack(norms), p), None
     if not per_tensor:
         return norm
@@ -123,9 +157,10 @@ def _total_norm(grads, p, be, fn, per_tensor=False):
 
 
 def _scale(grads, max_norm, norm, be, fn):
+    _check_writable(grads, fn)
     ok, _ = _call(be.scale, grads, fn, max_norm, norm.to(grads[0].device))
     if not ok:
-        for device, group in _by_device(grads).items():
+        for device, group in _groups_for(be, grads, fn, writes=True).items():
             be.scale(group, max_norm, norm.to(device))
 
 

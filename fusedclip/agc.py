@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import backends
-from ._core import _as_list, _by_device, _check_tensors, _norm_type, _number
+from ._core import _as_list, _by_device, _check_tensors, _check_writable, _norm_type, _number
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -64,6 +64,7 @@ def _pairs(params):
         if g.device != p.device:
             raise ValueError(f"fusedclip.clip_agc_: parameter {i} is on {p.device} but its gradient on {g.device}")
         if g.numel():
+            _check_writable([g], "clip_agc_", offset=i)
             pairs.append((p, g))  # read only, under no_grad (a detach per parameter would cost a dispatch each)
     return pairs
 
@@ -72,13 +73,15 @@ def _pairs(params):
 def clip_agc_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, backend="auto"):
     """Adaptive gradient clipping in place (timm's adaptive_clip_grad; see the module's doc). `parameters`: a
     tensor or an iterable of them (a generator is fine); those without a gradient, or with an empty one, are
-    left alone, and parameters are never written. backend: "auto", "native", "triton" or "torch". Returns None."""
+    left alone, and parameters are never written. norm_type: a number, 'inf', or 'fro' (the 2-norm, which timm's
+    tensor.norm takes for 1-D and 2-D units only). backend: "auto", "native", "triton" or "torch". Returns None."""
     params = _as_list(parameters)
     clip_factor = _number(clip_factor, "clip_agc_", "clip_factor")
     eps = _number(eps, "clip_agc_", "eps")
     if math.isnan(clip_factor) or math.isnan(eps):
         raise ValueError(f"fusedclip.clip_agc_: clip_factor and eps must not be NaN, got {clip_factor} and {eps}")
-    p = _norm_type(norm_type, "clip_agc_")
+    # 'fro' (the 2-norm), which timm's tensor.norm(norm_type) takes for 1-D and 2-D units, for any shape here
+    p = _norm_type(2.0 if isinstance(norm_type, str) and norm_type == "fro" else norm_type, "clip_agc_")
     pairs = _pairs(params)
     if not pairs:
         backends.resolve(backend, "cpu")  # an unknown backend name still raises

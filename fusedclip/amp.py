@@ -4,7 +4,7 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from . import backends, guard
-from ._core import _call, _grads, _norm_type, _number, _total_norm
+from ._core import _call, _check_writable, _grads, _norm_type, _number, _total_norm
 from .clip import clip_, get_total_norm
 from .ops import acc_dtype, result_dtype
 
@@ -35,6 +35,7 @@ def unscale_clip_(scaler, optimizer, max_norm, norm_type=2.0, *, error_if_nonfin
         scaler.unscale_(optimizer)
         return clip_(params, max_norm, p, error_if_nonfinite, backend=backend)
 
+    _check_writable(grads, "unscale_clip_")
     inv_scale, found_inf, commit = _begin_unscale(scaler, optimizer, grads)
     ok, norm = _call(be.clip, grads, "unscale_clip_", max_norm, p, None, inv_scale, found_inf)
     if not ok:  # several devices
@@ -102,11 +103,11 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
         return clip_(params, max_norm, norm_type, backend=backend)
     grads = _grads(params, "clip_into_")
     max_norm = _number(max_norm, "clip_into_", "max_norm")
+    p = _norm_type(norm_type, "clip_into_")  # checked also without gradients, as clip_ does
     if not grads:
         return torch.tensor(0.0)
     device = grads[0].device
     be = backends.resolve(backend, device.type)
-    p = _norm_type(norm_type, "clip_into_")
     if be.name == "torch":
         norm = get_total_norm(grads, p, backend="torch").to(device, acc_dtype(grads))
     else:  # the norm in the accumulation dtype (not rounded to bf16/fp16), so the coef is fp32-accurate

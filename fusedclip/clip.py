@@ -6,13 +6,15 @@ gradients in C++ (csrc/python_module.cpp); it declines anything unusual, and
 that (several devices, error_if_nonfinite, norm_type 0, subclasses, bad input,
 torch.compile) goes through the operator path below.
 """
+import math
+
 import torch
 
 from . import _ext, backends, guard
 from . import distributed as _distributed
-from ._core import (_as_list, _by_device, _call, _check_finite, _grads, _new_per_tensor, _norm_type, _number,
-                    _per_tensor_norms, _scale, _scale_with_norm, _torch_clip_grad_norm_, _torch_clip_grad_value_,
-                    _torch_get_total_norm, _total_norm)
+from ._core import (_as_list, _call, _check_finite, _check_tensors, _check_writable, _grads, _groups_for, _new_per_tensor,
+                    _norm_type, _number, _per_tensor_norms, _scale, _scale_with_norm, _torch_clip_grad_norm_,
+                    _torch_clip_grad_value_, _torch_get_total_norm, _total_norm)
 from .ops import result_dtype
 
 
@@ -66,6 +68,7 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
         return (norm, norms) if per_tensor else norm
     if not grads:
         return (torch.tensor(0.0), torch.empty(0)) if per_tensor else torch.tensor(0.0)
+    _check_writable(grads, "clip_")
     if p != 0.0 and not error_if_nonfinite:
         out = _new_per_tensor(grads, be) if per_tensor else None
         if out is not None or not per_tensor:
@@ -131,6 +134,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
         return (norm, norms) if per_tensor else norm
     if not tensors:
         return (torch.tensor(0.0), torch.empty(0)) if per_tensor else torch.tensor(0.0)
+    _check_tensors(tensors, "get_total_norm", "tensors")  # before any dtype or device is read from them
     result = _total_norm(tensors, p, be, "get_total_norm", per_tensor)
     norm = result[0] if per_tensor else result
     if error_if_nonfinite:
@@ -142,7 +146,8 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
 @torch.no_grad()
 def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, backend="auto"):
     """Scales the gradients of `parameters` by max_norm / (total_norm + 1e-6) when that is below 1, as
-    torch.nn.utils.clip_grads_with_norm_ does; the coefficient is computed in fp32 (fp64 for fp64)."""
+    torch.nn.utils.clip_grads_with_norm_ does; the coefficient is computed in fp32 (fp64 for fp64).
+    total_norm: a tensor, or (unlike torch's, which fails on one) a number."""
     params = _as_list(parameters)
     grads = _grads(params, "clip_grads_with_norm_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
@@ -160,13 +165,15 @@ def clip_value_(parameters, clip_value, foreach=None, *, backend="auto"):
     grads = _grads(params, "clip_value_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
     clip_value = _number(clip_value, "clip_value_", "clip_value")
-    if be.name == "torch":
+    if be.name == "torch" or math.isnan(clip_value):
+        # NaN bounds: torch's clamp makes every element NaN; the kernels would leave the gradients as they are
         return _torch_clip_grad_value_(params, clip_value, foreach)
     if not grads:
         return None
+    _check_writable(grads, "clip_value_")
     ok, _ = _call(be.clamp, grads, "clip_value_", clip_value)
     if not ok:
-        for group in _by_device(grads).values():
+        for group in _groups_for(be, grads, "clip_value_", writes=True).values():
             be.clamp(group, clip_value)
     return None
 

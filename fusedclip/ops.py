@@ -8,9 +8,14 @@ import torch
 from . import _ext
 
 
+_REAL = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
 def result_dtype(tensors):
-    """What torch's clip_grad_norm_ returns: the promotion of the tensors' dtypes."""
-    return functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+    """What torch's clip_grad_norm_ returns: the promotion of the tensors' dtypes (a norm is real: a complex
+    promotion gives its real dtype, as torch's does, for norm_type 0 which counts complex tensors too)."""
+    dtype = functools.reduce(torch.promote_types, {t.dtype for t in tensors})
+    return _REAL.get(dtype, dtype)
 
 
 def acc_dtype(tensors):

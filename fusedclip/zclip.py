@@ -64,7 +64,7 @@ import torch
 
 from . import _ext, backends, guard
 from . import distributed as _distributed
-from ._core import _as_list, _by_device, _total_norm
+from ._core import _as_list, _by_device, _check_writable, _total_norm
 from .amp import _begin_unscale, _hand_over, _optimizer_params
 from .clip import _fast_path, clip_grads_with_norm_, get_total_norm
 from .ops import acc_dtype
@@ -353,6 +353,9 @@ class ZClip:
                     guard.skip_next_step_if(optimizer, found)
                 return norm
         grads = [p.grad for p in params if p.grad is not None]
+        _check_writable(grads, "ZClip.step")
+        if any(g.device.type == "meta" for g in grads):  # the rule reads the norm and its state: meta has neither
+            raise NotImplementedError("fusedclip.ZClip.step: gradients on the meta device have no values to clip")
         amp = scaler is not None and scaler.is_enabled()
         if amp and self._skips:
             raise NotImplementedError(
