@@ -190,7 +190,8 @@ def _dtensor_parts(grads, fn):
         if any(pl.is_partial() for pl in placements):
             placements = tuple(Replicate() if pl.is_partial() else pl for pl in placements)
             local = g.redistribute(mesh, placements).to_local()
-        if all(mesh.get_local_rank(d) == 0 for d, pl in enumerate(placements) if pl.is_replicate()):
+        coord = mesh.get_coordinate()  # not get_local_rank(d): torch 2.6's dynamo cannot trace that one
+        if all(coord[d] == 0 for d, pl in enumerate(placements) if pl.is_replicate()):
             counted[k].append(local)
     return locals_, list(zip(meshes, counted, per_mesh))
 
