@@ -79,7 +79,7 @@ bench-note:
 	@echo "make bench: set-up and build if needed, then about 5-10 minutes on 2 cores; results in" \
 	  "bench/results/local/ (git-ignored); make bench BENCH_ARGS='--out bench/results' for a run to commit"
 
-# The CMake build of the same module (into build-cmake/fusedclip/), checked by tests/test_cmake_build.py.
+# The CMake build of the same module (into build-cmake/fusedclip/); tests/test_build.py builds it too.
 cmake-build: $(VENV)/.installed
 	$(VENV)/bin/cmake -S . -B build-cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 		-DPython_EXECUTABLE=$(abspath $(PYTHON))

@@ -142,11 +142,7 @@ class ZClip:
         self.process_group = process_group
         # zclip appends the norm before testing len(buffer) >= warmup_steps, so 0 warm-up steps behave as 1.
         self._n_warmup = max(warmup_steps, 1)
-        # The kernels' config (csrc/zclip_rule.h ZConfigSlot), in that order.
-        self._config = [self.alpha, self.z_thresh, self.max_grad_norm or 0.0, float(self.max_grad_norm is not None),
-                        self.eps, float(self._n_warmup), float(self.mode == "percentile"),
-                        float(self.clip_option == "mean"), self.clip_factor, float(skip_update_on_spike),
-                        float(on_spike == "skip"), float(on_nonfinite == "skip")]
+        self._config = self._kernel_config()
         self._skips = on_spike == "skip" or on_nonfinite == "skip"
         self._state = None  # created on the gradients' device by the first step (or load_state_dict)
         self._found = None  # the skip flag handed to the optimizer
@@ -157,6 +153,39 @@ class ZClip:
         # = True mid warm-up, or buffer while initialized); they are slots BUFFER.. of the state.
         self._set_none({"mean": "warmup", "var": "warmup"})
         self._stale = 0
+
+    def _kernel_config(self):
+        """The kernels' config (csrc/zclip_rule.h ZConfigSlot), in that order."""
+        return [self.alpha, self.z_thresh, self.max_grad_norm or 0.0, float(self.max_grad_norm is not None),
+                self.eps, float(self._n_warmup), float(self.mode == "percentile"), float(self.clip_option == "mean"),
+                self.clip_factor, float(self.skip_update_on_spike), float(self.on_spike == "skip"),
+                float(self.on_nonfinite == "skip")]
+
+    # zclip reads its hyper-parameters at every step, so code may change them between steps (a schedule for
+    # alpha or z_thresh): assigning one here is checked as at construction and reaches the next step's kernel
+    # (a CUDA graph captured before keeps the values it was captured with). The ones that decide the state's
+    # layout or the kind of rule are fixed once the clipper exists: assigning them raises instead of being
+    # silently ignored.
+    _TUNABLE = {
+        "alpha": lambda v: _real(v, "alpha", lambda a: 0.0 <= a <= 1.0, "a number in [0, 1]"),
+        "z_thresh": lambda v: _real(v, "z_thresh", lambda z: 0.0 < z < math.inf, "a positive finite number"),
+        "max_grad_norm": lambda v: None if v is None else _real(v, "max_grad_norm", lambda m: m > 0.0,
+                                                                 "a positive number or None"),
+        "eps": lambda v: _real(v, "eps", lambda e: 0.0 < e < math.inf, "a positive finite number"),
+        "clip_factor": lambda v: _real(v, "clip_factor", lambda c: 0.0 < c < math.inf, "a positive finite number"),
+    }
+    _FIXED = ("warmup_steps", "mode", "clip_option", "skip_update_on_spike", "on_spike", "on_nonfinite")
+
+    def __setattr__(self, name, value):
+        if "_config" in self.__dict__:  # constructed: __init__ sets the attributes itself
+            if name in self._TUNABLE:
+                object.__setattr__(self, name, self._TUNABLE[name](value))
+                object.__setattr__(self, "_config", self._kernel_config())
+                return
+            if name in self._FIXED and value != getattr(self, name):
+                raise AttributeError(f"fusedclip.ZClip: {name} is fixed once the clipper exists (it decides the "
+                                     f"state's layout or the rule); make a new ZClip with {name}={value!r}")
+        object.__setattr__(self, name, value)
 
     # -- state ------------------------------------------------------------------------------------------
 

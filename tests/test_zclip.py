@@ -362,3 +362,29 @@ def test_arguments_as_zclip_takes_them():
             fusedclip.ZClip(mode="zscore", clip_option="invalid_option")
     assert issubclass(fusedclip.zclip.ZClipArgumentError, (ValueError, AssertionError))
     assert fusedclip.ZClip(clip_option="MEAN").clip_option == "mean"
+
+
+@pytest.mark.parametrize("be", ["native", "torch"])
+def test_hyper_parameters_changed_between_steps_as_zclip(be):
+    """zclip reads alpha, z_thresh, max_grad_norm, eps and clip_factor at every step: changed between steps (a
+    schedule), they reach fusedclip's next step too (its kernels take them as a config); the ones that decide the
+    state's layout or the kind of rule raise instead of being ignored."""
+    dtype = torch.float64
+    model = _model(dtype)
+    seq = _grad_sequence(model, dtype)
+    ours, theirs = fusedclip.ZClip(warmup_steps=5, backend=be), zclip.ZClip(warmup_steps=5)
+    half = len(seq) // 2
+    out_a, out_b = _run(ours, model, seq[:half]), _run(theirs, model, seq[:half])
+    for c in (ours, theirs):
+        c.alpha, c.z_thresh, c.max_grad_norm, c.eps, c.clip_factor = 0.6, 1.2, 0.5, 1e-3, 0.8
+    out_a += _run(ours, model, seq[half:])
+    out_b += _run(theirs, model, seq[half:])
+    _compare(out_a, out_b, dtype, f"changed at step {half}")
+    assert any(changed for _, _, changed in out_a[half:])  # the new cap binds
+    with pytest.raises(ValueError, match="alpha must be"):
+        ours.alpha = 1.5
+    assert ours.alpha == 0.6
+    for name, value in [("mode", "percentile"), ("warmup_steps", 3), ("on_spike", "skip")]:
+        with pytest.raises(AttributeError, match=f"{name} is fixed"):
+            setattr(ours, name, value)
+    ours.mode = "zscore"  # the same value: no change, no error
