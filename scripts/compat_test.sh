@@ -3,13 +3,17 @@
 #
 #   scripts/compat_test.sh 2.6.0     torch 2.6.0 (the PyTorch 2.6 image's; Triton 3.2), CPU-only build
 #   scripts/compat_test.sh 2.11.0    torch 2.11.0 + Triton 3.6.0 (the GPU machine's), CUDA build for sm_90
+#   scripts/compat_test.sh --venv-only VERSION   only the leg's venv (CI makes them while the default build
+#                                                compiles: a download, not CPU work)
 #
 # Each leg has a venv and a copy of the source tree of its own under .compat/torch-VERSION/ (git-ignored), so
 # its build never touches the in-place module of the default .venv (`make test`); the copy is refreshed from
 # the working tree on every run and ninja rebuilds only what changed. pip's download cache makes a rerun cheap.
 # COMPAT_PYTEST_ARGS: pytest arguments instead of the leg's selection (below), e.g. "tests" for the whole suite.
 set -euo pipefail
-VERSION=${1:?usage: scripts/compat_test.sh TORCH_VERSION}
+VENV_ONLY=0
+if [ "${1:-}" = "--venv-only" ]; then VENV_ONLY=1; shift; fi
+VERSION=${1:?usage: scripts/compat_test.sh [--venv-only] TORCH_VERSION}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LEG=$ROOT/.compat/torch-$VERSION
 JOBS=${MAX_JOBS:-2}
@@ -53,6 +57,7 @@ if [ "$(cat "$LEG/venv/.installed" 2>/dev/null)" != "$WANT" ]; then
   "$LEG/venv/bin/python" -m pip install -q --no-deps "zclip==1.0.0"  # tests/test_zclip.py compares with it
   echo "$WANT" > "$LEG/venv/.installed"
 fi
+[ "$VENV_ONLY" = 0 ] || exit 0
 
 # The tracked and the new (not ignored) files of the working tree, as CI's clean clone has them.
 # Changed files are copied (with a new mtime, so ninja sees them); files gone from the tree are removed.
