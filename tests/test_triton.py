@@ -66,6 +66,43 @@ def test_unavailable_for_cpu_without_the_interpreter():
     assert "TRITON_INTERPRET=1" in out.stdout
 
 
+@pytest.mark.parametrize("how", ["schema-error", "module-missing"])
+def test_a_triton_that_fails_to_load_disables_the_backend_whole(how):
+    """A Triton the kernels cannot use never breaks `import fusedclip` (torch 2.6 raised a ValueError from
+    custom_op's schema inference, which no ImportError guard caught): the backend is not registered at all (no
+    half-built one whose ZClip or AGC fails later), asking for it names the reason, the rest works."""
+    breakage = {
+        # what torch 2.6 did with a list[Tensor] annotation (only for the Triton backend's ops: torch has some too)
+        "schema-error": "orig = torch.library.custom_op; torch.library.custom_op = lambda name, *a, **k: "
+                        "(_ for _ in ()).throw(ValueError('infer_schema')) if name.startswith('fusedclip_triton') "
+                        "else orig(name, *a, **k)",
+        # one of the three modules missing
+        "module-missing": "sys.modules['fusedclip.triton_agc'] = None",
+    }[how]
+    code = textwrap.dedent(f"""
+        import sys, torch
+        {breakage}
+        import fusedclip
+        from fusedclip import backends
+        assert "triton" not in backends.BACKENDS and "triton" not in backends.AUTO_ORDER
+        print("reason:", backends.UNAVAILABLE["triton"])
+        for call in (lambda: fusedclip.clip_([torch.nn.Parameter(torch.ones(3))], 1.0, backend="triton"),
+                     lambda: fusedclip.ZClip(backend="triton")):
+            try:
+                call()
+                raise SystemExit("no error")
+            except RuntimeError as e:
+                print("error:", e)
+        p = torch.nn.Parameter(torch.ones(4)); p.grad = torch.full((4,), 3.0)
+        print("norm:", float(fusedclip.clip_([p], 1.0)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "reason: its kernels failed to load with Triton" in out.stdout, out.stdout
+    assert out.stdout.count("error: fusedclip") == 2 and "is not available here" in out.stdout, out.stdout
+    assert "norm: 6.0" in out.stdout
+
+
 @pytest.mark.parametrize("dtypes", list(DTYPE_SETS), ids=str)
 @pytest.mark.parametrize("p", NORMS, ids=str)
 @pytest.mark.parametrize("clipping", [True, False], ids=["clipping", "not-clipping"])
