@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import HAS_GPU, TOL, assert_bit_identical, bits
+from conftest import HAS_GPU
+from fusedclip.testing import TOL, assert_bit_identical, bits
+from fusedclip.testing import clone_params as clone
 
 try:  # timm's agc module needs only torch; without timm (the GPU machines) the float64 reference still runs
     import timm.utils.agc as agc_module
@@ -57,17 +59,6 @@ def make_pairs(shapes, dtype, p, seed, clip_factor=0.01, eps=1e-3, device="cpu")
         param.grad = gr.to(device=device, dtype=dtype)
         params.append(param)
     return params
-
-
-def clone(params):
-    out = []
-    for q in params:
-        c = torch.nn.Parameter(q.detach().clone())
-        if q.grad is not None:
-            c.grad = torch.empty_strided(q.grad.shape, q.grad.stride(), dtype=q.grad.dtype, device=q.grad.device)
-            c.grad.copy_(q.grad)
-        out.append(c)
-    return out
 
 
 def reference(w, g, clip_factor, eps, p):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import (BACKENDS, DEVICES, DTYPE_SETS, NORMS, SHAPES, TOL, assert_bit_identical, bits,
-                      check_against_reference, clip_parity_case, clone_params, grads_of, make_params, no_write_case,
-                      ref_norm, rel_err)
+from conftest import BACKENDS, DEVICES
+from fusedclip.testing import (DTYPE_SETS, NORMS, SHAPES, TOL, assert_bit_identical, bits, check_against_reference,
+                              clip_parity_case, clone_params, grads_of, make_params, no_write_case, ref_norm, rel_err)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)

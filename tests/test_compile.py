@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import DEVICES, assert_bit_identical, clone_params, grads_of, make_params
+from conftest import DEVICES
+from fusedclip.testing import assert_bit_identical, clone_params, grads_of, make_params
 
 pytestmark = pytest.mark.skipif("native" not in fusedclip.available_backends("cpu"), reason="extension not built")
 

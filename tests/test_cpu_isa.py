@@ -7,6 +7,7 @@ import torch
 
 import fusedclip
 from fusedclip import _ext
+from fusedclip.testing import bits
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="the extension did not load")
 
@@ -65,10 +66,6 @@ def run_all(make, isa_name, isa):
     fusedclip.clip_value_(params, 0.5, backend="native")
     out["clamp"] = [q.grad for q in params]
     return out
-
-
-def bits(t):
-    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 @pytest.mark.parametrize("variant", VARIANTS or [pytest.param("none", marks=pytest.mark.skip(

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 import fusedclip
-from conftest import TORCH, run_cases, run_ranks
+from conftest import TORCH
+from fusedclip.testing import make_grads, params_with, ref_norm, run_cases, run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with Gloo is not available")
@@ -60,9 +61,7 @@ def _runs(fn, world):
 
 def full_grads(seed, dtype=torch.float32, scale=1.0):
     """The unsharded gradients, the same on every rank: odd sizes, one empty, one > 16K elements."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(7,), (3, 5), (0,), (33, 129), (), (20001,), (4, 4)]
-    return [(torch.randn(s, generator=g, dtype=torch.float64) * scale).to(dtype) for s in shapes]
+    return make_grads([(7,), (3, 5), (0,), (33, 129), (), (20001,), (4, 4)], dtype, seed=seed, scale=scale)
 
 
 def shard(full, rank, world, seed):
@@ -75,22 +74,6 @@ def shard(full, rank, world, seed):
         bounds = [0] + cuts + [f.numel()]
         mine.append(f[bounds[rank]:bounds[rank + 1]])
     return flats, mine
-
-
-def ref_norm(tensors, p):
-    flat = torch.cat([t.reshape(-1).double() for t in tensors]) if tensors else torch.zeros(0, dtype=torch.float64)
-    if flat.numel() == 0:
-        return torch.tensor(0.0, dtype=torch.float64)
-    return torch.linalg.vector_norm(flat, p)
-
-
-def params_with(grads):
-    out = []
-    for g in grads:
-        p = torch.nn.Parameter(torch.zeros_like(g))
-        p.grad = g
-        out.append(p)
-    return out
 
 
 def close(actual, expected, **kw):

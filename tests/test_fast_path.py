@@ -11,8 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedclip
 from fusedclip import _ext
-from conftest import (DEVICES, SHAPES, assert_bit_identical, check_against_reference, clone_params, grads_of,
-                      make_params, ref_norm)
+from conftest import DEVICES
+from fusedclip.testing import (SHAPES, assert_bit_identical, check_against_reference, clone_params, grads_of,
+                              make_params, ref_norm)
 
 pytestmark = pytest.mark.skipif(not _ext.LOADED, reason="the extension did not load")
 

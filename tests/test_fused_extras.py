@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fusedclip
-from conftest import (BACKENDS, DEVICES, SHAPES, assert_bit_identical, clone_params, grads_of, make_params,
-                      ref_norm, rel_err)
+from conftest import BACKENDS, DEVICES
+from fusedclip.testing import SHAPES, assert_bit_identical, clone_params, grads_of, make_params, ref_norm, rel_err
 
 
 # ---- per-tensor norms ----

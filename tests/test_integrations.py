@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import fusedclip
 import fusedclip.clip
-from conftest import clone_params, grads_of, make_params, ref_norm, rel_err, run_cases, run_ranks
+from fusedclip.testing import clone_params, grads_of, make_params, ref_norm, rel_err, run_cases, run_ranks
 from fusedclip import patch
 from test_patch import batch, restore_torch, spy, tiny_model  # noqa: F401  (restore_torch, spy: fixtures)
 

@@ -9,7 +9,7 @@ import torch.nn.utils.clip_grad
 
 import fusedclip
 import fusedclip.clip
-from conftest import TOL, grads_of, ref_norm, rel_err
+from fusedclip.testing import TOL, grads_of, ref_norm, rel_err
 from fusedclip import patch
 
 NAMES = ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"]

@@ -44,7 +44,7 @@ from hypothesis import strategies as st  # noqa: E402
 from torch.amp.grad_scaler import OptState  # noqa: E402
 
 import fusedclip  # noqa: E402
-from conftest import TOL, bits, ref_norm, rel_err  # noqa: E402
+from fusedclip.testing import TOL, bits, ref_norm, rel_err  # noqa: E402
 
 try:
     from timm.utils.agc import adaptive_clip_grad as timm_agc

@@ -23,9 +23,10 @@ pytest.importorskip("triton")
 import fusedclip  # noqa: E402
 from fusedclip import triton_backend as tb  # noqa: E402
 
-from conftest import (DTYPE_SETS, NORMS, SHAPES, assert_bit_identical,  # noqa: E402
-                      check_against_reference, clip_parity_case, clone_params, grads_of, low_precision_tol,
-                      make_params, no_write_case, ref_norm, rel_err)
+from fusedclip.testing import (DTYPE_SETS, NORMS, SHAPES, assert_bit_identical,  # noqa: E402
+                               check_against_reference, clip_parity_case, clone_params, grads_of, low_precision_tol,
+                               make_params, no_write_case, ref_norm, rel_err)
+from fusedclip.testing import params_with as _params_with  # noqa: E402
 
 DEVICE = "cpu" if tb.INTERPRET else "cuda"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tb.INTERPRET,
@@ -395,14 +396,6 @@ def test_per_tensor_empty_and_single(launch):
         total = tb.total_norm(g, p, per_tensor=norms, launch=launch)
         assert_bit_identical(norms[0], total)
         assert rel_err(total, ref_norm(g, p)) <= 2e-6
-
-
-def _params_with(grads):
-    """Parameters whose .grad are these very tensors (torch's clip takes parameters)."""
-    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
-    for q, g in zip(params, grads):
-        q.grad = g
-    return params
 
 
 def _unscaled_clip_expected(grads0, inv, max_norm, norm):

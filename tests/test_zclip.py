@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fusedclip
+from fusedclip.testing import mixed_scales
 
 import zclip  # the published implementation (`make setup` installs zclip 1.0.0)
 
@@ -206,7 +207,7 @@ def _mixed_scale_grads(shapes, dtype, steps, seed):
     g = torch.Generator().manual_seed(seed)
     seq = []
     for t in range(steps):
-        scales = 10.0 ** (torch.rand(len(shapes), generator=g, dtype=torch.float64) * 4 - 3)
+        scales = mixed_scales(len(shapes), g)  # 1e-3 to 10, log-uniform
         spike = 50.0 if t % 7 == 6 else 1.0
         seq.append([(torch.randn(s, generator=g, dtype=torch.float64) * float(k) * spike).to(dtype)
                     for s, k in zip(shapes, scales)])

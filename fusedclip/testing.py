@@ -1,0 +1,342 @@
+"""Helpers for testing gradient clipping against a float64 reference: the ones fusedclip's own tests use, public so
+that GPU checks, benchmarks and users' tests can compare the same way.
+
+- references: `ref_norm` (the norm of all elements as one float64 vector), `ref_coef` (torch's clip coefficient
+  from it), `rel_err`;
+- makers: `make_grads` (fresh random gradients, one scale or mixed scales), `mixed_scales`, `make_params`
+  (parameters with such gradients, optionally non-contiguous or None), `params_with`, `clone_params`, `grads_of`;
+- bit equality: `bits`, `same_bits`, `assert_bit_identical` (a gradient that must not change keeps its bits, NaN
+  payloads and -0.0 included);
+- tolerances: `TOL` (torch.testing.assert_close's defaults per dtype), `low_precision_tol`;
+- cases shared by the backends' tests: `check_against_reference`, `clip_parity_case`, `no_write_case`, with the
+  shapes, dtype sets and norm types they use (`SHAPES`, `DTYPE_SETS`, `NORMS`);
+- multi-process runs (Gloo on CPU): `run_ranks`, `run_cases`, `free_port`.
+
+Nothing here needs pytest. Example::
+
+    from fusedclip.testing import make_params, clone_params, grads_of, ref_norm, rel_err
+    params = make_params([(33, 129), (7,)], [torch.float32, torch.bfloat16], seed=0, scale="mixed")
+    orig = clone_params(params)
+    norm = fusedclip.clip_(params, 1.0)
+    assert rel_err(norm, ref_norm(grads_of(orig), 2.0)) < 2e-6
+"""
+import math
+
+import torch
+
+import fusedclip
+
+__all__ = ["TOL", "SHAPES", "DTYPE_SETS", "NORMS", "ref_norm", "ref_coef", "rel_err", "mixed_scales", "make_grads",
+           "make_params", "params_with", "clone_params", "grads_of", "bits", "same_bits", "assert_bit_identical",
+           "low_precision_tol", "check_against_reference", "clip_parity_case", "no_write_case", "free_port",
+           "run_ranks", "run_cases"]
+
+# ---- tolerances ------------------------------------------------------------------------------------------
+
+# torch.testing.assert_close's defaults per dtype: (rtol, atol)
+TOL = {
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float64: (1e-7, 1e-7),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+}
+
+
+def low_precision_tol(dtypes):
+    """The loosest assert_close tolerance (rtol, atol) among the dtypes (for values stored in them)."""
+    return max(TOL[d] for d in dtypes)
+
+
+# ---- the sample space of the parity cases -----------------------------------------------------------------
+
+# Odd shapes on purpose: 0-dim, empty, not a multiple of any vector width, > 64K elements, several chunks.
+SHAPES = [(), (0,), (7,), (3, 5), (33, 129), (70001,), (2, 16384 + 5), (16,)]
+DTYPE_SETS = {
+    "fp32": [torch.float32],
+    "fp64": [torch.float64],
+    "fp16": [torch.float16],
+    "bf16": [torch.bfloat16],
+    "mixed": [torch.float32, torch.bfloat16, torch.float16],
+    "mixed64": [torch.float32, torch.float64, torch.bfloat16],
+}
+NORMS = [2.0, math.inf, 1.0, 3.0]
+
+# ---- references ------------------------------------------------------------------------------------------
+
+
+def ref_norm(tensors, p):
+    """The float64 reference: the p-norm of all elements of `tensors` as one vector (a 0-dim float64 tensor on
+    the CPU). That is torch's norm of the per-tensor norms, except for p=0, where torch counts the tensors with
+    a nonzero element, and so does this. An empty list or only empty tensors: 0."""
+    p = float(p)
+    if not tensors:
+        return torch.tensor(0.0, dtype=torch.float64)
+    if p == 0:
+        return torch.tensor(float(sum(bool((g != 0).any()) for g in tensors)), dtype=torch.float64)
+    flat = torch.cat([g.detach().double().reshape(-1).cpu() for g in tensors])
+    if flat.numel() == 0:
+        return torch.tensor(0.0, dtype=torch.float64)
+    return torch.linalg.vector_norm(flat, p)
+
+
+def ref_coef(max_norm, norm64):
+    """torch's clip coefficient min(max_norm / (norm + 1e-6), 1) as a Python float."""
+    return min(max_norm / (float(norm64) + 1e-6), 1.0)
+
+
+def rel_err(x, ref):
+    """|x - ref| / |ref| as a float (0 when both are NaN, inf when only ref is)."""
+    x, ref = float(x), float(ref)
+    if math.isnan(ref):
+        return 0.0 if math.isnan(x) else math.inf
+    return abs(x - ref) / max(abs(ref), 1e-30)
+
+
+# ---- makers ----------------------------------------------------------------------------------------------
+
+
+def mixed_scales(n, generator, lo=-3.0, hi=1.0):
+    """n scales drawn log-uniformly from [10**lo, 10**hi) (a float64 tensor): gradients of many magnitudes in one
+    list, as real models have (an embedding's next to a norm layer's)."""
+    return 10.0 ** (torch.rand(n, generator=generator, dtype=torch.float64) * (hi - lo) + lo)
+
+
+def make_grads(shapes, dtypes=torch.float32, device="cpu", seed=0, scale=1.0):
+    """Fresh random gradients, one per shape: standard normal values drawn in float64 from a CPU generator seeded
+    with `seed`, times `scale`, rounded once to the dtype. dtypes: one dtype or a list cycled over the shapes.
+    scale: a number, or "mixed" for one scale per tensor from mixed_scales (drawn after the values). The same
+    arguments give the same values on every device."""
+    dtypes = [dtypes] if isinstance(dtypes, torch.dtype) else list(dtypes)
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    scales = mixed_scales(len(shapes), g).tolist() if scale == "mixed" else [scale] * len(shapes)
+    return [(v * k).to(device=device, dtype=dtypes[i % len(dtypes)])
+            for i, (v, k) in enumerate(zip(values, scales))]
+
+
+def make_params(shapes, dtypes, device="cpu", seed=0, scale=1.0, none_every=0, noncontig=True):
+    """Parameters (zeros) with fresh random gradients; dtypes cycles over the shapes, scale multiplies every
+    gradient (scale="mixed": one log-uniform scale in [1e-3, 10) per tensor). With noncontig, some 2-D gradients
+    are transposed (dense, permuted) or strided slices (not dense); with none_every=k every k-th gradient is
+    None."""
+    g = torch.Generator().manual_seed(seed)
+    scales = (mixed_scales(len(shapes), torch.Generator().manual_seed(seed + 1)).tolist() if scale == "mixed"
+              else [scale] * len(shapes))
+    params = []
+    for i, shape in enumerate(shapes):
+        dtype, k = dtypes[i % len(dtypes)], scales[i]
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        if none_every and i % none_every == none_every - 1:
+            params.append(p)
+            continue
+        base = (torch.randn(shape, generator=g, dtype=torch.float64) * k)
+        if noncontig and len(shape) == 2 and i % 3 == 0:
+            grad = base.t().contiguous().t()  # permuted, dense
+        elif noncontig and len(shape) == 2 and i % 3 == 1:
+            wide = torch.randn(shape[0], shape[1] * 2, generator=g, dtype=torch.float64) * k
+            wide[:, ::2] = base
+            grad = wide[:, ::2]  # strided slice: not dense
+        else:
+            grad = base
+        p.grad = grad.to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def params_with(grads):
+    """Parameters (zeros like each gradient) whose .grad are these very tensors."""
+    out = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g
+        out.append(p)
+    return out
+
+
+def grads_of(params):
+    """The gradients of `params` that are not None, in order."""
+    return [p.grad for p in params if p.grad is not None]
+
+
+def clone_params(params):
+    """Independent copies of `params` and their gradients, each gradient with the original's strides."""
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        if p.grad is not None:
+            q.grad = torch.empty_strided(p.grad.size(), p.grad.stride(), dtype=p.grad.dtype, device=p.grad.device)
+            q.grad.copy_(p.grad)
+        out.append(q)
+    return out
+
+
+# ---- bit equality ----------------------------------------------------------------------------------------
+
+
+def bits(t):
+    """The raw bits of a tensor as integers of its element size, for bit-for-bit comparisons (NaN payloads
+    and the sign of zero included)."""
+    t = t.detach().contiguous()
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+
+
+def same_bits(a, b):
+    """Whether a and b have one dtype and shape and the same bits."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a).cpu(), bits(b).cpu())
+
+
+def assert_bit_identical(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, tuple(a.shape), tuple(b.shape))
+    assert torch.equal(bits(a), bits(b))
+
+
+# ---- the cases every fused backend runs (tests/test_clip.py, tests/test_triton.py) ------------------------
+
+
+def check_against_reference(params, orig, norm, max_norm, p):
+    """norm equals the float64 reference to fp32 accuracy (fp64 for fp64-only lists), whatever the grads'
+    dtypes; every grad equals orig * coef (coef from the reference norm) to its dtype's accuracy, with its
+    strides kept."""
+    grads0 = grads_of(orig)
+    ref = ref_norm(grads0, p)
+    all64 = all(g.dtype == torch.float64 for g in grads0)
+    # fp32-accurate, then rounded once to the returned dtype (fp16/bf16 when all grads are; an fp16 norm
+    # may overflow to inf there, while the coef is still computed from the finite fp32 norm)
+    rounding = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}.get(norm.dtype, 0.0)
+    if not math.isinf(float(ref.to(norm.dtype))):
+        assert rel_err(norm, ref) <= (1e-12 if all64 else 2e-6) + rounding, (float(norm), float(ref))
+    else:
+        assert math.isinf(float(norm))
+    coef = ref_coef(max_norm, ref)
+    for q, q0 in zip(params, orig):
+        if q0.grad is None:
+            assert q.grad is None
+            continue
+        expected = (q0.grad.double() * coef).to(q0.grad.dtype)
+        rtol, atol = TOL[q0.grad.dtype]
+        torch.testing.assert_close(q.grad, expected, rtol=rtol, atol=atol)
+        assert q.grad.stride() == q0.grad.stride()
+
+
+def clip_parity_case(device, backend, dtypes, p, clipping, noncontig=True):
+    """clip_ on a mixed bag of shapes against the float64 reference and torch.nn.utils, clipping or not.
+    dtypes: a key of DTYPE_SETS; p: one of NORMS. noncontig: some grads are permuted or strided slices (which the
+    native backend's eager fast path leaves to the operator path); without, every grad is contiguous."""
+    dtypes = DTYPE_SETS[dtypes]
+    # scale 0.1 keeps fp16 norms (p=1 sums 100K values) below fp16's max, where torch's norm would overflow
+    params = make_params(SHAPES + [(5, 9), (1,), (300,)], dtypes, device=device, seed=NORMS.index(p) * 2 + clipping,
+                         scale=0.1, none_every=4, noncontig=noncontig)
+    orig = clone_params(params)
+    ref = float(ref_norm(grads_of(orig), p))
+    max_norm = ref * (0.3 if clipping else 3.0)
+
+    norm = fusedclip.clip_(params, max_norm, p, backend=backend)
+    check_against_reference(params, orig, norm, max_norm, p)
+
+    # against torch itself, in the dtype torch returns (torch raises for inf on empty tensors: leave them out)
+    theirs = [q for q in clone_params(orig) if q.grad is None or q.grad.numel() > 0]
+    torch_norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm, p)
+    assert norm.dtype == torch_norm.dtype and norm.shape == () and norm.device == torch_norm.device
+    assert not norm.requires_grad
+    # two fp32 sums of 100K terms in different orders differ by ~1e-6
+    rtol, atol = low_precision_tol(dtypes)
+    rtol = max(rtol, 1e-5)
+    torch.testing.assert_close(norm, torch_norm, rtol=rtol, atol=atol)
+    # torch's coef carries the error of its low-precision per-tensor norms: compare at the loosest dtype's tolerance
+    ours = [q for q in params if q.grad is None or q.grad.numel() > 0]
+    for a, b in zip(ours, theirs):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=2 * rtol, atol=atol)
+    if not clipping:
+        for a, b in zip(params, orig):
+            if b.grad is not None:
+                assert_bit_identical(a.grad, b.grad)
+
+
+def no_write_case(device, clip, p):
+    """A coefficient of 1: grads stay bit-identical (NaN-free but with -0.0 and subnormals in them).
+    clip(params, max_norm, p) -> norm is the implementation under test."""
+    params = make_params(SHAPES, [torch.float32, torch.bfloat16, torch.float16, torch.float64], device=device)
+    for q in params:
+        if q.grad is not None and q.grad.numel() > 2:
+            first, second = (0,) * q.grad.dim(), (0,) * (q.grad.dim() - 1) + (1,)
+            q.grad[first] = -0.0
+            q.grad[second] = 1e-41 if q.grad.dtype in (torch.float32, torch.bfloat16) else 1e-7
+    orig = clone_params(params)
+    norm = clip(params, 1e30, p)
+    assert rel_err(norm, ref_norm(grads_of(orig), p)) < 1e-5
+    for a, b in zip(params, orig):
+        assert_bit_identical(a.grad, b.grad)
+
+
+# ---- several processes (torch.distributed with Gloo on CPU) ----------------------------------------------
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker, world, timeout):
+    """Runs worker(rank, world, port, out_dir) on `world` spawned processes; each rank writes
+    out_dir/rank{rank}.json. Returns ({rank: what it wrote}, error or None); kills ranks still alive."""
+    import json
+    import os
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+
+    out_dir = tempfile.mkdtemp(prefix=f"fusedclip_ranks{world}_")
+    ctx = mp.start_processes(worker, args=(world, free_port(), out_dir), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline, error = time.monotonic() + timeout, None
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                error = f"the {world}-rank run did not finish in {timeout} s"
+                break
+    except Exception as e:  # a rank died
+        error = f"a rank failed: {e}"
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+    results = {}
+    for rank in range(world):
+        path = os.path.join(out_dir, f"rank{rank}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[rank] = json.load(f)
+    return results, error
+
+
+def run_cases(rank, out_dir, cases, after_each=None):
+    """In a spawned rank: runs each (name, thunk) of `cases`, records "ok" or the traceback in
+    out_dir/rank{rank}.json after every case (so a hang loses none), and stops once a barrier fails (a case
+    failed part-way on some rank and left the collectives out of step)."""
+    import json
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    results = {}
+    for name, thunk in cases:
+        try:
+            thunk()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+        if after_each is not None:
+            after_each()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        try:
+            dist.barrier()
+        except RuntimeError:
+            break
