@@ -494,7 +494,7 @@ class ZClip:
         # the EMA sees it; backend="torch" is torch's own norm (in the gradients' dtype), as everywhere.
         if be.name == "torch":
             return get_total_norm(grads, 2.0, backend="torch")
-        return _total_norm(grads, 2.0, be, "fusedclip.ZClip.step")
+        return _total_norm(grads, 2.0, be, "ZClip.step")
 
     def _global_norm(self, grads, be):
         """(the norm of all ranks' shards in the accumulation dtype, this rank's local tensors to scale)."""
