@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-# What CI runs the suite on (Makefile: test, test-compat); README "Supported versions" says the same.
+# What CI runs the suite on (Makefile: test, test-compat); docs/install.md "Supported versions" says the same.
 SUPPORTED = ("torch >= 2.6 on Python >= 3.10; the suite runs on torch 2.6.0 (Python 3.10, Triton 3.2), "
              "2.11.0 (Python 3.12, Triton 3.6, CUDA build for sm_90) and 2.14.1 (Python 3.11, Triton 3.8)")
 

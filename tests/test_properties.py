@@ -5,10 +5,10 @@ form of max_norm, for each public entry point. The property: fusedclip's result 
 accuracy, both judged against a float64 reference where torch rounds), or fusedclip raises a clear Python exception
 (naming fusedclip or the offending argument) and then no gradient's bits, identity or version counter changed.
 Where torch raises, fusedclip raises; where torch succeeds, fusedclip succeeds, except for these deliberate,
-documented differences (README.md "Semantics" and the docstrings), which the properties rely on:
+documented differences (docs/usage.md "Semantics" and the docstrings), which the properties rely on:
 
 D1 empty tensors work with every norm type (torch raises for inf, -inf and p < 0 on them);
-D2 sparse gradients raise NotImplementedError and complex ones TypeError on the fused backends (README);
+D2 sparse gradients raise NotImplementedError and complex ones TypeError on the fused backends (docs/usage.md);
 D3 the norm is accumulated in fp32 (fp64 with an fp64 gradient) and the coefficient computed in fp32, so a
    low-precision torch norm that rounds (or overflows) is not the reference: the float64 one is;
 D4 with a coefficient of 1 nothing is written: the gradients keep their bits;
