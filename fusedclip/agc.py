@@ -71,10 +71,22 @@ def _pairs(params):
 
 @torch.no_grad()
 def clip_agc_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, backend="auto"):
-    """Adaptive gradient clipping in place (timm's adaptive_clip_grad; see the module's doc). `parameters`: a
-    tensor or an iterable of them (a generator is fine); those without a gradient, or with an empty one, are
-    left alone, and parameters are never written. norm_type: a number, 'inf', or 'fro' (the 2-norm, which timm's
-    tensor.norm takes for 1-D and 2-D units only). backend: "auto", "native", "triton" or "torch". Returns None."""
+    """Adaptive gradient clipping in place (timm's adaptive_clip_grad; see the module's doc): each unit of a
+    gradient (a row for 2-D and up, else the whole tensor) is scaled to clip_factor * max(||w_unit||, eps) when
+    its norm reaches that, and left alone (bit for bit) otherwise.
+
+    Args:
+        parameters (Tensor or iterable of Tensors): the weights, whose .grad are clipped (a generator is fine);
+            those without a gradient, or with an empty one, are left alone, and parameters are never written.
+        clip_factor (float): the largest gradient norm allowed, relative to the unit's weight norm. Default 0.01.
+        eps (float): the smallest weight norm a threshold is computed from. Default 1e-3.
+        norm_type (float, int or str): a number, 'inf', or 'fro' (the 2-norm, which timm's tensor.norm takes for
+            1-D and 2-D units only). Default 2.0.
+        backend (str): "auto" (default), "native", "triton" or "torch".
+
+    Returns:
+        None
+    """
     params = _as_list(parameters)
     clip_factor = _number(clip_factor, "clip_agc_", "clip_factor")
     eps = _number(eps, "clip_agc_", "eps")

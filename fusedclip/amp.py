@@ -21,8 +21,20 @@ def unscale_clip_(scaler, optimizer, max_norm, norm_type=2.0, *, error_if_nonfin
     Afterwards the optimizer counts as unscaled for the scaler: `scaler.step(optimizer)` skips the step when
     a gradient was inf/NaN, `scaler.update()` lowers the scale, and a second `scaler.unscale_(optimizer)`
     raises, exactly as after the two calls. With a disabled scaler this is clip_. With error_if_nonfinite=True
-    (which needs a host sync anyway), on several devices, or with a backend without the fused pass, it runs
-    the two calls.
+    (which needs a host sync anyway), on several devices, with norm_type 0, or with a backend without the fused
+    pass ("torch"), it runs the two calls.
+
+    Args:
+        scaler (torch.amp.GradScaler): the scaler whose scale the gradients still carry.
+        optimizer (torch.optim.Optimizer): its parameters' gradients are unscaled and clipped; the scaler's
+            bookkeeping is per optimizer.
+        max_norm (float): the largest norm allowed for the unscaled gradients.
+        norm_type (float, int or str): the p of the p-norm. Default 2.0.
+        error_if_nonfinite (bool): raise RuntimeError when the norm is inf or NaN. Default False.
+        backend (str): "auto" (default), "native", "triton" or "torch".
+
+    Returns:
+        Tensor: the total norm of the unscaled gradients before clipping (0-dim, as clip_ returns it).
     """
     params = _optimizer_params(optimizer)
     if not scaler.is_enabled():
@@ -93,6 +105,18 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
     gradients. With a GradScaler: either call `scaler.unscale_(optimizer)` first, or pass `scaler=` so the
     norm of the still-scaled gradients is unscaled on the device. After the step, the parameters equal those
     of clip_ followed by step() (up to the rounding of grad / (1 / coef) versus grad * coef).
+
+    Args:
+        optimizer (torch.optim.Optimizer): its parameters' gradients are clipped; with fused=True its next
+            step applies the coefficient.
+        max_norm (float): the largest norm allowed.
+        norm_type (float, int or str): the p of the p-norm. Default 2.0.
+        scaler (torch.amp.GradScaler, optional): a scaler whose scale the gradients may still carry.
+        backend (str): "auto" (default), "native", "triton" or "torch".
+
+    Returns:
+        Tensor: the total norm of the (unscaled) gradients before clipping, 0-dim, in the promotion of their
+        dtypes (tensor(0.) without gradients).
     """
     params = _optimizer_params(optimizer)
     state = scaler._per_optimizer_states[id(optimizer)] if scaler is not None and scaler.is_enabled() else None

@@ -59,7 +59,14 @@ def _device_type(device):
 
 
 def available_backends(device="cpu"):
-    """Names of the backends that work for tensors of this device type, "auto"'s preference first."""
+    """Names of the backends that work for tensors of this device type, "auto"'s preference first.
+
+    Args:
+        device (str or torch.device): a device or device type, e.g. "cpu", "cuda", "cuda:1". Default "cpu".
+
+    Returns:
+        list[str]: e.g. ["native", "triton", "torch"].
+    """
     dt = _device_type(device)
     return [name for name in AUTO_ORDER if BACKENDS[name].available(dt)[0]]
 

@@ -36,15 +36,35 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
           per_tensor=False, process_group=None, on_nonfinite="clip", optimizer=None):
     """Clips the gradient norm of `parameters` in place; returns the total norm (before clipping).
 
-    Same arguments and result as torch.nn.utils.clip_grad_norm_. `foreach` is accepted and ignored: the
-    fused kernels handle every tensor in one pass. `backend`: "auto", "native", "triton" or "torch".
-    With per_tensor=True returns (total_norm, norms): norms[i] is the i-th non-None gradient's norm before
-    clipping (accumulation dtype), computed in the same pass on the fused path.
-    `process_group`: the gradients are this rank's shards; the norm is that of all ranks' shards (one
-    all_reduce; every rank of the group must call). DTensor gradients are reduced over their mesh.
-    on_nonfinite="skip" (with `optimizer`): when the norm is inf/NaN the gradients are left as they are and the
-    optimizer's next step is skipped (fusedclip/guard.py: no host sync for torch's fused optimizers); the norm
-    pass and the scaling pass are then two launches. "clip" (the default) is torch's behaviour.
+    Same arguments and result as torch.nn.utils.clip_grad_norm_; unlike it, the norm is accumulated in fp32
+    (fp64 when any gradient is fp64) whatever the gradients' dtypes, the coefficient computed in that dtype, and
+    nothing is written when the coefficient is 1 (docs/usage.md, "Semantics").
+
+    Args:
+        parameters (Tensor or iterable of Tensors): the tensors whose .grad are clipped (a generator is fine);
+            those without a gradient are skipped.
+        max_norm (float): the largest norm allowed; the gradients are scaled by max_norm / (norm + 1e-6) when
+            that is below 1.
+        norm_type (float, int or str): the p of the p-norm; 'inf' / float('inf') for the largest absolute value.
+            Default 2.0. 0 counts the gradients with a nonzero element, as torch does. NaN raises ValueError.
+        error_if_nonfinite (bool): raise RuntimeError (torch's message, no gradient changed) when the norm is
+            inf or NaN. A host sync. Default False.
+        foreach: accepted for torch's signature and ignored: the fused kernels take every tensor in one pass.
+        backend (str): "auto" (default), "native", "triton" or "torch" (torch.nn.utils itself).
+        per_tensor (bool): also return each gradient's own norm, from the same pass. Default False.
+        process_group (ProcessGroup, optional): the gradients are this rank's shards; the norm is that of all
+            ranks' shards (one all_reduce; every rank of the group must call). DTensor gradients need none: they
+            are reduced over their mesh.
+        on_nonfinite (str): "clip" (default, torch's behaviour) or "skip": when the norm is inf/NaN the gradients
+            are left as they are and `optimizer`'s next step is skipped (no host sync for torch's fused
+            optimizers; the norm and scaling passes are then two launches).
+        optimizer (torch.optim.Optimizer, optional): the optimizer whose step on_nonfinite="skip" skips.
+
+    Returns:
+        Tensor: the total norm of the gradients before clipping, a 0-dim tensor on the first gradient's device
+        in the promotion of their dtypes (tensor(0.) without gradients; a DTensor for DTensor gradients). With
+        per_tensor=True, (total_norm, norms): norms[i] is the i-th non-None gradient's norm before clipping, a
+        1-D tensor in the accumulation dtype (fp32; fp64 when any gradient is fp64).
     """
     params = _as_list(parameters)
     if on_nonfinite != "clip":
@@ -114,9 +134,23 @@ def _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_
 def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto",
                    per_tensor=False, process_group=None):
     """The norm of `tensors` (usually gradients) as if they were one vector; like
-    torch.nn.utils.get_total_norm, but accumulated in fp32 (fp64 for fp64 tensors) whatever their dtype.
-    With per_tensor=True returns (total_norm, norms), norms[i] being tensors[i]'s norm, from the same pass.
-    `process_group`: the tensors are this rank's shards; every rank gets the norm of all shards."""
+    torch.nn.utils.get_total_norm, but accumulated in fp32 (fp64 when any tensor is fp64) whatever their dtype.
+
+    Args:
+        tensors (Tensor or iterable of Tensors): the tensors themselves (not parameters).
+        norm_type (float, int or str): the p of the p-norm; 'inf' for the largest absolute value. Default 2.0.
+        error_if_nonfinite (bool): raise RuntimeError when the norm is inf or NaN (a host sync). Default False.
+        foreach: accepted for torch's signature and ignored.
+        backend (str): "auto" (default), "native", "triton" or "torch".
+        per_tensor (bool): also return each tensor's norm, from the same pass. Default False.
+        process_group (ProcessGroup, optional): the tensors are this rank's shards; every rank gets the norm of
+            all shards (every rank of the group must call).
+
+    Returns:
+        Tensor: a 0-dim tensor on the first tensor's device in the promotion of their dtypes (tensor(0.) for an
+        empty list). With per_tensor=True, (total_norm, norms), norms[i] being tensors[i]'s norm in the
+        accumulation dtype.
+    """
     tensors = _as_list(tensors)
     if not (per_tensor or error_if_nonfinite or process_group is not None) and _fast_path(backend):
         norm = _ext._C.total_norm(tensors, norm_type)
@@ -146,8 +180,21 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
 @torch.no_grad()
 def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, backend="auto"):
     """Scales the gradients of `parameters` by max_norm / (total_norm + 1e-6) when that is below 1, as
-    torch.nn.utils.clip_grads_with_norm_ does; the coefficient is computed in fp32 (fp64 for fp64).
-    total_norm: a tensor, or (unlike torch's, which fails on one) a number."""
+    torch.nn.utils.clip_grads_with_norm_ does; the coefficient is computed in fp32 (fp64 for fp64). Nothing is
+    written when it is 1.
+
+    Args:
+        parameters (Tensor or iterable of Tensors): the tensors whose .grad are scaled; those without one are
+            skipped.
+        max_norm (float): the largest norm allowed.
+        total_norm (Tensor or float): the norm to clip against (usually from get_total_norm); a number is taken
+            too, where torch's fails on one. A DTensor norm for DTensor gradients.
+        foreach: accepted for torch's signature and ignored.
+        backend (str): "auto" (default), "native", "triton" or "torch".
+
+    Returns:
+        None
+    """
     params = _as_list(parameters)
     grads = _grads(params, "clip_grads_with_norm_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
@@ -160,7 +207,18 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
 @torch.no_grad()
 def clip_value_(parameters, clip_value, foreach=None, *, backend="auto"):
     """Clamps the gradients of `parameters` to [-clip_value, clip_value] in place, as
-    torch.nn.utils.clip_grad_value_ does."""
+    torch.nn.utils.clip_grad_value_ does.
+
+    Args:
+        parameters (Tensor or iterable of Tensors): the tensors whose .grad are clamped; those without one are
+            skipped.
+        clip_value (float): the bound; NaN makes every element NaN, as torch's clamp does.
+        foreach: accepted for torch's signature and ignored.
+        backend (str): "auto" (default), "native", "triton" or "torch".
+
+    Returns:
+        None
+    """
     params = _as_list(parameters)
     grads = _grads(params, "clip_value_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")

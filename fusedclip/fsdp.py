@@ -58,7 +58,17 @@ def _add_local(shards, local, p):
 @torch.no_grad()
 def clip_grad_norm_(module, max_norm, norm_type=2.0, *, backend="auto"):
     """FullyShardedDataParallel.clip_grad_norm_(max_norm, norm_type) for the root FSDP1 `module`, computed by
-    fusedclip (`backend` as in fusedclip.clip_; "torch" runs FSDP's own method). Every rank must call it."""
+    fusedclip (`backend` as in fusedclip.clip_; "torch" runs FSDP's own method). Every rank must call it.
+
+    Args:
+        module (FullyShardedDataParallel): the root FSDP1 module.
+        max_norm (float): the largest norm allowed.
+        norm_type (float, int or str): the p of the p-norm. Default 2.0.
+        backend (str): "auto" (default), "native", "triton" or "torch".
+
+    Returns:
+        Tensor: the total norm of all ranks' gradients before clipping, 0-dim, on every rank.
+    """
     if backend == "torch":
         return _fsdp_clip_grad_norm_(module, max_norm, norm_type)
     _lazy_init(module, module)

@@ -191,7 +191,15 @@ def patch_torch(backend="auto"):
     """Routes torch.nn.utils.clip_grad_norm_, clip_grad_value_, get_total_norm and clip_grads_with_norm_
     (and torch.nn.utils.clip_grad's public copies, FSDP1's FullyShardedDataParallel.clip_grad_norm_, and timm's
     adaptive_clip_grad when timm.utils is imported) to fusedclip, with this backend ("auto", "native", "torch",
-    ...). Idempotent; calling it again changes only the backend."""
+    ...). Idempotent; calling it again changes only the backend.
+
+    Args:
+        backend (str): the backend the routed functions run on: "auto" (default), "native", "triton", or "torch"
+            (the patch stays installed but runs torch's own code, for A/B runs).
+
+    Returns:
+        None
+    """
     _check_backend(backend)
     with _lock:
         _holders.pop(_EXPLICIT, None)
@@ -201,14 +209,22 @@ def patch_torch(backend="auto"):
 
 def unpatch_torch():
     """Puts torch's original function objects back (`is`-identical). Idempotent; a no-op when not patched.
-    Also ends the effect of open patched() blocks (their exits then change nothing)."""
+    Also ends the effect of open patched() blocks (their exits then change nothing).
+
+    Returns:
+        None
+    """
     with _lock:
         _holders.clear()
         _sync()
 
 
 def is_patched():
-    """Whether torch.nn.utils' clipping functions are fusedclip's right now."""
+    """Whether torch.nn.utils' clipping functions are fusedclip's right now.
+
+    Returns:
+        bool
+    """
     with _lock:
         return bool(_originals)
 
@@ -217,7 +233,14 @@ def is_patched():
 def patched(backend="auto"):
     """A block (or, as a decorator, a function) in which torch's clipping functions are fusedclip's.
     On exit, even by an exception, the state before the block comes back: blocks nest, and a
-    patch_torch() made before or inside the block stays in force after it."""
+    patch_torch() made before or inside the block stays in force after it.
+
+    Args:
+        backend (str): as in patch_torch. Default "auto".
+
+    Returns:
+        A context manager (usable as a decorator).
+    """
     _check_backend(backend)
     token = object()
     with _lock:

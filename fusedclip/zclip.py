@@ -101,7 +101,32 @@ class ZClip:
     docstring); call step(model) after backward and before optimizer.step(). `backend` is fusedclip's
     ("auto", "native", "triton", "torch"). on_spike / on_nonfinite: "clip" (zclip's behaviour) or "skip" (the
     optimizer step is skipped: pass the optimizer to step()). process_group: the gradients are this rank's
-    shards (DTensor gradients need none); every rank must call step()."""
+    shards (DTensor gradients need none); every rank must call step().
+
+    Args:
+        alpha (float): the EMA's smoothing factor, in [0, 1]. Default 0.97.
+        z_thresh (float): the z-score (mode "zscore") or the number of standard deviations above the mean (mode
+            "percentile") beyond which a norm is a spike; positive, finite. Default 2.5.
+        max_grad_norm (float or None): a cap on the limit after the rule (None: no cap). Default 1.0.
+        eps (float): added to the standard deviation in the z-score; positive, finite. Default 1e-6.
+        warmup_steps (int): how many norms are collected (and clipped to max_grad_norm) before the EMA starts
+            from their mean and variance; 0 behaves as 1, as in zclip. Default 25.
+        mode (str): "zscore" (default) or "percentile".
+        clip_option (str): in zscore mode, "adaptive_scaling" (default) or "mean" (case-insensitive); ignored and
+            stored as None in percentile mode.
+        clip_factor (float): multiplies the adaptive_scaling threshold; positive, finite. Default 1.0.
+        skip_update_on_spike (bool): leave the EMA alone on a spike. Default False.
+        on_spike (str): "clip" (default, zclip's behaviour) or "skip" (leave the gradients and skip the
+            optimizer's next step).
+        on_nonfinite (str): the same choice for an inf/NaN norm. Default "clip".
+        process_group (ProcessGroup, optional): the gradients are this rank's shards.
+        backend (str): "auto" (default), "native", "triton" or "torch".
+
+    Raises:
+        ValueError: for an argument out of its range or an unknown backend name (ZClipArgumentError, also an
+            AssertionError as zclip's, for a bad clip_option in zscore mode).
+        RuntimeError: for a known backend that cannot run here.
+    """
 
     def __init__(self, alpha=0.97, z_thresh=2.5, max_grad_norm=1.0, eps=1e-6, warmup_steps=25, mode="zscore",
                  clip_option="adaptive_scaling", clip_factor=1.0, skip_update_on_spike=False, *, on_spike="clip",
@@ -364,7 +389,19 @@ class ZClip:
         optimizer: needed with on_spike / on_nonfinite "skip" (its next step is skipped when this one is; see
         fusedclip/guard.py), and with scaler. scaler: a torch.amp.GradScaler whose gradients are still scaled:
         they are unscaled in the same pass (as scaler.unscale_(optimizer) then step() would), and the norm is
-        the unscaled one."""
+        the unscaled one.
+
+        Args:
+            model_or_params (torch.nn.Module or iterable of Tensors): whose .grad are clipped.
+            optimizer (torch.optim.Optimizer, optional): the optimizer whose next step a "skip" skips; needed
+                with "skip" and with scaler.
+            scaler (torch.amp.GradScaler, optional): a scaler whose scale the gradients still carry.
+
+        Returns:
+            Tensor: the total (L2) norm of the gradients before clipping, 0-dim, in the accumulation dtype
+            (fp32; fp64 when any gradient is fp64; backend="torch": torch's norm, in the gradients' dtype), on
+            the first gradient's device; 0 without gradients.
+        """
         if self._refuse:
             self._check_seeded()
         params = _as_list(model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module)
@@ -435,7 +472,15 @@ class ZClip:
         grad * coef (up to the rounding of grad / (1 / coef) against grad * coef). For torch's fused
         optimizers (fused=True), which take a device-side grad_scale; with others, and for gradients on
         several devices or sharded ones, this is step(<the optimizer's params>, optimizer), which writes them.
-        The gradients must be unscaled (with AMP: scaler.unscale_(optimizer) first). Returns the norm."""
+        The gradients must be unscaled (with AMP: scaler.unscale_(optimizer) first).
+
+        Args:
+            optimizer (torch.optim.Optimizer): its parameters' gradients are clipped (through its next step when
+                it is a fused one).
+
+        Returns:
+            Tensor: the total norm before clipping, as step() returns it.
+        """
         if self._refuse:
             self._check_seeded()
         params = _optimizer_params(optimizer)
