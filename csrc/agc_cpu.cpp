@@ -38,7 +38,8 @@ void fill_nan(T* p, int64_t n, acc_t factor) {
 
 template <NormKind K, typename Loops, typename T, typename acc_t>
 acc_t unit_norm(CpuIsa isa, const T* p, int64_t n, acc_t pw) {
-  return canonical(norm_finish<K>(Loops::template partial<K, false>(isa, p, n, pw, acc_t(1)).norm, pw));
+  const double sum = Loops::template partial<K, false>(isa, p, n, pw, acc_t(1)).norm;  // summed in double
+  return canonical(static_cast<acc_t>(norm_finish<K>(sum, static_cast<double>(pw))));
 }
 
 template <typename Loops, typename T, typename acc_t>

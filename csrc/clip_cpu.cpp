@@ -77,21 +77,25 @@ void scale_all(const TableView& t, acc_t factor) {
       t, [&](int64_t, auto loops, auto* p, int64_t len) { loops.scale(isa, p, len, factor); }, /*reversed=*/true);
 }
 
-// The norm (accumulated in fp32, fp64 when any tensor is fp64) of all tensors, each element multiplied by
+// The norm (accumulated in fp32, fp64 when any tensor is fp64; partials combined in double) of all tensors, each element multiplied by
 // inv_scale first when given; per-tensor norms and found_inf when asked for; and, when clip, the in-place
 // scaling by inv_scale * coef unless that is exactly 1. The coef is max_norm's, or with x.zclip ZClip's rule,
-// which also advances the state (and, given the norm, there is no norm pass).
+// which also advances the state (and, given the norm, there is no norm pass). Returns the norm rounded to
+// acc_t, or with `unrounded` as computed in double (the sharded paths' partials: clip_math.h, widen).
 template <NormKind K, typename acc_t>
-double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bool clip, const ClipExtras& x) {
+double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bool clip, const ClipExtras& x,
+                       bool unrounded) {
   const TableView t = g.view();
   const acc_t pw = static_cast<acc_t>(norm_type);
   const acc_t mul = x.inv_scale ? static_cast<acc_t>(x.inv_scale->item<float>()) : acc_t(1);
   acc_t norm = 0;
+  double wide = 0;
   bool nonfinite = false;
   if (x.zclip && x.zclip->norm) {
     norm = x.zclip->norm->item().to<acc_t>();
+    wide = static_cast<double>(norm);
   } else {
-    std::vector<Partial<acc_t>> partials(t.n_chunks());
+    std::vector<Partial<double>> partials(t.n_chunks());  // in double: cpu_simd.h, ChunkLoops::partial
     // The plain norm loop carries no unscale work: on the CPU it would halve the throughput.
     const CpuIsa isa = cpu_isa();
     if (x.inv_scale) {
@@ -103,8 +107,9 @@ double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bo
         partials[c] = loops.template partial<K, false>(isa, p, len, pw, mul);
       });
     }
-    const Partial<acc_t> total = reduce_partials<K>(partials.data(), 0, t.n_chunks(), 0, 1);
-    norm = t.n_chunks() ? canonical(norm_finish<K>(total.norm, pw)) : acc_t(0);
+    const Partial<double> total = reduce_partials<K>(partials.data(), 0, t.n_chunks(), 0, 1);
+    wide = t.n_chunks() ? canonical(norm_finish<K>(total.norm, static_cast<double>(pw))) : 0.0;
+    norm = canonical(static_cast<acc_t>(wide));  // rounded once, from double
     nonfinite = saw_nonfinite(total);  // found_inf's rule: an (unscaled) element was inf/NaN
     if (x.per_tensor) {
       acc_t* out = x.per_tensor->data_ptr<acc_t>();
@@ -133,7 +138,7 @@ double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bo
       g.write_back();
     }
   }
-  return static_cast<double>(norm);
+  return unrounded ? wide : static_cast<double>(norm);
 }
 
 }  // namespace
@@ -144,7 +149,8 @@ at::Tensor norm_and_maybe_clip_cpu(const GradTable& g, double max_norm, double n
   double norm = 0.0;
   dispatch_norm_kind(norm_type, [&](auto kind) {
     dispatch_acc(g.any_double, [&](auto acc_zero) {
-      norm = fused_norm_clip<decltype(kind)::value, decltype(acc_zero)>(g, max_norm, norm_type, clip, x);
+      norm = fused_norm_clip<decltype(kind)::value, decltype(acc_zero)>(g, max_norm, norm_type, clip, x,
+                                                                        out_dtype == at::kDouble);
     });
   });
   return at::scalar_tensor(norm, at::TensorOptions().dtype(out_dtype));
@@ -152,9 +158,11 @@ at::Tensor norm_and_maybe_clip_cpu(const GradTable& g, double max_norm, double n
 
 namespace {
 
-at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor) {
+at::Tensor total_norm_cpu(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor,
+                          std::optional<at::ScalarType> out_dtype) {
   const GradTable g = build_table(tensors, "total_norm", Access::kReads);
-  return norm_and_maybe_clip_cpu(g, 0.0, norm_type, false, g.acc_dtype(), ClipExtras{per_tensor, {}, {}});
+  return norm_and_maybe_clip_cpu(g, 0.0, norm_type, false, checked_norm_dtype(g, out_dtype),
+                                 ClipExtras{per_tensor, {}, {}});
 }
 
 at::Tensor clip_cpu(at::TensorList grads, double max_norm, double norm_type, const std::optional<at::Tensor>& per_tensor,

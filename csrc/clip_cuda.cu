@@ -47,7 +47,7 @@ template <NormKind K, typename acc_t>
 constexpr int kMinBlocksPerSm = sizeof(acc_t) == 4 && K != NormKind::P ? 2 : 1;
 
 // Fixed-shape tree over the block's threads: deterministic, and every thread
-// gets the result.
+// gets the result. In double (clip_math.h: widen), as every partial past a thread's share of a chunk.
 template <NormKind K, typename acc_t>
 __device__ Partial<acc_t> block_reduce(Partial<acc_t> v, Partial<acc_t>* smem) {
   smem[threadIdx.x] = v;
@@ -117,12 +117,12 @@ __device__ acc_t warp_reduce(acc_t v) {
 // (a tensor can have thousands of chunks: an embedding's gradient), then the lanes are combined by
 // warp_reduce. Deterministic, and independent of the grid size.
 template <NormKind K, typename acc_t>
-__device__ void per_tensor_norms(const TableView& t, const Partial<acc_t>* chunk_partials, acc_t* out, acc_t pw) {
+__device__ void per_tensor_norms(const TableView& t, const Partial<double>* chunk_partials, acc_t* out, acc_t pw) {
   const int lane = threadIdx.x % 32;
   const int64_t n_warps = int64_t(gridDim.x) * kWarps;
   for (int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; i < t.n; i += n_warps) {
-    const acc_t sum = warp_reduce<K>(reduce_partials<K>(chunk_partials, t.chunk_begin(i), t.chunk_begin(i + 1), lane, 32).norm);
-    if (lane == 0) out[i] = t.numel(i) == 0 ? acc_t(0) : norm_finish<K>(sum, pw);
+    const double sum = warp_reduce<K>(reduce_partials<K>(chunk_partials, t.chunk_begin(i), t.chunk_begin(i + 1), lane, 32).norm);
+    if (lane == 0) out[i] = t.numel(i) == 0 ? acc_t(0) : static_cast<acc_t>(norm_finish<K>(sum, static_cast<double>(pw)));
   }
 }
 
@@ -130,8 +130,8 @@ template <typename acc_t>
 struct FusedArgs {
   const int64_t* table;
   int64_t n_tensors;
-  Partial<acc_t>* block_partials;  // [grid]
-  Partial<acc_t>* chunk_partials;  // [n_chunks] when per-tensor norms are asked for, else null
+  Partial<double>* block_partials;  // [grid]
+  Partial<double>* chunk_partials;  // [n_chunks] when per-tensor norms are asked for, else null
   acc_t* per_tensor;               // [n_tensors] out, or null
   const float* inv_scale;          // AMP: multiply every element by it first; null: by 1
   float* found_inf;                // AMP: set to 1 when an unscaled element is inf/NaN; or null
@@ -149,19 +149,21 @@ struct FusedArgs {
 
 template <NormKind K, typename acc_t>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K, acc_t>) fused_norm_clip_kernel(const FusedArgs<acc_t> a) {
-  __shared__ Partial<acc_t> smem[kThreads];
+  __shared__ Partial<double> smem[kThreads];
   const TableView t{a.table, a.n_tensors};
   const acc_t mul = a.inv_scale ? static_cast<acc_t>(*a.inv_scale) : acc_t(1);
 
-  Partial<acc_t> acc = partial_identity<K, acc_t>();
+  // A thread's share of one chunk (32 elements) is summed in acc_t, its chunks in double (clip_math.h: widen).
+  Partial<double> acc = partial_identity<K, double>();
   if (!a.given_norm) {
     for_my_chunks(t, [&](int64_t c, auto w, auto* p, int64_t len) {
         // Always with the unscale work (mul is 1 without AMP): free in this memory-bound loop on a GPU.
-        Partial<acc_t> part = chunk_partial<K, decltype(w)::value, true>(p, len, threadIdx.x, kThreads, a.pw, mul);
+        Partial<double> part =
+            widen(chunk_partial<K, decltype(w)::value, true>(p, len, threadIdx.x, kThreads, a.pw, mul));
         if (a.chunk_partials) {  // per-tensor norms: keep every chunk's partial; thread 0 carries the block's
           part = block_reduce<K>(part, smem);
           if (threadIdx.x == 0) a.chunk_partials[c] = part;
-          else part = partial_identity<K, acc_t>();
+          else part = partial_identity<K, double>();
         }
         acc = partial_combine<K>(acc, part);
       });
@@ -179,10 +181,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K, acc_t>) fused_nor
 
   cg::this_grid().sync();
 
-  const Partial<acc_t> total =
+  const Partial<double> total =
       block_reduce<K>(reduce_partials<K>(a.block_partials, 0, gridDim.x, threadIdx.x, kThreads), smem);
-  const acc_t norm = a.given_norm ? load_norm<acc_t>(a.given_norm, a.given_norm_dtype)
-                                  : t.n_chunks() ? norm_finish<K>(total.norm, a.pw) : acc_t(0);
+  // rounded once, from double
+  const double wide = a.given_norm   ? static_cast<double>(load_norm<acc_t>(a.given_norm, a.given_norm_dtype))
+                      : t.n_chunks() ? norm_finish<K>(total.norm, static_cast<double>(a.pw))
+                                     : 0.0;
+  const acc_t norm = static_cast<acc_t>(wide);  // rounded once, from double
   acc_t coef = clip_coef(a.max_norm, norm);
   bool set_found_inf = saw_nonfinite(total);
   if (a.zstate) {
@@ -192,7 +197,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<K, acc_t>) fused_nor
     set_found_inf = (a.inv_scale && set_found_inf) || d.skip;  // AMP's, or a skipped step
   }
   if (blockIdx.x == 0 && threadIdx.x == 0) {
-    store_norm(a.norm_out, a.out_dtype, norm);
+    // a float64 result gets the norm unrounded (the sharded paths' partials)
+    if (a.out_dtype == kFloat64) store_norm(a.norm_out, a.out_dtype, wide); else store_norm(a.norm_out, a.out_dtype, norm);
     if (a.found_inf && set_found_inf) *a.found_inf = 1.0f;
   }
   if (a.per_tensor) per_tensor_norms<K>(t, a.chunk_partials, a.per_tensor, a.pw);
@@ -331,15 +337,15 @@ at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double 
       // ZClip with a given norm (or only empty tensors) still launches: its state update is in the kernel.
       const int grid = static_cast<int>(
           std::min<int64_t>(std::max<int64_t>(g.n_chunks, 1), coresident_blocks(kernel, g.device.index())));
-      const auto acc_options = l.options().dtype(g.acc_dtype());
-      // Partials are (norm, nonfinite) pairs of acc_t.
-      at::Tensor block_partials = at::empty({2 * grid}, acc_options);
-      at::Tensor chunk_partials = x.per_tensor ? at::empty({2 * g.n_chunks}, acc_options) : at::Tensor();
+      const auto partial_options = l.options().dtype(at::kDouble);
+      // Partials are (norm, nonfinite) pairs of double (clip_math.h: widen).
+      at::Tensor block_partials = at::empty({2 * grid}, partial_options);
+      at::Tensor chunk_partials = x.per_tensor ? at::empty({2 * g.n_chunks}, partial_options) : at::Tensor();
       FusedArgs<acc_t> a{};
       a.table = l.table.data_ptr<int64_t>();
       a.n_tensors = g.n_tensors;
-      a.block_partials = reinterpret_cast<Partial<acc_t>*>(block_partials.data_ptr<acc_t>());
-      a.chunk_partials = x.per_tensor ? reinterpret_cast<Partial<acc_t>*>(chunk_partials.data_ptr<acc_t>()) : nullptr;
+      a.block_partials = reinterpret_cast<Partial<double>*>(block_partials.data_ptr<double>());
+      a.chunk_partials = x.per_tensor ? reinterpret_cast<Partial<double>*>(chunk_partials.data_ptr<double>()) : nullptr;
       a.per_tensor = x.per_tensor ? x.per_tensor->data_ptr<acc_t>() : nullptr;
       a.inv_scale = x.inv_scale ? x.inv_scale->data_ptr<float>() : nullptr;
       a.found_inf = x.found_inf ? x.found_inf->data_ptr<float>() : nullptr;
@@ -365,9 +371,11 @@ at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double 
 
 namespace {
 
-at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor) {
+at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor,
+                           std::optional<at::ScalarType> out_dtype) {
   const GradTable g = build_table(tensors, "total_norm", Access::kReads);
-  return norm_and_maybe_clip_cuda(g, 0.0, norm_type, false, g.acc_dtype(), ClipExtras{per_tensor, {}, {}});
+  return norm_and_maybe_clip_cuda(g, 0.0, norm_type, false, checked_norm_dtype(g, out_dtype),
+                                  ClipExtras{per_tensor, {}, {}});
 }
 
 at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type,

@@ -181,6 +181,17 @@ C10_HOST_DEVICE inline Partial<acc_t> partial_combine(Partial<acc_t> a, Partial<
 template <typename acc_t>
 C10_HOST_DEVICE inline bool saw_nonfinite(Partial<acc_t> a) { return a.nonfinite != acc_t(0); }
 
+// Partials are carried and combined in double past what one lane sums itself (a host lane: a run of a few
+// dozen elements, cpu_simd.h; a GPU thread: its 32 elements of a chunk): the error of an fp32 sum grows with
+// the number of terms, so combining thousands of chunk (tensor, block) partials in fp32 cost tens of ulps on
+// long lists (measured, 10,000 tensors: 45.7 ulp, against torch's 6.8), while in double the only error left
+// is the short fp32 sums' (the squares' rounding and a few adds) and the final rounding. Free where it
+// happens: once per run, chunk or thread, not per element.
+template <typename acc_t>
+C10_HOST_DEVICE inline Partial<double> widen(Partial<acc_t> a) {
+  return {static_cast<double>(a.norm), static_cast<double>(a.nonfinite)};
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline Partial<acc_t> load_partial(const Partial<acc_t>* p) {
 #ifdef __CUDA_ARCH__
@@ -201,13 +212,36 @@ C10_HOST_DEVICE inline Partial<acc_t> reduce_partials(const Partial<acc_t>* part
   return acc;
 }
 
-// The norm of one tensor from its chunks' partials (chunks never span tensors);
-// an empty tensor has norm 0 whatever the norm type.
+// The norm of one tensor from its chunks' (double) partials (chunks never span tensors), rounded once to
+// acc_t; an empty tensor has norm 0 whatever the norm type.
 template <NormKind K, typename acc_t>
-C10_HOST_DEVICE inline acc_t tensor_norm(const TableView& t, const Partial<acc_t>* chunk_partials, int64_t i,
+C10_HOST_DEVICE inline acc_t tensor_norm(const TableView& t, const Partial<double>* chunk_partials, int64_t i,
                                          acc_t pw) {
   if (t.numel(i) == 0) return acc_t(0);
-  return norm_finish<K>(reduce_partials<K>(chunk_partials, t.chunk_begin(i), t.chunk_begin(i + 1), 0, 1).norm, pw);
+  const double sum = reduce_partials<K>(chunk_partials, t.chunk_begin(i), t.chunk_begin(i + 1), 0, 1).norm;
+  return static_cast<acc_t>(norm_finish<K>(sum, static_cast<double>(pw)));
+}
+
+// W lanes' accumulators to one Partial, combined in fold_t by a fixed tree (lane j with lane j + W/2, ...):
+// vector operations on the host, where a chain of W dependent adds per run would cost more than the run.
+template <NormKind K, int W, typename fold_t, typename acc_t>
+C10_HOST_DEVICE inline Partial<fold_t> fold_lanes(const acc_t (&acc)[W], const acc_t (&nonfinite)[W]) {
+  static_assert((W & (W - 1)) == 0, "lanes come in powers of two");
+  fold_t a[W], f[W];
+FC_UNROLL
+  for (int j = 0; j < W; ++j) {
+    a[j] = static_cast<fold_t>(acc[j]);
+    f[j] = static_cast<fold_t>(nonfinite[j]);
+  }
+FC_UNROLL
+  for (int h = W / 2; h > 0; h /= 2) {
+FC_UNROLL
+    for (int j = 0; j < h; ++j) {
+      a[j] = norm_combine<K>(a[j], a[j + h]);
+      f[j] += f[j + h];
+    }
+  }
+  return {a[0], f[0]};
 }
 
 // ---- per-dtype element access ----
@@ -275,7 +309,7 @@ struct VecRead {
 // values are counted in the detectors; without, the loop does nothing else.
 // This lane takes vectors lane, lane + nlanes, ...; the tail that does not fill
 // a vector (or everything, when p is not aligned for vector loads) goes
-// element by element into slot 0.
+// element by element into slot 0 (on the host: slots 0, 1, ...).
 template <NormKind K, int W, bool Amp, typename T, typename acc_t>
 C10_HOST_DEVICE inline void accumulate_chunk(acc_t (&acc)[W], acc_t (&nonfinite)[W], const T* p, int64_t n,
                                              int64_t lane, int64_t nlanes, acc_t pw, acc_t mul) {
@@ -298,17 +332,25 @@ FC_UNROLL
     }
     done = nvec * W;
   }
+#ifdef __CUDA_ARCH__
+  constexpr bool kSpread = false;  // a dynamic index would put the GPU's accumulators in local memory
+#else
+  constexpr bool kSpread = true;   // the host's tail goes over the lanes: a handful of elements, no fp32 chain
+#endif
+  int j = 0;
   for (int64_t i = done + lane; i < n; i += nlanes) {
     const acc_t u = Amp ? static_cast<acc_t>(p[i]) * mul : static_cast<acc_t>(p[i]);
-    acc[0] = norm_accumulate<K>(acc[0], u, pw);
-    if constexpr (Amp) nonfinite[0] += u * acc_t(0);
+    acc[j] = norm_accumulate<K>(acc[j], u, pw);
+    if constexpr (Amp) nonfinite[j] += u * acc_t(0);
+    if constexpr (kSpread) j = j + 1 == W ? 0 : j + 1;
   }
 }
 
-// One chunk's contribution for this lane, folded to a single Partial.
-template <NormKind K, int W, bool Amp, typename T, typename acc_t>
-C10_HOST_DEVICE inline Partial<acc_t> chunk_partial(const T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t pw,
-                                                    acc_t mul) {
+// One chunk's contribution for this lane, its W lanes folded to a single Partial of fold_t (acc_t, or double
+// on the host, where each lane sums only a short run: cpu_simd.h, ChunkLoops::partial).
+template <NormKind K, int W, bool Amp, typename T, typename acc_t, typename fold_t = acc_t>
+C10_HOST_DEVICE inline Partial<fold_t> chunk_partial(const T* p, int64_t n, int64_t lane, int64_t nlanes, acc_t pw,
+                                                     acc_t mul) {
   acc_t acc[W], nonfinite[W];
 FC_UNROLL
   for (int j = 0; j < W; ++j) {
@@ -316,10 +358,35 @@ FC_UNROLL
     nonfinite[j] = acc_t(0);
   }
   accumulate_chunk<K, W, Amp>(acc, nonfinite, p, n, lane, nlanes, pw, mul);
-  Partial<acc_t> r{acc[0], nonfinite[0]};
+  return fold_lanes<K, W, fold_t>(acc, nonfinite);
+}
+
+// The host's form of chunk_partial: the lanes sum runs of `run` elements in acc_t, and after each run every
+// lane is added into a double lane of its own (a few vector instructions per run); the double lanes are
+// folded once at the end. The same order whatever the instruction set.
+template <NormKind K, int W, bool Amp, typename T, typename acc_t>
+inline Partial<double> chunk_partial_runs(const T* p, int64_t n, int64_t run, acc_t pw, acc_t mul) {
+  double wide[W], wide_nf[W];
 FC_UNROLL
-  for (int j = 1; j < W; ++j) r = partial_combine<K>(r, Partial<acc_t>{acc[j], nonfinite[j]});
-  return r;
+  for (int j = 0; j < W; ++j) {
+    wide[j] = norm_identity<K, double>();
+    wide_nf[j] = 0.0;
+  }
+  for (int64_t s = 0; s < n; s += run) {
+    acc_t acc[W], nonfinite[W];
+FC_UNROLL
+    for (int j = 0; j < W; ++j) {
+      acc[j] = norm_identity<K, acc_t>();
+      nonfinite[j] = acc_t(0);
+    }
+    accumulate_chunk<K, W, Amp>(acc, nonfinite, p + s, n - s < run ? n - s : run, 0, 1, pw, mul);
+FC_UNROLL
+    for (int j = 0; j < W; ++j) {
+      wide[j] = norm_combine<K>(wide[j], static_cast<double>(acc[j]));
+      wide_nf[j] += static_cast<double>(nonfinite[j]);
+    }
+  }
+  return fold_lanes<K, W, double>(wide, wide_nf);
 }
 
 // acc_t -> T. For bf16 the same round-to-nearest-even (NaN -> 0x7FC0) as

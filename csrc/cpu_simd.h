@@ -9,7 +9,9 @@
 // every variant computes the same bits (tests/test_cpu_isa.py checks them against each other).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -30,6 +32,12 @@ namespace fusedclip {
 // compiler's vector code to hide the add latency (measured: 56 GB/s from L2
 // with SSE, against 35 with 8 lanes).
 constexpr int kCpuVecBytes = 64;
+
+// The host's lanes sum runs of kExactRunElems (64 elements a lane for fp32, 32 for fp16/bf16) in acc_t, then
+// add into double lanes (clip_math.h: chunk_partial_runs). In fp32 a lane summed a whole chunk (1,024
+// elements), an error of the order of an ulp on one chunk alone; summing every element in double instead
+// made in-cache fp32 sets 1.7x and bf16 sets 3x slower (measured here); a run costs a few vector adds.
+constexpr int64_t kExactRunElems = 1024;
 
 // Threads are used only when each gets at least this much of the work. Waking a parked OpenMP thread costs
 // ~10 us on an idle machine, but when other processes keep every core busy (data-loader workers, several ranks
@@ -108,34 +116,52 @@ __attribute__((target("avx2,f16c"))) inline void scale8_fp16_f16c(c10::Half* p, 
 }
 
 // One fp16 chunk's L2 or inf partial with F16C conversions (the compiler keeps c10's software conversion
-// scalar): lane j of chunk_partial<K, 32> is lane j % 8 of accumulator j / 8, updated in the same order with
-// the same operations, and the tail and the fold are chunk_partial's own code, so the bits are the same.
+// scalar): lane j of chunk_partial_runs<K, 32> is lane j % 8 of accumulator j / 8, updated in the same order
+// with the same operations (runs of kExactRunElems, each lane then added into its double lane), and the tail
+// and the fold are the portable code's, so the bits are the same.
 template <NormKind K>
-__attribute__((target("avx2,f16c"))) Partial<float> partial_fp16_f16c(const c10::Half* p, int64_t n) {
+__attribute__((target("avx2,f16c"))) Partial<double> partial_fp16_f16c(const c10::Half* p, int64_t n) {
   constexpr int W = 32;
-  __m256 acc[4];
-  for (auto& a : acc) a = _mm256_setzero_ps();
   const __m256 sign_bit = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
   const __m256 zero = _mm256_setzero_ps();
-  const int64_t nvec = n / W;
-  for (int64_t v = 0; v < nvec; ++v) {
-    for (int q = 0; q < 4; ++q) {
-      const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + v * W + 8 * q)));
+  __m256d wide[8];
+  for (auto& w : wide) w = _mm256_setzero_pd();  // the identity of both sum and max
+  double wide_lanes[W], wide_nf[W] = {};
+  for (int64_t s = 0; s < n; s += kExactRunElems) {
+    const int64_t len = std::min(kExactRunElems, n - s);
+    const c10::Half* q0 = p + s;
+    __m256 acc[4];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    const int64_t nvec = len / W;
+    for (int64_t v = 0; v < nvec; ++v) {
+      for (int q = 0; q < 4; ++q) {
+        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q0 + v * W + 8 * q)));
+        if constexpr (K == NormKind::L2) {
+          acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(x, x));
+        } else {  // a = x < 0 ? -x : x (a NaN keeps its sign, as there), then max_nan(acc, a)
+          const __m256 a = _mm256_blendv_ps(x, _mm256_xor_ps(x, sign_bit), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+          const __m256 take =
+              _mm256_or_ps(_mm256_cmp_ps(a, acc[q], _CMP_GT_OQ), _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+          acc[q] = _mm256_blendv_ps(acc[q], a, take);
+        }
+      }
+    }
+    float lanes[W];
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(lanes + 8 * q, acc[q]);
+    for (int64_t i = nvec * W, j = 0; i < len; ++i, ++j)  // the tail over the lanes, as accumulate_chunk's
+      lanes[j] = norm_accumulate<K>(lanes[j], static_cast<float>(q0[i]), 0.0f);
+    for (int q = 0; q < 8; ++q) {
+      const __m256d l = _mm256_cvtps_pd(_mm_loadu_ps(lanes + 4 * q));
       if constexpr (K == NormKind::L2) {
-        acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(x, x));
-      } else {  // a = x < 0 ? -x : x (a NaN keeps its sign, as there), then max_nan(acc, a)
-        const __m256 a = _mm256_blendv_ps(x, _mm256_xor_ps(x, sign_bit), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
-        const __m256 take = _mm256_or_ps(_mm256_cmp_ps(a, acc[q], _CMP_GT_OQ), _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
-        acc[q] = _mm256_blendv_ps(acc[q], a, take);
+        wide[q] = _mm256_add_pd(wide[q], l);
+      } else {  // max_nan(wide, l): l wins when greater or NaN
+        const __m256d take = _mm256_or_pd(_mm256_cmp_pd(l, wide[q], _CMP_GT_OQ), _mm256_cmp_pd(l, l, _CMP_UNORD_Q));
+        wide[q] = _mm256_blendv_pd(wide[q], l, take);
       }
     }
   }
-  float lanes[W], nonfinite[W] = {};
-  for (int q = 0; q < 4; ++q) _mm256_storeu_ps(lanes + 8 * q, acc[q]);
-  for (int64_t i = nvec * W; i < n; ++i) lanes[0] = norm_accumulate<K>(lanes[0], static_cast<float>(p[i]), 0.0f);
-  Partial<float> r{lanes[0], nonfinite[0]};
-  for (int j = 1; j < W; ++j) r = partial_combine<K>(r, Partial<float>{lanes[j], nonfinite[j]});
-  return r;
+  for (int q = 0; q < 8; ++q) _mm256_storeu_pd(wide_lanes + 4 * q, wide[q]);
+  return fold_lanes<K, W, double>(wide_lanes, wide_nf);
 }
 #endif
 
@@ -175,8 +201,8 @@ inline void scale_chunk_host(T* p, int64_t n, acc_t coef) {
 template <int W, typename T>
 struct ChunkLoops {
   template <NormKind K, bool Amp, typename acc_t>
-  static Partial<acc_t> partial_baseline(const T* p, int64_t n, acc_t pw, acc_t mul) {
-    return chunk_partial<K, W, Amp>(p, n, 0, 1, pw, mul);
+  static Partial<double> partial_baseline(const T* p, int64_t n, acc_t pw, acc_t mul) {
+    return chunk_partial_runs<K, W, Amp>(p, n, kExactRunElems, pw, mul);
   }
   template <typename acc_t>
   static void scale_baseline(T* p, int64_t n, acc_t coef) {
@@ -185,12 +211,12 @@ struct ChunkLoops {
   static void clamp_baseline(T* p, int64_t n, double c) { clamp_chunk<W>(p, n, 0, 1, c); }
 #if FC_HAVE_AVX2_VARIANT
   template <NormKind K, bool Amp, typename acc_t>
-  FC_AVX2 static Partial<acc_t> partial_avx2(const T* p, int64_t n, acc_t pw, acc_t mul) {
+  FC_AVX2 static Partial<double> partial_avx2(const T* p, int64_t n, acc_t pw, acc_t mul) {
     if constexpr (std::is_same_v<T, c10::Half> && std::is_same_v<acc_t, float> && W == 32 && !Amp &&
                   (K == NormKind::L2 || K == NormKind::Inf))
       return partial_fp16_f16c<K>(p, n);
     else
-      return chunk_partial<K, W, Amp>(p, n, 0, 1, pw, mul);
+      return chunk_partial_runs<K, W, Amp>(p, n, kExactRunElems, pw, mul);
   }
   template <typename acc_t>
   FC_AVX2 static void scale_avx2(T* p, int64_t n, acc_t coef) {
@@ -199,8 +225,10 @@ struct ChunkLoops {
   FC_AVX2 static void clamp_avx2(T* p, int64_t n, double c) { clamp_chunk<W>(p, n, 0, 1, c); }
 #endif
 
+  // A chunk's partial in double (chunk_partial_runs; a max or min is exact in any type, but the same code
+  // serves).
   template <NormKind K, bool Amp, typename acc_t>
-  static Partial<acc_t> partial(CpuIsa isa, const T* p, int64_t n, acc_t pw, acc_t mul) {
+  static Partial<double> partial(CpuIsa isa, const T* p, int64_t n, acc_t pw, acc_t mul) {
 #if FC_HAVE_AVX2_VARIANT
     if (isa == CpuIsa::kAvx2) return partial_avx2<K, Amp>(p, n, pw, mul);
 #endif

@@ -124,4 +124,11 @@ void GradTable::write_back() const {
   for (const auto& [original, copy] : copies) original.copy_(copy);
 }
 
+at::ScalarType checked_norm_dtype(const GradTable& g, std::optional<at::ScalarType> out_dtype) {
+  const at::ScalarType acc = g.acc_dtype();
+  TORCH_CHECK_VALUE(!out_dtype || *out_dtype == acc || *out_dtype == at::kDouble,
+                    "fusedclip.total_norm: out_dtype must be None, ", acc, " or torch.float64, got ", *out_dtype);
+  return out_dtype.value_or(acc);
+}
+
 }  // namespace fusedclip

@@ -84,6 +84,10 @@ at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double 
                                     at::ScalarType out_dtype, const ClipExtras& x);
 #endif
 
+// total_norm's result dtype: the accumulation dtype by default, or float64 for the norm unrounded (the
+// sharded paths reduce it across ranks: a norm rounded to fp32 first would cost up to an ulp).
+at::ScalarType checked_norm_dtype(const GradTable& g, std::optional<at::ScalarType> out_dtype);
+
 NormKind norm_kind(double norm_type);
 
 // Calls f(std::integral_constant<NormKind, K>) for the kind of this norm_type.

@@ -34,9 +34,11 @@ std::string build_info() {
 }
 
 TORCH_LIBRARY(fusedclip, m) {
-  // Norm of all tensors, accumulated and returned in fp32 (fp64 if any is fp64);
-  // each tensor's own norm into per_tensor when given (same pass).
-  m.def("total_norm(Tensor[] tensors, float norm_type, Tensor(b!)? per_tensor=None) -> Tensor");
+  // Norm of all tensors, accumulated in fp32 (fp64 if any is fp64), partials combined in double, returned in
+  // the accumulation dtype, or unrounded with out_dtype=torch.float64; each tensor's own norm into per_tensor
+  // when given (same pass).
+  m.def("total_norm(Tensor[] tensors, float norm_type, Tensor(b!)? per_tensor=None, ScalarType? out_dtype=None) "
+        "-> Tensor");
   // The fused clip: norm, then (only if coef < 1) in-place scaling; returns the
   // norm in the promotion of the grads' dtypes, as torch does. AMP in the same
   // pass: with inv_scale, every element is unscaled first (the norm is the

@@ -130,9 +130,10 @@ def _per_tensor_norms(grads, p):
                         .to(first) for g in grads])
 
 
-def _total_norm(grads, p, be, fn, per_tensor=False):
+def _total_norm(grads, p, be, fn, per_tensor=False, unrounded=False):
     """The norm of all grads in the accumulation dtype (fp32, or fp64 when any grad is fp64), any devices;
-    with per_tensor, also each grad's norm (returns the pair)."""
+    with per_tensor, also each grad's norm (returns the pair). unrounded: the norm in float64 as the kernel
+    computed it, not rounded to fp32 (what the sharded paths reduce across ranks); not with per_tensor."""
     if p == 0.0:
         _check_tensors(grads, fn, "tensors" if fn == "get_total_norm" else "gradients")
         # torch's definition (the norm of the per-tensor norms) makes p=0 count the tensors with a nonzero
@@ -145,11 +146,13 @@ def _total_norm(grads, p, be, fn, per_tensor=False):
     # the functionalized op's 1-tuple result back into the bare op but keeps the `[0]` on it, and fails with
     # "getitem is not an OpOverload". Filling the buffer costs no extra read of the tensors.
     out = _new_per_tensor(grads, be) if per_tensor or torch.compiler.is_compiling() else None
-    ok, norm = _call(be.total_norm, grads, fn, p, *([out] if out is not None else []))
+    wide = (torch.float64,) if unrounded else ()
+    ok, norm = _call(be.total_norm, grads, fn, p, *([out] if out is not None or wide else []), *wide)
     if not ok:
-        dtype = acc_dtype(grads)
+        dtype = torch.float64 if unrounded else acc_dtype(grads)
         first = grads[0].device
-        norms = [be.total_norm(group, p).to(first, dtype) for group in _groups_for(be, grads, fn).values()]
+        norms = [be.total_norm(group, p, None, *wide).to(first, dtype)
+                 for group in _groups_for(be, grads, fn).values()]
         norm, out = torch.linalg.vector_norm(torch.stack(norms), p), None
     if not per_tensor:
         return norm

@@ -12,6 +12,7 @@ rank raises before any gradient is scaled.
 fusedclip.clip_, get_total_norm and clip_grads_with_norm_ call this module when `process_group` is
 given or when the gradients are DTensors; it builds on _core.py and never calls back into clip.py.
 """
+import functools
 import math
 import sys
 
@@ -95,7 +96,9 @@ def _local_norm(tensors, p, be, fn):
         return None, False
     has = any(t.numel() for t in tensors)
     if be.name != "torch":
-        return _core._total_norm(tensors, p, be, fn), has
+        # in float64 as the kernel computed it: a norm rounded to fp32, raised to p and summed over ranks,
+        # would cost the global norm up to an ulp
+        return _core._total_norm(tensors, p, be, fn, unrounded=True), has
     nonempty = [t for t in tensors if t.numel()]
     if not nonempty:  # torch's norms raise on empty tensors for inf; their norm is 0
         return None, False
@@ -304,18 +307,20 @@ class DDPNormState:
 
     def reset(self):
         """Forgets the recorded norms (the hook does this itself at the start of each backward)."""
-        self._norms = {}  # bucket index -> the averaged bucket's 2-norm (accumulation dtype)
+        self._norms = {}  # bucket index -> (the averaged bucket's 2-norm in float64, its accumulation dtype)
         self._n_buckets = None
         self._total = None
 
     def _record(self, index, buffer):
+        dtype = acc_dtype([buffer])
         if buffer.numel():
             be = backends.resolve(self.backend, buffer.device.type)
-            norm = (be.total_norm([buffer], 2.0) if be.name != "torch"
-                    else torch.linalg.vector_norm(buffer, dtype=acc_dtype([buffer])))
+            # unrounded: the buckets' norms combine in float64, then round once (as the fused pass's chunks)
+            norm = (be.total_norm([buffer], 2.0, None, torch.float64) if be.name != "torch"
+                    else torch.linalg.vector_norm(buffer, dtype=dtype))
         else:
-            norm = torch.zeros((), dtype=acc_dtype([buffer]), device=buffer.device)
-        self._norms[index] = norm  # a dict, not a list: callbacks may finish out of order (Gloo threads)
+            norm = torch.zeros((), dtype=dtype, device=buffer.device)
+        self._norms[index] = (norm, dtype)  # a dict, not a list: callbacks may finish out of order (Gloo threads)
 
     def total_norm(self):
         """The 2-norm of all averaged gradients of the last synchronizing backward (a 0-dim device tensor)."""
@@ -326,10 +331,11 @@ class DDPNormState:
                                    "recorded since reset(); register the state with "
                                    "model.register_comm_hook(state, fusedclip.ddp_norm_hook) and call "
                                    "it after a backward outside no_sync()")
-            norms = [self._norms[i] for i in range(n)]  # bucket order: deterministic
-            dtype = acc_dtype(norms)
+            norms = [self._norms[i][0] for i in range(n)]  # bucket order: deterministic
+            dtype = functools.reduce(torch.promote_types, [self._norms[i][1] for i in range(n)])
             device = norms[0].device
-            self._total = torch.linalg.vector_norm(torch.stack([x.to(device, dtype) for x in norms]))
+            wide = torch.stack([x.to(device, torch.float64) for x in norms])
+            self._total = torch.linalg.vector_norm(wide).to(dtype)
         return self._total
 
     def clip_(self, parameters, max_norm, error_if_nonfinite=False):

@@ -26,8 +26,8 @@ def acc_dtype(tensors):
 if _ext.LOADED:
 
     @torch.library.register_fake("fusedclip::total_norm")
-    def _total_norm_fake(tensors, norm_type, per_tensor=None):
-        return tensors[0].new_empty((), dtype=acc_dtype(tensors))
+    def _total_norm_fake(tensors, norm_type, per_tensor=None, out_dtype=None):
+        return tensors[0].new_empty((), dtype=out_dtype or acc_dtype(tensors))
 
     @torch.library.register_fake("fusedclip::clip_")
     def _clip_fake(grads, max_norm, norm_type, per_tensor=None, inv_scale=None, found_inf=None):
@@ -74,10 +74,11 @@ class NativeBackend:
     fused_extras = True
 
     @staticmethod
-    def total_norm(tensors, norm_type, per_tensor=None):
-        """0-dim norm in the accumulation dtype (fp32, fp64 when any tensor is fp64); each tensor's norm into
-        per_tensor (a 1-D tensor of that dtype) when given."""
-        return torch.ops.fusedclip.total_norm(tensors, norm_type, per_tensor)
+    def total_norm(tensors, norm_type, per_tensor=None, out_dtype=None):
+        """0-dim norm in the accumulation dtype (fp32, fp64 when any tensor is fp64), or with
+        out_dtype=torch.float64 unrounded; each tensor's norm into per_tensor (a 1-D tensor of the accumulation
+        dtype) when given."""
+        return torch.ops.fusedclip.total_norm(tensors, norm_type, per_tensor, out_dtype)
 
     @staticmethod
     def clip(grads, max_norm, norm_type, per_tensor=None, inv_scale=None, found_inf=None):

@@ -340,3 +340,34 @@ def run_cases(rank, out_dir, cases, after_each=None):
             dist.barrier()
         except RuntimeError:
             break
+
+
+# ---- accuracy in fp32 ulps against the exact norm (tests/test_accuracy.py, tests/test_distributed.py) ----
+
+def fp32_ulps(got, exact):
+    """|got - exact| in fp32 ulps of `exact` (a float64 number): the spacing of the fp32 binade holding it."""
+    if exact == 0.0:
+        return 0.0 if float(got) == 0.0 else math.inf
+    _, e = math.frexp(abs(exact))  # exact = m * 2**e, 0.5 <= m < 1: fp32 values there are 2**(e - 24) apart
+    return abs(float(got) - exact) / math.ldexp(1.0, e - 24)
+
+
+def exact_norm(tensors, p):
+    """The float64 norm of the tensors' values (those of fp16/bf16 tensors are exact in float64)."""
+    flat = torch.cat([t.detach().double().flatten().cpu() for t in tensors])
+    if p == math.inf:
+        return flat.abs().max().item()
+    return (flat.abs().pow(p).sum().item()) ** (1.0 / p)
+
+
+def mixed_tensors(n, max_numel, seed, dtypes=(torch.float32,), big=()):
+    """n tensors of log-uniform sizes in [1, max_numel], each of a random scale in [1e-3, 1e3] (log-uniform), and
+    the sizes in `big` on top: what a model's gradients look like (embeddings, norms' scalars, everything)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.exp(torch.rand(n, generator=g, dtype=torch.float64) * math.log(max_numel)).long().clamp(min=1)
+    scales = 10.0 ** (torch.rand(n + len(big), generator=g, dtype=torch.float64) * 6 - 3)
+    out = []
+    for i, numel in enumerate(sizes.tolist() + list(big)):
+        dtype = dtypes[i % len(dtypes)]
+        out.append((torch.randn(numel, generator=g) * scales[i].item()).to(dtype))
+    return out

@@ -387,6 +387,16 @@ def _norm_of(total, pw, NORM: tl.constexpr, ACC: tl.constexpr, EXACT_POW: tl.con
 
 
 @triton.jit
+def _norm_from_partials(partials, count, pw, NORM: tl.constexpr, ACC: tl.constexpr, PBLOCK: tl.constexpr,
+                        EXACT_POW: tl.constexpr):
+    """The norm of `count` chunk partials (float64: each chunk's fp32 sum is stored widened), combined and
+    finished in float64, unrounded (callers round it once to ACC): an fp32 combination of thousands of partials
+    costs tens of ulps (csrc/clip_math.h: widen)."""
+    total = _reduce(partials, count, NORM, tl.float64, PBLOCK)
+    return _norm_of(total, pw.to(tl.float64), NORM, tl.float64, EXACT_POW)
+
+
+@triton.jit
 def _clip_coef(max_norm, norm, ACC: tl.constexpr):
     """torch's rule: max_norm / (norm + 1e-6), clamped to at most 1 (NaN stays NaN)."""
     coef = _div(max_norm, norm + tl.full([], 1e-6, ACC), ACC)
@@ -416,18 +426,23 @@ def _unscale_mul(inv_scale, ACC: tl.constexpr, AMP: tl.constexpr):
 
 
 @triton.jit
-def _after_norm(table, n, n_chunks, partials, nonfinite, norm, norm_out, per_tensor, found_inf, pw, mul, max_norm,
+def _after_norm(table, n, n_chunks, partials, nonfinite, wide, norm_out, per_tensor, found_inf, pw, mul, max_norm,
                 WRITE_NORM: tl.constexpr, CLIP: tl.constexpr, AMP: tl.constexpr, PER_TENSOR: tl.constexpr,
                 NORM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
                 EXACT_POW: tl.constexpr):
     """What follows the norm in both variants, once every chunk's partials are in memory: program 0 stores the
     norm and sets found_inf (never clears it: GradScaler accumulates it); each tensor's norm from its own chunks'
     partials (chunks never span tensors), tensors spread over the programs; then the in-place scaling by
-    inv_scale * coef unless that is exactly 1."""
+    inv_scale * coef unless that is exactly 1. wide: the norm in float64, unrounded; a float64 norm_out gets it
+    as is (the sharded paths' partials), everything else the norm rounded once to ACC."""
     pid = tl.program_id(0)
+    norm = wide.to(ACC)
     if WRITE_NORM:
         if pid == 0:
-            tl.store(norm_out, norm.to(norm_out.dtype.element_ty))
+            if norm_out.dtype.element_ty == tl.float64:
+                tl.store(norm_out, wide)
+            else:
+                tl.store(norm_out, norm.to(norm_out.dtype.element_ty))
     if AMP:
         if pid == 0:
             if _reduce(nonfinite, n_chunks, 0, ACC, PBLOCK) != 0.0:  # NaN counts: != is unordered
@@ -436,7 +451,7 @@ def _after_norm(table, n, n_chunks, partials, nonfinite, norm, norm_out, per_ten
         for i in range(pid, n, tl.num_programs(0)):
             begin = tl.load(table + 3 * n + i)
             end = tl.load(table + 3 * n + i + 1)
-            t_norm = _norm_of(_reduce(partials + begin, end - begin, NORM, ACC, PBLOCK), pw, NORM, ACC, EXACT_POW)
+            t_norm = _norm_from_partials(partials + begin, end - begin, pw, NORM, ACC, PBLOCK, EXACT_POW).to(ACC)
             tl.store(per_tensor + i, tl.where(end > begin, t_norm, 0.0))  # empty: 0 for every norm type
     if CLIP:
         factor = mul * _clip_coef(max_norm, norm, ACC)
@@ -481,8 +496,8 @@ def _one_launch_kernel(table, n, n_chunks, partials, nonfinite, ws, norm_out, pe
     mul = _unscale_mul(inv_scale, ACC, AMP)
     _write_partials(table, n, n_chunks, partials, nonfinite, pw, mul, NORM, ACC, AMP, BLOCK, EXACT_POW)
     _grid_barrier(ws)
-    norm = _norm_of(_reduce(partials, n_chunks, NORM, ACC, PBLOCK), pw, NORM, ACC, EXACT_POW)
-    _after_norm(table, n, n_chunks, partials, nonfinite, norm, norm_out, per_tensor, found_inf, pw, mul,
+    wide = _norm_from_partials(partials, n_chunks, pw, NORM, ACC, PBLOCK, EXACT_POW)
+    _after_norm(table, n, n_chunks, partials, nonfinite, wide, norm_out, per_tensor, found_inf, pw, mul,
                 _f64(max_norm_bits).to(ACC), True, CLIP, AMP, PER_TENSOR, NORM, ACC, BLOCK, PBLOCK, EXACT_POW)
 
 
@@ -503,14 +518,14 @@ def _finish_kernel(table, n, n_chunks, partials, nonfinite, norm_in, norm_out, p
     norm_in), then _after_norm."""
     pw = _f64(p_bits).to(ACC)
     if FROM_PARTIALS:
-        norm = _norm_of(_reduce(partials, n_chunks, NORM, ACC, PBLOCK), pw, NORM, ACC, EXACT_POW)
+        wide = _norm_from_partials(partials, n_chunks, pw, NORM, ACC, PBLOCK, EXACT_POW)
     else:
         given = tl.load(norm_in)
         if norm_in.dtype.element_ty == tl.float64:
-            norm = given.to(ACC)
+            wide = given.to(ACC).to(tl.float64)
         else:
-            norm = given.to(tl.float32).to(ACC)
-    _after_norm(table, n, n_chunks, partials, nonfinite, norm, norm_out, per_tensor, found_inf, pw,
+            wide = given.to(tl.float32).to(ACC).to(tl.float64)
+    _after_norm(table, n, n_chunks, partials, nonfinite, wide, norm_out, per_tensor, found_inf, pw,
                 _unscale_mul(inv_scale, ACC, AMP), _f64(max_norm_bits).to(ACC), WRITE_NORM, CLIP, AMP, PER_TENSOR,
                 NORM, ACC, BLOCK, PBLOCK, EXACT_POW)
 
@@ -772,7 +787,7 @@ def _norm_and_maybe_clip(tensors, max_norm, norm_type, clip, out_dtype, per_tens
         return torch.zeros((), dtype=out_dtype, device=device)
     acc = _tl_acc(any_double)
     out = torch.empty((), dtype=out_dtype, device=device)
-    partials = torch.empty(n_chunks, dtype=acc_torch, device=device)
+    partials = torch.empty(n_chunks, dtype=torch.float64, device=device)  # see _norm_from_partials
     amp = inv_scale is not None
     nonfinite = torch.empty(n_chunks, dtype=acc_torch, device=device) if amp else partials
     if amp and found_inf is None:
@@ -804,10 +819,14 @@ def _norm_and_maybe_clip(tensors, max_norm, norm_type, clip, out_dtype, per_tens
     return out
 
 
-def total_norm(tensors, norm_type, per_tensor=None, launch=None):
-    """The norm of all tensors as one vector, 0-dim, in fp32 (fp64 when any tensor is fp64); each tensor's own
-    norm into per_tensor (1-D, that dtype) when given, from the same partials."""
-    return _norm_and_maybe_clip(tensors, 0.0, norm_type, False, acc_dtype(tensors), per_tensor, launch=launch)
+def total_norm(tensors, norm_type, per_tensor=None, out_dtype=None, launch=None):
+    """The norm of all tensors as one vector, 0-dim, in fp32 (fp64 when any tensor is fp64), or with
+    out_dtype=torch.float64 unrounded (the sharded paths' partials); each tensor's own norm into per_tensor (1-D,
+    the accumulation dtype) when given, from the same partials."""
+    acc = acc_dtype(tensors)
+    if out_dtype not in (None, acc, torch.float64):
+        raise ValueError(f"fusedclip.total_norm: out_dtype must be None, {acc} or torch.float64, got {out_dtype}")
+    return _norm_and_maybe_clip(tensors, 0.0, norm_type, False, out_dtype or acc, per_tensor, launch=launch)
 
 
 def clip(grads, max_norm, norm_type, per_tensor=None, inv_scale=None, found_inf=None, launch=None):
@@ -862,13 +881,13 @@ def _define_ops():
     # the arguments as the dispatcher hands them over, and the dispatcher drops trailing arguments equal to their
     # default (an IndexError there). The backend methods below pass every argument.
     @torch.library.custom_op("fusedclip_triton::total_norm", mutates_args=("per_tensor",))
-    def _total_norm_op(tensors: List[torch.Tensor], norm_type: float,
-                       per_tensor: Optional[torch.Tensor]) -> torch.Tensor:
-        return total_norm(tensors, norm_type, per_tensor)
+    def _total_norm_op(tensors: List[torch.Tensor], norm_type: float, per_tensor: Optional[torch.Tensor],
+                       out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+        return total_norm(tensors, norm_type, per_tensor, out_dtype)
 
     @_total_norm_op.register_fake
-    def _(tensors, norm_type, per_tensor=None):
-        return tensors[0].new_empty((), dtype=acc_dtype(tensors))
+    def _(tensors, norm_type, per_tensor=None, out_dtype=None):
+        return tensors[0].new_empty((), dtype=out_dtype or acc_dtype(tensors))
 
     @torch.library.custom_op("fusedclip_triton::clip_", mutates_args=("grads", "per_tensor", "found_inf"))
     def _clip_op(grads: List[torch.Tensor], max_norm: float, norm_type: float, per_tensor: Optional[torch.Tensor],
@@ -944,8 +963,8 @@ class TritonBackend:
     fused_extras = True
 
     @staticmethod
-    def total_norm(tensors, norm_type, per_tensor=None):
-        return torch.ops.fusedclip_triton.total_norm(tensors, norm_type, per_tensor)
+    def total_norm(tensors, norm_type, per_tensor=None, out_dtype=None):
+        return torch.ops.fusedclip_triton.total_norm(tensors, norm_type, per_tensor, out_dtype)
 
     @staticmethod
     def clip(grads, max_norm, norm_type, per_tensor=None, inv_scale=None, found_inf=None):

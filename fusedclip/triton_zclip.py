@@ -142,7 +142,7 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
         else:
             norm = given.to(tl.float32).to(ACC)
     else:
-        norm = tb._norm_of(tb._reduce(partials, n_chunks, 0, ACC, PBLOCK), pw, 0, ACC, EXACT_POW)  # 0 chunks: 0
+        norm = tb._norm_from_partials(partials, n_chunks, pw, 0, ACC, PBLOCK, EXACT_POW).to(ACC)  # 0 chunks: 0
     x = norm.to(tl.float64)
     warm, spike, nonf, skip, target, coef = _decide(
         steps, mean, var, x, tb._f64(z_bits), cap, tb._f64(eps_bits), tb._f64(factor_bits), n_warmup, PERCENTILE,
@@ -195,7 +195,7 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_
                                      and coef_out.numel() == 1):
         raise ValueError(f"fusedclip.ZClip: coef_out must be a one-element float32 tensor on {device}")
     amp = inv_scale is not None
-    partials = torch.empty(max(n_chunks, 1), dtype=acc_torch, device=device)
+    partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)  # tb._norm_from_partials
     nonfinite = torch.empty(max(n_chunks, 1), dtype=acc_torch, device=device) if amp else partials
     out = torch.empty((), dtype=acc_torch, device=device)
     inv_scale_ = inv_scale.reshape(()) if amp else partials

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 import fusedclip
 from conftest import TORCH
-from fusedclip.testing import make_grads, params_with, ref_norm, run_cases, run_ranks
+from fusedclip.testing import (exact_norm, fp32_ulps, make_grads, mixed_tensors, params_with, ref_norm, run_cases,
+                               run_ranks)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with Gloo is not available")
@@ -341,6 +342,32 @@ def dtensor_placements(rank, world, group):
             coef = 0.5 / (expected + 1e-6)
             for d, t in zip(dts, full):
                 close(d.full_tensor(), t.double() * coef, rtol=1e-5)
+
+
+@case
+def exact_norm_over_ranks(rank, world, group):
+    """Within 1 ulp of the exact norm when the tensors are spread over ranks (each rank's partial travels as
+    float64 computed from the unrounded local norm, never from an fp32 one): 10^4 tensors of mixed sizes and
+    scales, split tensor by tensor (ZeRO-style lists) and cut unevenly (FSDP1 flat shards), with a process
+    group; and as Shard(0) DTensors of a 1-D mesh. p = 2 and 1."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    full = mixed_tensors(10_000, 4096, seed=11)
+    big = mixed_tensors(2, 64, seed=12, big=(1_000_003, 300_000))
+    mesh = init_device_mesh("cpu", (world,))
+    for p in [2.0, 1.0]:
+        exact = exact_norm(full, p)
+        listed = fusedclip.get_total_norm(full[rank::world], p, process_group=group)
+        assert listed.dtype == torch.float32
+        assert fp32_ulps(listed, exact) <= 1.0, (p, fp32_ulps(listed, exact))
+        _, mine = shard(big, rank, world, seed=12)
+        exact_big = exact_norm(big, p)
+        cut = fusedclip.get_total_norm(mine, p, process_group=group)
+        assert fp32_ulps(cut, exact_big) <= 1.0, (p, fp32_ulps(cut, exact_big))
+        dts = [distribute_tensor(t, mesh, [Shard(0)]) for t in big]
+        n = fusedclip.get_total_norm(dts, p).full_tensor()
+        assert fp32_ulps(n, exact_big) <= 1.0, (p, fp32_ulps(n, exact_big))
 
 
 class CountingAotEager:

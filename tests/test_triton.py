@@ -638,7 +638,8 @@ if not (tb.INTERPRET or torch.cuda.is_available()):
         env = dict(os.environ, TRITON_INTERPRET="1")
         # test_fused_extras.py's "triton" cases too: this process does not offer that backend on CPU
         here = os.path.dirname(os.path.abspath(__file__))
-        extras = [os.path.join(here, name) for name in ("test_fused_extras.py", "test_zclip_fused.py")]
+        extras = [os.path.join(here, name) for name in ("test_fused_extras.py", "test_zclip_fused.py",
+                                                         "test_accuracy.py")]
         out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__, *extras,
                               "-k", "triton"], env=env,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
@@ -647,5 +648,5 @@ if not (tb.INTERPRET or torch.cuda.is_available()):
         print(summary)
         assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
         assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
-        for name in ("test_fused_extras.py", "test_zclip_fused.py"):
+        for name in ("test_fused_extras.py", "test_zclip_fused.py", "test_accuracy.py"):
             assert f"{name}::" in out.stdout, f"no {name} case ran for 'triton'"
