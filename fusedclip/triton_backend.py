@@ -882,7 +882,7 @@ def _define_ops():
     # default (an IndexError there). The backend methods below pass every argument.
     @torch.library.custom_op("fusedclip_triton::total_norm", mutates_args=("per_tensor",))
     def _total_norm_op(tensors: List[torch.Tensor], norm_type: float, per_tensor: Optional[torch.Tensor],
-                       out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+                       out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:  # after the mutated one: safe
         return total_norm(tensors, norm_type, per_tensor, out_dtype)
 
     @_total_norm_op.register_fake

@@ -96,6 +96,8 @@ SAMPLES = {
         ("l1-fp64-per-tensor", lambda d: (grads(d, 3, [torch.float32, torch.float64]), 1.0,
                                           norms_buffer(d, [torch.float64]))),
         ("l3-per-tensor", lambda d: (grads(d, 4), 3.0, norms_buffer(d))),
+        ("l2-unrounded-float64", lambda d: (grads(d, 5), 2.0, None, torch.float64)),
+        ("l2-per-tensor-float64", lambda d: (grads(d, 6), 2.0, norms_buffer(d), torch.float64)),
     ],
     "clip_": [
         ("clipping-l2", lambda d: (grads(d, 5), 0.05, 2.0, None, None, None)),
