@@ -32,6 +32,7 @@ Every @settings has derandomize=True (reproducible in CI) and database=None (not
 """
 import copy
 import math
+import os
 
 import pytest
 
@@ -56,8 +57,13 @@ except ImportError:
     zclip_pkg = None
 
 
+# CI draws the same examples every run (derandomize: the seed comes from each test's source). To look further,
+# FUSEDCLIP_PROPERTY_SEEDS=1 draws anew: pytest tests/test_properties.py --hypothesis-seed=N.
+_DERANDOMIZE = not os.environ.get("FUSEDCLIP_PROPERTY_SEEDS")
+
+
 def props(n):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=True,
+    return settings(max_examples=n, deadline=None, derandomize=_DERANDOMIZE, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
 
