@@ -5,6 +5,7 @@ step without enough time left is SKIPPED, each step's row is in summary.txt the 
 run still reports everything before it), at most 8 files land in OUTDIR, and a Triton one-launch kernel that
 did not pass the smoke step is kept out of the rest of the run."""
 import importlib.util
+import math
 import os
 import re
 import signal
@@ -254,3 +255,66 @@ def test_triton_check_sections_are_independent(monkeypatch, capsys):
     assert "checks: 2 passed, 2 failed; sections 2 ok, 2 failed, 0 skipped" in out
     assert tgc.child_checks(1) == 1  # no budget: every section SKIPPED, which is not a pass
     assert "sections 0 ok, 0 failed, 4 skipped" in capsys.readouterr().out
+
+
+# ---- scripts/gpu_checks.py zclip: the expected state from the norms the GPU returned (defect 1, issue 25) ----
+
+@needs_native
+@pytest.mark.parametrize("kwargs", [dict(warmup_steps=3, on_spike="skip"), dict(warmup_steps=1),
+                                    dict(warmup_steps=4, mode="percentile", max_grad_norm=None),
+                                    dict(warmup_steps=2, clip_option="mean", skip_update_on_spike=True,
+                                         on_nonfinite="skip")])
+def test_zclip_state_f64_is_the_kernels_rule(kwargs):
+    """zclip_state_f64, fed the norms a kernel returned, gives that kernel's state to the bit: through the
+    warm-up, spikes (skipped or clipped), a skipped non-finite step, every rule variant."""
+    import torch
+    import fusedclip
+    checks = load_script("gpu_checks")
+    clipper = fusedclip.ZClip(**kwargs, backend="native")
+    g = torch.Generator().manual_seed(5)
+    seen = []
+    for t in range(12):
+        scale = 40.0 if t in (5, 8) else 1.0 + 0.05 * t
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (1000, 77)]
+        for q in params:
+            q.grad = torch.randn(q.shape, generator=g) * scale
+        if t == 9 and kwargs.get("on_nonfinite") == "skip":
+            params[1].grad[3] = float("nan")
+        opt = torch.optim.AdamW(params, lr=0.0, fused=True)
+        seen.append(clipper.step(params, opt).double().item())
+        want = checks.zclip_state_f64(clipper._config, seen, clipper._state.numel() - 4)
+        assert clipper._state.tolist() == want, (t, clipper._state.tolist(), want)
+        assert checks.same_f64(clipper._state.tolist(), want)
+    assert clipper._state[0].item() >= 10 and not math.isnan(clipper._state[2].item())
+    assert not checks.same_f64([1.0, 2.0], [1.0, 2.0 + 2**-51]) and checks.same_f64([math.nan], [math.nan])
+
+
+@needs_native
+def test_zclip_check_takes_norms_from_another_summation_order(monkeypatch):
+    """The zclip check passes when the backend's fp32 norms differ in the last bits from the CPU kernel's (as
+    the GPU's do: another summation order), which moved the warm-up variance past the old rtol 1e-6 comparison
+    with the CPU kernel's state. Emulated with backend="torch" (torch's own fp32 norm, the rule in torch ops)."""
+    import torch
+    import fusedclip
+    checks = load_script("gpu_checks")
+    monkeypatch.setattr(checks, "ZCLIP_SHAPES", [(3000, 77), (50000,), (7,)])
+    monkeypatch.setattr(checks, "ZCLIP_DTYPES", [torch.float32])
+    # the premise: torch's norms are not the CPU kernel's bit for bit, and a 3.6e-7 relative change of one
+    # warm-up norm moves the state's variance by more than 1e-6 relative
+    norms = [1.0, 1.05, 1.1]
+    config = fusedclip.ZClip(warmup_steps=3)._config
+    a = checks.zclip_state_f64(config, norms, 3)
+    b = checks.zclip_state_f64(config, [norms[0] * (1 + 3.6e-7)] + norms[1:], 3)
+    assert abs(a[2] - b[2]) > 1e-6 * abs(a[2])
+    seen = []
+    real_step = fusedclip.ZClip.step
+
+    def step(self, *args, **kw):
+        n = real_step(self, *args, **kw)
+        seen.append((self.backend, n.item()))
+        return n
+    monkeypatch.setattr(fusedclip.ZClip, "step", step)
+    checks.zclip("cpu", "torch")
+    ours = [n for b, n in seen if b == "torch"]
+    cpu = [n for b, n in seen if b == "native"]
+    assert len(ours) == len(cpu) == 8 and ours != cpu, "the premise: different summation orders"
