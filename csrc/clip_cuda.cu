@@ -24,6 +24,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "device_table_cuda.h"
 #include "grad_table.h"
 
 namespace cg = cooperative_groups;
@@ -245,59 +246,23 @@ int coresident_blocks(const void* kernel, int device) {
   return it->second * sm_count(device);
 }
 
-// Device copies of tables, keyed by their content (pointers, sizes, dtypes),
-// so that the same gradients step after step cost no host-to-device copy, and
-// a CUDA graph captured after a warm-up call contains no copy at all. An entry
-// a graph has used is never freed (the graph keeps reading it).
-struct CachedTable {
-  int device;
-  std::vector<int64_t> key;
-  at::Tensor table;
-  cudaStream_t alloc_stream;
-  bool used_by_graph;
-};
-constexpr size_t kMaxCachedTables = 16;
-
+// Device copies of tables (csrc/device_table_cache.h): an entry a graph has used is never freed, and a table
+// used from another stream before its copy is known to be done is waited for.
 at::Tensor device_table(const GradTable& g, const c10::cuda::CUDAStream& stream) {
-  static std::mutex mu;
-  static std::list<CachedTable> cache;  // most recently used first
-  cudaStreamCaptureStatus capture;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
-  const bool capturing = capture != cudaStreamCaptureStatusNone;
-  const int device = g.device.index();
+  static CudaTables ops;
+  static DeviceTableCache<CudaTables> cache(16);
+  const bool capturing = is_capturing(stream);
   // A non-dense gradient is processed through a fresh dense copy at a new address on every call, so no
   // table (nor graph) could ever be reused for it.
   TORCH_CHECK(!capturing || g.copies.empty(),
               "fusedclip: a gradient is not dense in memory (a strided view), so it cannot be clipped inside a "
               "CUDA graph: each call works on a new dense copy of it. Make the gradients dense before the "
               "capture (e.g. p.grad = p.grad.contiguous()), or clip outside the graph");
-
-  std::lock_guard<std::mutex> lock(mu);
-  for (auto it = cache.begin(); it != cache.end(); ++it) {
-    if (it->device != device || it->key != g.table) continue;
-    cache.splice(cache.begin(), cache, it);
-    CachedTable& e = cache.front();
-    e.used_by_graph |= capturing;
-    if (e.alloc_stream != stream.stream())
-      c10::cuda::CUDACachingAllocator::recordStream(e.table.storage().data_ptr(), stream);
-    return e.table;
-  }
-  TORCH_CHECK(!capturing,
+  std::optional<at::Tensor> table = cache.get(ops, g.device.index(), g.table, stream, capturing);
+  TORCH_CHECK(table.has_value(),
               "fusedclip: these gradients were not seen before the CUDA graph capture began; call clip_ on "
               "them once outside the capture (a warm-up step) so their table is on the GPU already");
-  at::Tensor host = at::empty({static_cast<int64_t>(g.table.size())},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(g.table.begin(), g.table.end(), host.data_ptr<int64_t>());
-  at::Tensor table = at::empty({static_cast<int64_t>(g.table.size())}, at::TensorOptions().dtype(at::kLong).device(g.device));
-  table.copy_(host, /*non_blocking=*/true);
-  cache.push_front(CachedTable{device, g.table, table, stream.stream(), false});
-  // Evict the least recently used entries that no graph depends on.
-  for (auto it = std::prev(cache.end()); cache.size() > kMaxCachedTables && it != cache.begin();) {
-    const auto older = it;
-    it = std::prev(it);
-    if (!older->used_by_graph) cache.erase(older);
-  }
-  return table;
+  return *table;
 }
 
 struct Launch {
