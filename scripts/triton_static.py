@@ -92,6 +92,17 @@ def resources(compiled):
     return int(usage["REG"]), int(usage["STACK"]), int(usage["LOCAL"])
 
 
+def barrier_before_first_atomic(ttir):
+    """Whether the kernel asks for a barrier of its program (tl.debug_barrier: gpu.barrier in 3.6's TTIR,
+    ttg.barrier in 3.8's, before the backend adds its own) ahead of its first atomic: a program's arrival (the
+    grid barrier) or ticket (two-launch ZClip) is published by one thread, after all of its threads are done.
+    None: no atomics."""
+    atomic = ttir.find("tt.atomic_rmw")
+    if atomic < 0:
+        return None
+    return re.search(r"\b(?:gpu|ttg)\.barrier\b", ttir[:atomic]) is not None
+
+
 def _grads(dtypes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, generator=g).to(d) for n, d in zip((40000, 3000, 70, 16390), dtypes)]
@@ -157,6 +168,7 @@ def report():
                    stack_bytes=stack, local_bytes=local, shared=compiled.metadata.shared, v128_loads=len(loads),
                    v128_data_loads=sum(".cg" not in x for x in loads), expected_v128_data_loads=expected,
                    global_loads=len(ANY_LOAD.findall(ptx)), f64_fma=ptx.count("fma.rn.f64"),
+                   barrier_before_atomic=barrier_before_first_atomic(compiled.asm["ttir"]),
                    compile_s=round(time.time() - t, 1))
         if kernel is tb._one_launch_kernel or (kernel is tz._zclip_kernel and constexprs["ONE_LAUNCH"]):
             row["resident_per_sm"] = tb.resident_per_sm(regs, compiled.metadata.shared)

@@ -74,6 +74,9 @@ def _check(rows, version):
         assert r["registers"] <= 255
         if r["kernel"] == "_zclip_kernel":  # ZClip's rule: no float64 a * b + c contracted (zclip's rounding)
             assert r["f64_fma"] == 0, r
+        # a grid barrier's arrival or two-launch ZClip's ticket: taken after an explicit barrier of the program
+        # (issue 25, defect 7: the ticket relied on a barrier Triton happened to insert)
+        assert r["barrier_before_atomic"] is not False, r
         if "one_launch_per_sm" in r:
             # half of an SM at most: two calls at once are all resident (the grid barrier's condition)
             assert 1 <= r["one_launch_per_sm"] and 2 * r["one_launch_per_sm"] <= r["resident_per_sm"], r
@@ -81,6 +84,10 @@ def _check(rows, version):
                 # two programs per SM: 32 KB in flight per SM for fp32 and (two blocks a step) 16-bit grads
                 assert r["one_launch_per_sm"] >= 2, r
                 assert r["maxnreg"] == tb.ONE_LAUNCH_MAXNREG, r
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["zclip finish fp32-acc"]["barrier_before_atomic"] is True
+    assert by_name["one-launch L2 fp32-acc"]["barrier_before_atomic"] is True
+    assert by_name["partials L2 fp32-acc"]["barrier_before_atomic"] is None  # no atomics: nothing to ask
 
 
 def test_kernels_compiled_for_sm90(triton36):
