@@ -190,9 +190,20 @@ def _launch_group(weights, grads, clip_factor, eps, norm_type, acc):
     del keep
 
 
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def agc(weights, grads, clip_factor, eps, norm_type):
     """fusedclip.clip_agc_ on one device's pairs (same shapes and dtypes, none empty; norm_type not 0): one launch
     for the fp32-accumulated pairs, one for the fp64 ones."""
+    if grads and _capturing(grads[0].device):
+        # The table is built on the host and copied on every call (not cached on the device as the native
+        # backend's is): a capture would record a copy from a host buffer freed after the call (CUDA's own error
+        # at best, stale pointers at replay at worst). Refused before anything is done.
+        raise RuntimeError("fusedclip.clip_agc_: backend='triton' cannot be captured in a CUDA graph (its table "
+                           "is copied from the host on every call); use backend='native' inside the graph, or "
+                           "clip outside it")
     tb._norm_kind(norm_type)  # raises on NaN and 0 before anything is written
     if math.isnan(clip_factor) or math.isnan(eps):
         raise ValueError("fusedclip.clip_agc_: clip_factor and eps must not be NaN")
