@@ -318,3 +318,62 @@ def test_zclip_check_takes_norms_from_another_summation_order(monkeypatch):
     ours = [n for b, n in seen if b == "torch"]
     cpu = [n for b, n in seen if b == "native"]
     assert len(ours) == len(cpu) == 8 and ours != cpu, "the premise: different summation orders"
+
+
+# ---- scripts/triton_gpu_check.py (issue 25, defect 9) ----
+
+def test_triton_check_tells_compile_time_from_a_deadlock():
+    tgc = load_script("triton_gpu_check")
+    compiling = ('Thread 0x7f (most recent call first):\n  File "/v/site-packages/triton/backends/nvidia/compiler.py", '
+                 'line 400 in make_cubin\n  File "/v/site-packages/triton/compiler/compiler.py", line 300 in compile\n')
+    assert tgc.killed_where("noise\n" + compiling).startswith("still compiling, not a deadlock")
+    spinning = 'Thread 0x7f (most recent call first):\n  File "/r/scripts/triton_gpu_check.py", line 53 in child\n'
+    assert tgc.killed_where(compiling + spinning).startswith("grid-barrier deadlock? stuck in")  # the last dump
+    assert tgc.killed_where("") == "no traceback: grid-barrier deadlock?"
+
+
+def test_triton_check_residency_rule():
+    """The residency section's rule (issue 25, defect 9: the section read an attribute that no longer existed
+    and checked nothing): a grid-barrier launch whose programs per SM, doubled, do not fit is reported."""
+    tgc = load_script("triton_gpu_check")
+    sms = 132
+    assert tgc.residency_problems([("_one_launch_kernel", 2 * sms, 128, 8192)], sms) == []  # 4 fit a SM
+    (problem,) = tgc.residency_problems([("_one_launch_kernel", 2 * sms, 168, 8192)], sms)  # 2 fit: 2 x 2 > 2
+    assert "2 per SM" in problem and "168 registers" in problem
+    assert tgc.residency_problems([("_zclip_kernel", sms, 255, 0)], sms) == []  # 2 fit: one each
+    assert tgc.residency_problems([("_zclip_kernel", sms + 1, 255, 0)], sms) != []  # 2 on one SM: 4 > 2
+
+
+TRITON_MODULES = {"tb": "fusedclip.triton_backend", "tz": "fusedclip.triton_zclip", "ta": "fusedclip.triton_agc"}
+
+
+def missing_attributes(source):
+    """The attributes `source` reads of fusedclip's Triton modules (tb.X, tz.X, ta.X, getattr / hasattr(tb, "X"))
+    that do not exist."""
+    import ast
+    import importlib
+    used = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in TRITON_MODULES \
+                and isinstance(node.ctx, ast.Load):
+            used.add((node.value.id, node.attr))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") \
+                and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and node.args[0].id in TRITON_MODULES \
+                and isinstance(node.args[1], ast.Constant):
+            used.add((node.args[0].id, node.args[1].value))
+    return [f"{alias}.{name}" for alias, name in sorted(used)
+            if not hasattr(importlib.import_module(TRITON_MODULES[alias]), name)]
+
+
+@pytest.mark.parametrize("script", ["triton_gpu_check", "gpu_checks", "gpu_smoke", "sanitize_clip", "triton_static"])
+def test_scripts_use_only_attributes_that_exist(script):
+    """Every attribute a GPU-side script reads of fusedclip's Triton modules exists: a renamed one makes a GPU
+    check silently check nothing (issue 25, defect 9: the residency section read tb._per_sm, long gone)."""
+    pytest.importorskip("triton")
+    assert missing_attributes((ROOT / "scripts" / f"{script}.py").read_text()) == []
+
+
+def test_the_old_residency_read_is_caught():
+    pytest.importorskip("triton")
+    old = 'used = max(getattr(tb, "_per_sm", {}).values(), default=1)\nfit = tb.resident_per_sm(1, 2)'
+    assert missing_attributes(old) == ["tb._per_sm"]
