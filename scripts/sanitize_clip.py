@@ -1,13 +1,14 @@
 """The workload compute-sanitizer runs (scripts/gpu_check.sh: memcheck with PYTORCH_NO_CUDA_MEMORY_CACHING=1,
 so every tensor is its own allocation and an access past its end is seen; then racecheck and synccheck).
 
-  python scripts/sanitize_clip.py [cuda|cpu]
+  python scripts/sanitize_clip.py [cuda|cpu] [native|triton]     (default: every fused backend)
 
 Every kernel of every fused backend (native; triton one-launch and two-launch) runs on REAL gradients (.grad
 set on parameters: without one, clip_grads_with_norm_ and clip_value_ return before any kernel): the fused norm +
 clip with clipping active and not, fp32/fp16/bf16/fp64 alone and mixed, norm types 2, inf, 1 and 3;
 get_total_norm; per_tensor=True; clip_grads_with_norm_ (scale from a given norm); clip_value_ (clamp);
-unscale_clip_ with a GradScaler (AMP). Gradients have odd sizes, several chunks, empty and 0-dim tensors, views
+unscale_clip_ with a GradScaler (AMP); clip_agc_ (every norm kind, fp32/bf16/fp64, both sides of the threshold)
+and ZClip through its warm-up and a skipped spike. Gradients have odd sizes, several chunks, empty and 0-dim tensors, views
 at odd offsets (not 16-byte aligned) and a strided (non-dense) view. Every result is compared with torch (a
 float64 reference or torch.nn.utils itself), so a kernel that does nothing cannot pass. Exits non-zero if a
 result is wrong (3 if the budget, STEP_LIMIT seconds from gpu_check.sh, ran out before every variant ran: the
@@ -22,6 +23,8 @@ import time
 START = time.monotonic()  # before torch's import: under a sanitizer, start-up is much of the time
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_checks' ZClip rule, also when loaded by path
 
 import fusedclip  # noqa: E402
 
@@ -154,8 +157,62 @@ def run(device, backend, tag):
     expect(bits_equal(params, snapshot(theirs)), f"{tag} clip_value_ differs from torch")
 
     amp(device, backend, tag)
+    agc(device, backend, tag)
+    zclip(device, backend, tag)
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def agc(device, backend, tag):
+    """clip_agc_ (warp- and block-sized units, cached and streamed, a strided gradient, fp32/bf16/fp64, every
+    norm kind) against the native CPU kernel on copies; the weights never written."""
+    g = torch.Generator().manual_seed(200)
+    shapes = [(64, 300), (5, 3000), (3, 70001), (70001,), (7,), ()]
+    for dtype in (F32, BF16, F64):
+        for p in NORMS:
+            ws = [(torch.randn(s, generator=g, dtype=F64)).to(device=device, dtype=dtype) for s in shapes]
+            gs = []
+            for s in shapes:  # per unit, a gradient 0.3x to 3x its threshold (clip_factor 0.01): both sides
+                rows = s[0] if len(s) > 1 else 1
+                unit = torch.rand(rows, generator=g, dtype=F64).mul(2.7).add(0.3).reshape((rows,) + (1,) * (len(s) - 1))
+                gs.append((torch.randn(s, generator=g, dtype=F64) * 0.01 * (unit if len(s) > 1 else unit.reshape(())))
+                          .to(device=device, dtype=dtype))
+            wide = torch.randn(6, 40, generator=g, dtype=F64).to(device=device, dtype=dtype)
+            ws.append(wide[:, ::2].clone())
+            gs.append(wide[:, ::2] * 0.003)  # strided: a dense copy, written back
+            params = [_param(x) for x in gs]
+            for q, w in zip(params, ws):
+                q.data = w
+            ref = [_param(x.detach().cpu().clone()) for x in gs]
+            for r, w in zip(ref, ws):
+                r.data = w.cpu().clone()
+            w0 = [w.clone() for w in ws]
+            fusedclip.clip_agc_(params, 0.01, norm_type=p, backend=backend)
+            fusedclip.clip_agc_(ref, 0.01, norm_type=p, backend="native")
+            tol = {F32: 1e-5, BF16: 8e-3, F64: 1e-12}[dtype]
+            expect(all(torch.equal(q.detach(), w) for q, w in zip(params, w0)), f"{tag} clip_agc_ wrote a weight")
+            expect(all(torch.allclose(q.grad.cpu().double(), r.grad.double(), rtol=tol, atol=0)
+                       for q, r in zip(params, ref)), f"{tag} clip_agc_ {dtype} p={p} differs from the CPU kernel")
+
+
+def zclip(device, backend, tag):
+    """ZClip through the warm-up and a skipped spike (a fused optimizer's skip flag): the norms against float64,
+    the state exactly the float64 rule's on the norms returned (scripts/gpu_checks.py zclip_state_f64)."""
+    from gpu_checks import same_f64, zclip_state_f64
+    for dtype in (F32, BF16):
+        clipper = fusedclip.ZClip(warmup_steps=3, on_spike="skip", backend=backend)
+        seen = []
+        for t in range(6):
+            params = make_params(device, [dtype], 300 + t, scale=40.0 if t == 4 else 1.0)
+            opt = torch.optim.AdamW(params, lr=0.0, fused=True)
+            before = snapshot(params)
+            n = clipper.step(params, opt)
+            expect(norm_ok(n, ref_norm(before, 2.0), False), f"{tag} ZClip {dtype} step {t}: norm {float(n)}")
+            seen.append(float(n.double()))
+            want = zclip_state_f64(clipper._config, seen, clipper._state.numel() - 4)
+            expect(same_f64(clipper._state.tolist(), want), f"{tag} ZClip {dtype} step {t}: state "
+                   f"{clipper._state.tolist()} vs the float64 rule {want}")
+        expect(float(clipper.skipped_steps) == 1.0, f"{tag} ZClip {dtype}: {float(clipper.skipped_steps)} skipped")
 
 
 def amp(device, backend, tag):
@@ -188,8 +245,11 @@ def amp(device, backend, tag):
 
 def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+    only = sys.argv[2] if len(sys.argv) > 2 else None  # one backend per sanitizer run (scripts/gpu_check.sh)
     variants = []
     for backend in fusedclip.available_backends(device):
+        if only is not None and backend != only:
+            continue
         if backend == "native":
             variants.append(("native", None))
         elif backend == "triton":
