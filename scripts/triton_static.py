@@ -33,6 +33,8 @@ TARGET = GPUTarget("cuda", 90, 32)  # H100/H200
 # 128-bit global loads: four 32-bit or two 64-bit lanes (any cache or eviction qualifiers before the vector)
 V128_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
 ANY_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*\b")
+# barriers of a program in the PTX: a layout conversion through shared memory costs some on every block
+BAR_SYNC = re.compile(r"\b(?:bar|barrier)\.sync\b")
 
 
 def record_launches(call):
@@ -169,6 +171,7 @@ def report():
                    v128_data_loads=sum(".cg" not in x for x in loads), expected_v128_data_loads=expected,
                    global_loads=len(ANY_LOAD.findall(ptx)), f64_fma=ptx.count("fma.rn.f64"),
                    barrier_before_atomic=barrier_before_first_atomic(compiled.asm["ttir"]),
+                   bar_syncs=len(BAR_SYNC.findall(ptx)),
                    compile_s=round(time.time() - t, 1))
         if kernel is tb._one_launch_kernel or (kernel is tz._zclip_kernel and constexprs["ONE_LAUNCH"]):
             row["resident_per_sm"] = tb.resident_per_sm(regs, compiled.metadata.shared)
