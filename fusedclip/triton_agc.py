@@ -9,6 +9,13 @@ tile and stored (rows left alone are never written). A larger unit is one item: 
 then, when clipped, a second pass that re-reads it (from L2 on a GPU) and scales it. Programs take items i,
 i + programs, ...; nothing depends on another item, so there is no barrier and any number of programs gives the
 same bits.
+
+Known limits (compiled for sm_90; tests/test_triton_static.py asserts them, issue 25 defect 10): no 128-bit
+loads or stores. The addresses are cast from the table's int64s with no alignment hint and a row starts at any
+multiple of its length, so the compiler cannot prove 16-byte alignment; a vectorized path would need a variant
+for aligned pointers and lengths divisible by 16 bytes, with tl.multiple_of on the pointer additions (as
+triton_backend._typed_ptr does). 168 registers a thread with Triton 3.6 (96 with 3.8): 2 programs of 4 warps
+per SM fit with 3.6, against 4 launched per SM (the rest wait for a slot).
 """
 import math
 from typing import List

@@ -25,6 +25,13 @@ unscale, which multiplies every element by inv_scale before it counts, keeps a p
 Under TRITON_INTERPRET=1 (set before importing fusedclip) the kernels run in Triton's interpreter on CPU
 tensors; the one-launch kernel then runs with a single program, since the interpreter runs programs one
 after another and a barrier across several would never open.
+
+Known low-occupancy variants (compiled for sm_90; tests/test_triton_static.py asserts these numbers, issue 25
+defect 10): one launch with inf norm + AMP + per-tensor norms spills at ONE_LAUNCH_MAXNREG with Triton 3.6 and
+takes the free variant (168 registers, 24 bytes of stack): 1 program per SM, 16 KB in flight, so every Triton
+unscale_clip_ with Triton 3.6 runs at about half the two-launch variant's bandwidth (3.8: 128 registers, no
+spill, 2 per SM). fp64 accumulation (any fp64 gradient: rare) takes 246 registers with 3.6, 168 with 3.8: 1
+program per SM. Triton AGC (triton_agc.py) has no 128-bit loads (see there).
 """
 import math
 import os

@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from fusedclip import triton_agc as ta
 from fusedclip import triton_backend as tb
 from fusedclip import triton_zclip as tz
 
@@ -146,6 +147,16 @@ def variants():
                                                       launch="one"), 2, low)
     _, zfinish = record_launches(lambda: tz.zclip(_grads(MIXED), state, config, launch="two"))
     out["zclip finish fp32-acc"] = zfinish + (low,)
+    # AGC (fusedclip/triton_agc.py): its addresses are cast from the table's int64s with no alignment hint
+    # and its rows start at any multiple of their length, so no 128-bit loads are expected (issue 25, defect 10)
+    saved = tb._sm_count
+    tb._sm_count = lambda device: 132
+    try:
+        (agc,) = record_launches(lambda: ta.agc([w.clone() for w in _grads([torch.float32] * 4, 1)],
+                                                _grads([torch.float32] * 4, 2), 0.01, 1e-3, 2.0))
+    finally:
+        tb._sm_count = saved
+    out["agc L2 fp32"] = agc + (0,)
     return out
 
 

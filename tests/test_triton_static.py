@@ -93,6 +93,19 @@ def _check(rows, version):
     # 128 registers before, 80 after)
     finish = by_name["finish L2 fp32-acc"]
     assert finish["bar_syncs"] <= 4 and finish["registers"] <= 100, finish
+    # issue 25, defect 10: the low-occupancy variants as documented (fusedclip/triton_backend.py and
+    # triton_agc.py docstrings); a change either way shows here and the documentation follows it
+    amp, wide, agc = (by_name[n] for n in ("one-launch inf fp32-acc AMP per-tensor", "one-launch L2 fp64-acc",
+                                          "agc L2 fp32"))
+    if version.startswith("3.6"):
+        assert amp["maxnreg"] is None and amp["one_launch_per_sm"] == 1, amp  # the free variant: 1 per SM
+        assert wide["registers"] <= 246 and wide["one_launch_per_sm"] == 1, wide
+        assert agc["registers"] <= 168, agc
+    else:
+        assert amp["one_launch_per_sm"] >= 2, amp
+        assert wide["registers"] <= 168 and wide["one_launch_per_sm"] >= 1, wide
+        assert agc["registers"] <= 96, agc
+    assert agc["v128_data_loads"] == 0 and agc["stack_bytes"] == 0, agc  # no 128-bit loads (no alignment hint)
 
 
 def test_kernels_compiled_for_sm90(triton36):
