@@ -153,6 +153,14 @@ do_build() {
   "$PY" setup.py build_ext --inplace
 }
 
+stop_precompile() {  # stop_precompile WHEN: the background compile, if it still runs (its workers end with it)
+  if [ -n "${PRECOMPILE_PID:-}" ] && kill -0 "$PRECOMPILE_PID" 2>/dev/null; then
+    kill "$PRECOMPILE_PID" 2>/dev/null
+    say "note: the background Triton compile was still running $1: stopped"
+  fi
+  PRECOMPILE_PID=
+}
+
 precompile() {  # the Triton variants the run launches, compiled into Triton's cache on the idle cores meanwhile
   "$PY" scripts/triton_precompile.py --jobs "${GPU_CHECK_PRECOMPILE_JOBS:-8}" >>"$OUT/build.log" 2>&1 &
   PRECOMPILE_PID=$!
@@ -310,6 +318,8 @@ fi
 
 for s in "${PLAN[@]}"; do
   read -r name cap _ log excerpt <<<"$s"
+  # the bench times launch-bound sets: no compiling beside it
+  [ "$name" = bench ] && stop_precompile "before the bench"
   step "$name" "$cap" "$log" "$excerpt"
   [ "$name" = build ] && precompile
   if [ "$name" = smoke ] && [ -f "$OUT/smoke.txt" ] \
@@ -322,9 +332,6 @@ for s in "${PLAN[@]}"; do
   fi
 done
 
-if [ -n "${PRECOMPILE_PID:-}" ] && kill -0 "$PRECOMPILE_PID" 2>/dev/null; then
-  kill "$PRECOMPILE_PID" 2>/dev/null  # its own child processes end with it (scripts/triton_precompile.py)
-  say "note: the background Triton compile was still running at the end: stopped"
-fi
+stop_precompile "at the end"
 say "total $(sec $(($(now_ms) - T0)))s: $NPASS passed, $NBAD not (deadline $(sec "$DEADLINE_MS")s); files in $OUT"
 [ $NBAD = 0 ]

@@ -472,3 +472,14 @@ def test_precompile_lists_the_variants_the_run_launches():
     fallbacks = [i for i, x in enumerate(lines) if x.startswith("_one_launch_kernel") and " fp32 " in x
                  and "maxnreg" not in x]
     assert firsts and fallbacks and max(firsts) < min(fallbacks)
+
+
+def test_background_compile_is_stopped_before_the_bench(tmp_path):
+    """The Triton variants compile in the background after the build; if that still runs when the bench starts
+    (which times launch-bound sets), it is stopped, and the summary says so."""
+    proc, summary = dry_run(tmp_path / "out", GPU_CHECK_STANDIN_SLEEP_NONE=30)  # the background stand-in's step
+    assert proc.returncode == 0, summary
+    lines = summary.splitlines()
+    stop = lines.index("note: the background Triton compile was still running before the bench: stopped")
+    assert lines[stop + 1].startswith("bench ")  # right before the bench's row
+    assert "still running at the end" not in summary
