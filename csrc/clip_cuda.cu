@@ -246,18 +246,29 @@ int coresident_blocks(const void* kernel, int device) {
   return it->second * sm_count(device);
 }
 
+constexpr const char* kNonDenseUnderCapture =
+    "fusedclip: a gradient is not dense in memory (a strided view), so it cannot be clipped inside a CUDA graph: "
+    "each call works on a new dense copy of it. Make the gradients dense before the capture (e.g. p.grad = "
+    "p.grad.contiguous()), or clip outside the graph";
+
+// A non-dense gradient is processed through a fresh dense copy at a new address on every call, so no table (nor
+// graph) could ever be reused for it: refused under a capture before build_table makes the copies (they would
+// be captured into the graph ahead of the error; issue 25, defect 11).
+void refuse_copies_under_capture(at::TensorList tensors) {
+  bool copies = false;
+  for (const at::Tensor& t : tensors)
+    copies |= t.defined() && t.layout() == at::kStrided && t.numel() > 0 && !t.is_non_overlapping_and_dense();
+  if (!copies || !tensors[0].is_cuda()) return;
+  TORCH_CHECK(!is_capturing(c10::cuda::getCurrentCUDAStream(tensors[0].device().index())), kNonDenseUnderCapture);
+}
+
 // Device copies of tables (csrc/device_table_cache.h): an entry a graph has used is never freed, and a table
 // used from another stream before its copy is known to be done is waited for.
 at::Tensor device_table(const GradTable& g, const c10::cuda::CUDAStream& stream) {
   static CudaTables ops;
   static DeviceTableCache<CudaTables> cache(16);
   const bool capturing = is_capturing(stream);
-  // A non-dense gradient is processed through a fresh dense copy at a new address on every call, so no
-  // table (nor graph) could ever be reused for it.
-  TORCH_CHECK(!capturing || g.copies.empty(),
-              "fusedclip: a gradient is not dense in memory (a strided view), so it cannot be clipped inside a "
-              "CUDA graph: each call works on a new dense copy of it. Make the gradients dense before the "
-              "capture (e.g. p.grad = p.grad.contiguous()), or clip outside the graph");
+  TORCH_CHECK(!capturing || g.copies.empty(), kNonDenseUnderCapture);  // (refused before the copies already)
   std::optional<at::Tensor> table = cache.get(ops, g.device.index(), g.table, stream, capturing);
   TORCH_CHECK(table.has_value(),
               "fusedclip: these gradients were not seen before the CUDA graph capture began; call clip_ on "
@@ -334,6 +345,7 @@ at::Tensor norm_and_maybe_clip_cuda(const GradTable& g, double max_norm, double 
 namespace {
 
 at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor) {
+  refuse_copies_under_capture(tensors);
   const GradTable g = build_table(tensors, "total_norm", Access::kReads);
   return norm_and_maybe_clip_cuda(g, 0.0, norm_type, false, g.acc_dtype(), ClipExtras{per_tensor, {}, {}});
 }
@@ -341,6 +353,7 @@ at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, const std::
 at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type,
                      const std::optional<at::Tensor>& per_tensor, const std::optional<at::Tensor>& inv_scale,
                      const std::optional<at::Tensor>& found_inf) {
+  refuse_copies_under_capture(grads);
   const GradTable g = build_table(grads, "clip_", Access::kWrites);
   return norm_and_maybe_clip_cuda(g, max_norm, norm_type, true, g.result_dtype,
                                   ClipExtras{per_tensor, inv_scale, found_inf});
@@ -349,6 +362,7 @@ at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type,
 at::Tensor zclip_cuda(at::TensorList grads, at::Tensor& state, at::ArrayRef<double> config,
                       const std::optional<at::Tensor>& norm, const std::optional<at::Tensor>& inv_scale,
                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& coef_out) {
+  refuse_copies_under_capture(grads);
   const GradTable g = build_table(grads, "ZClip.step", Access::kWrites);
   const ZClipExtras z = zclip_extras(g, state, config, norm, inv_scale.has_value(), coef_out);
   ClipExtras x{std::nullopt, inv_scale, found_inf};
@@ -357,6 +371,7 @@ at::Tensor zclip_cuda(at::TensorList grads, at::Tensor& state, at::ArrayRef<doub
 }
 
 void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
+  refuse_copies_under_capture(grads);
   const GradTable g = build_table(grads, "clip_grads_with_norm_", Access::kWrites);
   TORCH_CHECK_VALUE(total_norm.device() == g.device && total_norm.numel() == 1,
                     "fusedclip.clip_grads_with_norm_: total_norm must be a one-element tensor on ", g.device);
@@ -375,6 +390,7 @@ void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_n
 }
 
 void clamp_cuda(at::TensorList grads, double clip_value) {
+  refuse_copies_under_capture(grads);
   const GradTable g = build_table(grads, "clip_value_", Access::kWrites);
   if (!g.n_chunks) return;
   Launch l(g);

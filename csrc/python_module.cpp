@@ -154,6 +154,9 @@ PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyO
     const at::Tensor& t = of_grads ? item.grad() : item;
     if (of_grads && !t.defined()) continue;
     if (!t.defined() || !plain_tensor(t)) Py_RETURN_NONE;
+    // a non-dense CUDA gradient (a dense copy each call): the op path, which refuses it under a CUDA-graph
+    // capture before making the copy (csrc/clip_cuda.cu refuse_copies_under_capture)
+    if (t.is_cuda() && t.numel() > 0 && !t.is_non_overlapping_and_dense()) Py_RETURN_NONE;
     tensors.push_back(t);
     storages.push_back(t.storage());  // the memory the table will point at (built below, the GIL still held)
   }

@@ -34,3 +34,17 @@ def test_both_caches_use_the_shared_policy(source):
     assert re.search(r"static DeviceTableCache<CudaTables> cache\(\d+\);", text)
     assert "cache.get(ops, " in text
     assert "pop_back" not in text and "std::list<" not in text  # no second, private cache
+
+
+def test_non_dense_gradients_refused_under_capture_before_their_copies():
+    """Every CUDA op that builds a gradient table first refuses non-dense gradients under a CUDA-graph capture,
+    before build_table makes their dense copies (which a capture would record ahead of the error: issue 25,
+    defect 11); the fast path leaves non-dense CUDA gradients to the ops."""
+    csrc = ROOT / "csrc"
+    src = (csrc / "clip_cuda.cu").read_text()
+    builds = re.findall(r"\n(.*)\n  const GradTable g = build_table\((\w+), \"([\w.]+)\"", src)
+    assert len(builds) == 5, builds
+    for before, arg, op in builds:
+        assert before.strip() == f"refuse_copies_under_capture({arg});", op
+    fast = (csrc / "python_module.cpp").read_text()
+    assert "if (t.is_cuda() && t.numel() > 0 && !t.is_non_overlapping_and_dense()) Py_RETURN_NONE;" in fast
