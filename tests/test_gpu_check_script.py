@@ -483,3 +483,23 @@ def test_background_compile_is_stopped_before_the_bench(tmp_path):
     stop = lines.index("note: the background Triton compile was still running before the bench: stopped")
     assert lines[stop + 1].startswith("bench ")  # right before the bench's row
     assert "still running at the end" not in summary
+
+
+def test_sanitizer_workload_runs_every_kernel_first_and_stops_in_time(monkeypatch):
+    """A short sanitizer run (20-40 s under memcheck on the GPU) still reaches every kernel: each once first
+    (clip_, scale, clamp, AMP, AGC, ZClip), the exhaustive cases last; a part that would start past the deadline
+    is skipped and listed, so the sanitizer ends, and prints its summary, inside its limit."""
+    script = load_script("sanitize_clip")
+    ran = []
+    for name in ("clip_sets", "scale", "clamp", "amp", "agc", "zclip", "total_norm", "per_tensor"):
+        monkeypatch.setattr(script, name, lambda *a, _n=name: ran.append(_n if _n != "clip_sets" else
+                                                                           f"clip_sets first={a[3]}"))
+    script.run("cpu", "native", "native")
+    assert ran == ["clip_sets first=True", "scale", "clamp", "amp", "agc", "zclip", "total_norm", "per_tensor",
+                   "clip_sets first=False"]
+    ran.clear()
+    clock = iter(range(100))
+    monkeypatch.setattr(script.time, "monotonic", lambda: next(clock))
+    script.run("cpu", "native", "native", deadline=1.5)  # two parts start in time
+    assert ran == ["clip_sets first=True", "scale"]
+    assert len(script.SKIPPED) == 7 and script.SKIPPED[0] == "native clip_value_"
