@@ -17,6 +17,7 @@
 #include <mutex>
 
 #include "agc_table.h"
+#include "device_table_cuda.h"
 #include "grad_table.h"
 
 namespace fusedclip {
@@ -253,36 +254,22 @@ __global__ void __launch_bounds__(kAgcThreads, kAgcMinBlocksPerSm<K>)
   }
 }
 
-// Device copies of tables, by content: the same parameters step after step cost no host-to-device copy.
+// Device copies of tables (csrc/device_table_cache.h, as the clip's): the same parameters step after step
+// cost no host-to-device copy, an entry a captured graph has used is never freed, and a table used from
+// another stream before its copy is known to be done is waited for.
 at::Tensor device_agc_table(const AgcTable& a, const c10::cuda::CUDAStream& stream) {
-  struct Entry {
-    int device;
-    std::vector<int64_t> key;
-    at::Tensor table;
-  };
-  static std::mutex mu;
-  static std::list<Entry> cache;  // most recently used first
-  constexpr size_t kMax = 8;
-  cudaStreamCaptureStatus capture;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
-  const int device = a.device.index();
-  std::lock_guard<std::mutex> lock(mu);
-  for (auto it = cache.begin(); it != cache.end(); ++it) {
-    if (it->device != device || it->key != a.table) continue;
-    cache.splice(cache.begin(), cache, it);
-    return cache.front().table;
-  }
-  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+  static CudaTables ops;
+  static DeviceTableCache<CudaTables> cache(8);
+  const bool capturing = is_capturing(stream);
+  TORCH_CHECK(!capturing || (a.g_copies.empty() && a.w_copies.empty()),
+              "fusedclip.clip_agc_: a weight or gradient is not dense in memory (a strided view), so it cannot be "
+              "clipped inside a CUDA graph: each call works on a new dense copy of it. Make them dense before "
+              "the capture, or clip outside the graph");
+  std::optional<at::Tensor> table = cache.get(ops, a.device.index(), a.table, stream, capturing);
+  TORCH_CHECK(table.has_value(),
               "fusedclip.clip_agc_: these parameters were not seen before the CUDA graph capture began; call "
               "clip_agc_ on them once outside the capture first");
-  const int64_t size = static_cast<int64_t>(a.table.size());
-  at::Tensor host = at::empty({size}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(a.table.begin(), a.table.end(), host.data_ptr<int64_t>());
-  at::Tensor table = at::empty({size}, at::TensorOptions().dtype(at::kLong).device(a.device));
-  table.copy_(host, /*non_blocking=*/true);
-  cache.push_front(Entry{device, a.table, table});
-  if (cache.size() > kMax) cache.pop_back();  // (no graph keeps an entry: captures need a cached table,
-  return table;                               //  and a table evicted later is freed stream-ordered)
+  return *table;
 }
 
 void agc_cuda(at::TensorList weights, at::TensorList grads, double clip_factor, double eps, double norm_type) {

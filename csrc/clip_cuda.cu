@@ -24,6 +24,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "device_table_cuda.h"
 #include "grad_table.h"
 
 namespace cg = cooperative_groups;
@@ -245,65 +246,40 @@ int coresident_blocks(const void* kernel, int device) {
   if (it == per_sm.end()) {
     int blocks = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
-    TORCH_CHECK(blocks > 0, "fusedclip: the fused kernel cannot be resident on this GPU");
+    TORCH_CHECK(blocks > 0, "fusedclip: a kernel cannot be resident on this GPU (its registers or shared memory)");
     it = per_sm.emplace(std::make_pair(kernel, device), blocks).first;
   }
   return it->second * sm_count(device);
 }
 
-// Device copies of tables, keyed by their content (pointers, sizes, dtypes),
-// so that the same gradients step after step cost no host-to-device copy, and
-// a CUDA graph captured after a warm-up call contains no copy at all. An entry
-// a graph has used is never freed (the graph keeps reading it).
-struct CachedTable {
-  int device;
-  std::vector<int64_t> key;
-  at::Tensor table;
-  cudaStream_t alloc_stream;
-  bool used_by_graph;
-};
-constexpr size_t kMaxCachedTables = 16;
+constexpr const char* kNonDenseUnderCapture =
+    "fusedclip: a gradient is not dense in memory (a strided view), so it cannot be clipped inside a CUDA graph: "
+    "each call works on a new dense copy of it. Make the gradients dense before the capture (e.g. p.grad = "
+    "p.grad.contiguous()), or clip outside the graph";
 
+// A non-dense gradient is processed through a fresh dense copy at a new address on every call, so no table (nor
+// graph) could ever be reused for it: refused under a capture before build_table makes the copies (they would
+// be captured into the graph ahead of the error; issue 25, defect 11).
+void refuse_copies_under_capture(at::TensorList tensors) {
+  bool copies = false;
+  for (const at::Tensor& t : tensors)
+    copies |= t.defined() && t.layout() == at::kStrided && t.numel() > 0 && !t.is_non_overlapping_and_dense();
+  if (!copies || !tensors[0].is_cuda()) return;
+  TORCH_CHECK(!is_capturing(c10::cuda::getCurrentCUDAStream(tensors[0].device().index())), kNonDenseUnderCapture);
+}
+
+// Device copies of tables (csrc/device_table_cache.h): an entry a graph has used is never freed, and a table
+// used from another stream before its copy is known to be done is waited for.
 at::Tensor device_table(const GradTable& g, const c10::cuda::CUDAStream& stream) {
-  static std::mutex mu;
-  static std::list<CachedTable> cache;  // most recently used first
-  cudaStreamCaptureStatus capture;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
-  const bool capturing = capture != cudaStreamCaptureStatusNone;
-  const int device = g.device.index();
-  // A non-dense gradient is processed through a fresh dense copy at a new address on every call, so no
-  // table (nor graph) could ever be reused for it.
-  TORCH_CHECK(!capturing || g.copies.empty(),
-              "fusedclip: a gradient is not dense in memory (a strided view), so it cannot be clipped inside a "
-              "CUDA graph: each call works on a new dense copy of it. Make the gradients dense before the "
-              "capture (e.g. p.grad = p.grad.contiguous()), or clip outside the graph");
-
-  std::lock_guard<std::mutex> lock(mu);
-  for (auto it = cache.begin(); it != cache.end(); ++it) {
-    if (it->device != device || it->key != g.table) continue;
-    cache.splice(cache.begin(), cache, it);
-    CachedTable& e = cache.front();
-    e.used_by_graph |= capturing;
-    if (e.alloc_stream != stream.stream())
-      c10::cuda::CUDACachingAllocator::recordStream(e.table.storage().data_ptr(), stream);
-    return e.table;
-  }
-  TORCH_CHECK(!capturing,
+  static CudaTables ops;
+  static DeviceTableCache<CudaTables> cache(16);
+  const bool capturing = is_capturing(stream);
+  TORCH_CHECK(!capturing || g.copies.empty(), kNonDenseUnderCapture);  // (refused before the copies already)
+  std::optional<at::Tensor> table = cache.get(ops, g.device.index(), g.table, stream, capturing);
+  TORCH_CHECK(table.has_value(),
               "fusedclip: these gradients were not seen before the CUDA graph capture began; call clip_ on "
               "them once outside the capture (a warm-up step) so their table is on the GPU already");
-  at::Tensor host = at::empty({static_cast<int64_t>(g.table.size())},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(g.table.begin(), g.table.end(), host.data_ptr<int64_t>());
-  at::Tensor table = at::empty({static_cast<int64_t>(g.table.size())}, at::TensorOptions().dtype(at::kLong).device(g.device));
-  table.copy_(host, /*non_blocking=*/true);
-  cache.push_front(CachedTable{device, g.table, table, stream.stream(), false});
-  // Evict the least recently used entries that no graph depends on.
-  for (auto it = std::prev(cache.end()); cache.size() > kMaxCachedTables && it != cache.begin();) {
-    const auto older = it;
-    it = std::prev(it);
-    if (!older->used_by_graph) cache.erase(older);
-  }
-  return table;
+  return *table;
 }
 
 struct Launch {
@@ -313,8 +289,11 @@ struct Launch {
   explicit Launch(const GradTable& g)
       : guard(g.device), stream(c10::cuda::getCurrentCUDAStream(g.device.index())), table(device_table(g, stream)) {}
   at::TensorOptions options() const { return at::TensorOptions().device(table.device()); }
-  int grid(int64_t n_chunks) const {
-    return static_cast<int>(std::min<int64_t>(std::max<int64_t>(n_chunks, 1), 4LL * sm_count(table.device().index())));
+  // A grid-stride kernel's grid: one wave of the blocks that fit at once (the occupancy of this kernel), not a
+  // fixed 4 per SM (the scale and clamp kernels fit 3 of 512 threads per SM on sm_90: 4 made 1.33 waves).
+  int grid(int64_t n_chunks, const void* kernel) const {
+    return static_cast<int>(std::min<int64_t>(std::max<int64_t>(n_chunks, 1),
+                                              coresident_blocks(kernel, table.device().index())));
   }
 };
 
@@ -373,6 +352,7 @@ namespace {
 
 at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& per_tensor,
                            std::optional<at::ScalarType> out_dtype) {
+  refuse_copies_under_capture(tensors);
   const GradTable g = build_table(tensors, "total_norm", Access::kReads);
   return norm_and_maybe_clip_cuda(g, 0.0, norm_type, false, checked_norm_dtype(g, out_dtype),
                                   ClipExtras{per_tensor, {}, {}});
@@ -381,6 +361,7 @@ at::Tensor total_norm_cuda(at::TensorList tensors, double norm_type, const std::
 at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type,
                      const std::optional<at::Tensor>& per_tensor, const std::optional<at::Tensor>& inv_scale,
                      const std::optional<at::Tensor>& found_inf) {
+  refuse_copies_under_capture(grads);
   const GradTable g = build_table(grads, "clip_", Access::kWrites);
   return norm_and_maybe_clip_cuda(g, max_norm, norm_type, true, g.result_dtype,
                                   ClipExtras{per_tensor, inv_scale, found_inf});
@@ -389,6 +370,7 @@ at::Tensor clip_cuda(at::TensorList grads, double max_norm, double norm_type,
 at::Tensor zclip_cuda(at::TensorList grads, at::Tensor& state, at::ArrayRef<double> config,
                       const std::optional<at::Tensor>& norm, const std::optional<at::Tensor>& inv_scale,
                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& coef_out) {
+  refuse_copies_under_capture(grads);
   const GradTable g = build_table(grads, "ZClip.step", Access::kWrites);
   const ZClipExtras z = zclip_extras(g, state, config, norm, inv_scale.has_value(), coef_out);
   ClipExtras x{std::nullopt, inv_scale, found_inf};
@@ -397,6 +379,7 @@ at::Tensor zclip_cuda(at::TensorList grads, at::Tensor& state, at::ArrayRef<doub
 }
 
 void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_norm) {
+  refuse_copies_under_capture(grads);
   const GradTable g = build_table(grads, "clip_grads_with_norm_", Access::kWrites);
   TORCH_CHECK_VALUE(total_norm.device() == g.device && total_norm.numel() == 1,
                     "fusedclip.clip_grads_with_norm_: total_norm must be a one-element tensor on ", g.device);
@@ -406,7 +389,8 @@ void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_n
   const at::Tensor norm = total_norm.contiguous();
   dispatch_acc(g.any_double || total_norm.scalar_type() == at::kDouble, [&](auto acc_zero) {
     using acc_t = decltype(acc_zero);
-    scale_by_norm_kernel<acc_t><<<l.grid(g.n_chunks), kThreads, 0, l.stream.stream()>>>(
+    scale_by_norm_kernel<acc_t><<<l.grid(g.n_chunks, reinterpret_cast<const void*>(scale_by_norm_kernel<acc_t>)),
+                                  kThreads, 0, l.stream.stream()>>>(
         l.table.data_ptr<int64_t>(), g.n_tensors, norm.data_ptr(), norm_code, static_cast<acc_t>(max_norm));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -414,11 +398,12 @@ void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_n
 }
 
 void clamp_cuda(at::TensorList grads, double clip_value) {
+  refuse_copies_under_capture(grads);
   const GradTable g = build_table(grads, "clip_value_", Access::kWrites);
   if (!g.n_chunks) return;
   Launch l(g);
-  clamp_kernel<<<l.grid(g.n_chunks), kThreads, 0, l.stream.stream()>>>(l.table.data_ptr<int64_t>(), g.n_tensors,
-                                                                       clip_value);
+  clamp_kernel<<<l.grid(g.n_chunks, reinterpret_cast<const void*>(clamp_kernel)), kThreads, 0, l.stream.stream()>>>(
+      l.table.data_ptr<int64_t>(), g.n_tensors, clip_value);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   g.write_back();
 }

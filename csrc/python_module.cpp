@@ -154,6 +154,9 @@ PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyO
     const at::Tensor& t = of_grads ? item.grad() : item;
     if (of_grads && !t.defined()) continue;
     if (!t.defined() || !plain_tensor(t)) Py_RETURN_NONE;
+    // a non-dense CUDA gradient (a dense copy each call): the op path, which refuses it under a CUDA-graph
+    // capture before making the copy (csrc/clip_cuda.cu refuse_copies_under_capture)
+    if (t.is_cuda() && t.numel() > 0 && !t.is_non_overlapping_and_dense()) Py_RETURN_NONE;
     tensors.push_back(t);
     storages.push_back(t.storage());  // the memory the table will point at (built below, the GIL still held)
   }
@@ -162,7 +165,10 @@ PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyO
   std::optional<ZClipExtras> z;
   ClipExtras extras;
   try {
-    g = build_table(tensors, clip ? "clip_" : "total_norm", clip ? Access::kWrites : Access::kReads);
+    // ZClip's checks come after the table: it is built as read-only and marked as written once they pass, so
+    // a call declined here (the op path then runs and bumps the version counters itself) bumps them once,
+    // not twice (CUDA tables bump them when built as written: issue 25, defect 11).
+    g = build_table(tensors, clip ? "clip_" : "total_norm", clip && !zargs ? Access::kWrites : Access::kReads);
     if (zargs) {
       z = zclip_extras(g, *zstate, zconfig, std::nullopt, false);
       extras.found_inf = found_inf;
@@ -171,6 +177,14 @@ PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyO
     }
   } catch (const c10::Error&) {  // several devices, an integer tensor, a state elsewhere...: the op path explains
     Py_RETURN_NONE;
+  }
+  if (zargs && clip) {  // what Access::kWrites does in build_table
+    if (g.device.is_cpu()) {
+      g.to_bump.reserve(tensors.size());
+      for (const at::Tensor& t : tensors) g.to_bump.push_back(t.unsafeGetTensorImpl());
+    } else {
+      for (const at::Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+    }
   }
   const at::ScalarType out_dtype = zargs ? g.acc_dtype() : g.result_dtype;
   if (zstate) storages.push_back(zstate->storage());

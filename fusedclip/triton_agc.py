@@ -9,6 +9,13 @@ tile and stored (rows left alone are never written). A larger unit is one item: 
 then, when clipped, a second pass that re-reads it (from L2 on a GPU) and scales it. Programs take items i,
 i + programs, ...; nothing depends on another item, so there is no barrier and any number of programs gives the
 same bits.
+
+Known limits (compiled for sm_90; tests/test_triton_static.py asserts them, issue 25 defect 10): no 128-bit
+loads or stores. The addresses are cast from the table's int64s with no alignment hint and a row starts at any
+multiple of its length, so the compiler cannot prove 16-byte alignment; a vectorized path would need a variant
+for aligned pointers and lengths divisible by 16 bytes, with tl.multiple_of on the pointer additions (as
+triton_backend._typed_ptr does). 168 registers a thread with Triton 3.6 (96 with 3.8): 2 programs of 4 warps
+per SM fit with 3.6, against 4 launched per SM (the rest wait for a slot).
 """
 import math
 from typing import List
@@ -190,9 +197,20 @@ def _launch_group(weights, grads, clip_factor, eps, norm_type, acc):
     del keep
 
 
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def agc(weights, grads, clip_factor, eps, norm_type):
     """fusedclip.clip_agc_ on one device's pairs (same shapes and dtypes, none empty; norm_type not 0): one launch
     for the fp32-accumulated pairs, one for the fp64 ones."""
+    if grads and _capturing(grads[0].device):
+        # The table is built on the host and copied on every call (not cached on the device as the native
+        # backend's is): a capture would record a copy from a host buffer freed after the call (CUDA's own error
+        # at best, stale pointers at replay at worst). Refused before anything is done.
+        raise RuntimeError("fusedclip.clip_agc_: backend='triton' cannot be captured in a CUDA graph (its table "
+                           "is copied from the host on every call); use backend='native' inside the graph, or "
+                           "clip outside it")
     tb._norm_kind(norm_type)  # raises on NaN and 0 before anything is written
     if math.isnan(clip_factor) or math.isnan(eps):
         raise ValueError("fusedclip.clip_agc_: clip_factor and eps must not be NaN")

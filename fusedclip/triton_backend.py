@@ -25,6 +25,13 @@ unscale, which multiplies every element by inv_scale before it counts, keeps a p
 Under TRITON_INTERPRET=1 (set before importing fusedclip) the kernels run in Triton's interpreter on CPU
 tensors; the one-launch kernel then runs with a single program, since the interpreter runs programs one
 after another and a barrier across several would never open.
+
+Known low-occupancy variants (compiled for sm_90; tests/test_triton_static.py asserts these numbers, issue 25
+defect 10): one launch with inf norm + AMP + per-tensor norms spills at ONE_LAUNCH_MAXNREG with Triton 3.6 and
+takes the free variant (168 registers, 24 bytes of stack): 1 program per SM, 16 KB in flight, so every Triton
+unscale_clip_ with Triton 3.6 runs at about half the two-launch variant's bandwidth (3.8: 128 registers, no
+spill, 2 per SM). fp64 accumulation (any fp64 gradient: rare) takes 246 registers with 3.6, 168 with 3.8: 1
+program per SM. Triton AGC (triton_agc.py) has no 128-bit loads (see there).
 """
 import math
 import os
@@ -187,7 +194,8 @@ def _norm_step(acc, nf, x, pw, mul, NORM: tl.constexpr, ACC: tl.constexpr, AMP: 
 
 @triton.jit
 def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NORM: tl.constexpr,
-                ACC: tl.constexpr, AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr):
+                ACC: tl.constexpr, AMP: tl.constexpr, BLOCK: tl.constexpr, EXACT_POW: tl.constexpr,
+                ALIGNED: tl.constexpr):
     """One chunk at typed pointer p, `length` elements: its norm partial (OP_NORM), or scale it in place by coef
     (OP_SCALE), or clamp it to [-c, c] (OP_CLAMP). Full blocks load unmasked (vector loads when p is aligned);
     the tail block, if any, is masked. Returns (partial, nonfinite); the identity and 0 for the in-place ops.
@@ -235,20 +243,42 @@ def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NO
         if AMP:
             nonfinite = tl.sum(nf, 0)
     elif OP == 1:
-        for i in range(0, n_pairs):
-            p0 = p + (2 * i * BLOCK + lane)
-            p1 = p + ((2 * i + 1) * BLOCK + lane)
-            x0 = tl.load(p0)
-            x1 = tl.load(p1)
-            _store_as(p0, x0.to(ACC) * coef, None, T)
-            _store_as(p1, x1.to(ACC) * coef, None, T)
-        for i in range(2 * n_pairs, n_full):
-            ptrs = p + (i * BLOCK + lane)
-            _store_as(ptrs, tl.load(ptrs).to(ACC) * coef, None, T)
-        if tail < length:
-            idx = tail + lane
-            m = idx < length
-            _store_as(p + idx, tl.load(p + idx, mask=m, other=0.0).to(ACC) * coef, m, T)
+        if ALIGNED:
+            # [BLOCK // W, W] tiles, W elements = 16 bytes a row, in the same element order as `lane`: the load
+            # and the store share one layout (16 bytes a thread). With a 1-D block the fp32 load took the 16-bit
+            # branches' 8-wide layout (through the shared `lane`) and the store a 4-wide one, converted through
+            # shared memory on every block (issue 25, defect 4).
+            W: tl.constexpr = 128 // T.primitive_bitwidth
+            tile = tl.arange(0, BLOCK // W)[:, None] * W + tl.arange(0, W)[None, :]
+            for i in range(0, n_pairs):
+                p0 = p + (2 * i * BLOCK + tile)
+                p1 = p + ((2 * i + 1) * BLOCK + tile)
+                x0 = tl.load(p0)
+                x1 = tl.load(p1)
+                _store_as(p0, x0.to(ACC) * coef, None, T)
+                _store_as(p1, x1.to(ACC) * coef, None, T)
+            for i in range(2 * n_pairs, n_full):
+                ptrs = p + (i * BLOCK + tile)
+                _store_as(ptrs, tl.load(ptrs).to(ACC) * coef, None, T)
+            if tail < length:
+                idx = tail + tile
+                m = idx < length
+                _store_as(p + idx, tl.load(p + idx, mask=m, other=0.0).to(ACC) * coef, m, T)
+        else:
+            # Not 16-byte aligned (a view at an odd offset): a store takes no more elements a thread than the
+            # alignment allows (one) while a load takes what is contiguous, so a [n, 1] tile, one element a
+            # thread on both sides (no conversion), a quarter block at a time (a whole block of scalar accesses
+            # in flight took 250 registers).
+            SUB: tl.constexpr = BLOCK // 4
+            sub = tl.arange(0, SUB)[:, None]
+            n_sub = length // SUB
+            for i in range(0, n_sub):
+                ptrs = p + (i * SUB + sub)
+                _store_as(ptrs, tl.load(ptrs).to(ACC) * coef, None, T)
+            if n_sub * SUB < length:
+                idx = n_sub * SUB + sub
+                m = idx < length
+                _store_as(p + idx, tl.load(p + idx, mask=m, other=0.0).to(ACC) * coef, m, T)
     else:
         # in fp32 (fp64 for fp64 tensors)
         if T == tl.float64:
@@ -292,10 +322,10 @@ def _chunk_typed(addr, start, aligned, length, pw, mul, coef, clamp32, clamp64, 
     be (so that full blocks are 128-bit loads and stores)."""
     if aligned:
         r, nonfinite = _chunk_work(_typed_ptr(addr, start, T, True), length, pw, mul, coef, clamp32, clamp64, OP,
-                                   NORM, ACC, AMP, BLOCK, EXACT_POW)
+                                   NORM, ACC, AMP, BLOCK, EXACT_POW, True)
     else:
         r, nonfinite = _chunk_work(_typed_ptr(addr, start, T, False), length, pw, mul, coef, clamp32, clamp64, OP,
-                                   NORM, ACC, AMP, BLOCK, EXACT_POW)
+                                   NORM, ACC, AMP, BLOCK, EXACT_POW, False)
     return r, nonfinite
 
 

@@ -7,13 +7,22 @@
 #                                             nvcc, compute-sanitizer and python are stand-ins that print what
 #                                             they were asked and sleep / fail as told (tests/test_gpu_check_script.py)
 #
-# Steps, most informative first: header, build, info, smoke, bench, gpu-checks, triton-check, pytest,
-# sanitizer-{memcheck,racecheck,synccheck}. Each step's limit is its cap clipped to the time left before the
-# deadline (minus the kill grace, so even a step that ignores SIGTERM ends by the deadline); a step with less
+# Steps (PLAN below): header, build (then the Triton variants compile in the background on the idle cores),
+# info, smoke, sanitizer-memcheck, gpu-checks, triton-check, bench, pytest, sanitizer-{racecheck,synccheck}: what
+# only a GPU can tell and what has never run first. Each step's limit is its cap clipped to the time left before
+# the deadline (minus the kill grace, so even a step that ignores SIGTERM ends by the deadline); a step with less
 # than GPU_CHECK_MIN_STEP seconds left is SKIPPED. Each step's row is appended to summary.txt the moment the
-# step ends, so a run killed at any point still reports every step before it.
+# step ends, so a run killed at any point still reports every step before it. A step killed at its limit says
+# where (from the Python traceback its scripts dump before their limit): "killed compiling" when that was a
+# compiler, so compile time is not mistaken for a hang.
 #
-# Knobs (environment): GPU_CHECK_DEADLINE (s, default 540), GPU_CHECK_MIN_STEP (s, 20), GPU_CHECK_GRACE (s, 5),
+# What the run is to confirm or refute (from the compiled kernels; the bench's JSON holds its targets too,
+# fusedclip/bench/targets.py): native fused no-clip 85-100% of copy bandwidth; clip on sets larger than L2 moves
+# 3N bytes as torch's does, so hold it to >= 90% of the 3N floor and never slower than torch (not 1.4x torch);
+# clip_into_ (N bytes) and the zero-pass clip are the rows that beat torch by 3x; Triton one-launch is limited
+# by 32 KB in flight per SM (expect 50-70% of copy), the two-launch variant 75-88%.
+#
+# Knobs (environment): GPU_CHECK_DEADLINE (s, default 540), GPU_CHECK_MIN_STEP (s, 10), GPU_CHECK_GRACE (s, 5),
 # GPU_CHECK_CAP_SCALE (1: multiplies every step's cap; the tests shrink them), PYTHON (python3). Dry run only:
 # GPU_CHECK_STANDIN_{SLEEP,RC,SAY}_<STEP> (STEP upper-cased, '-' -> '_'): what the stand-ins do in that step.
 #
@@ -47,7 +56,7 @@ now_ms() {  # bash 5's EPOCHREALTIME costs no fork; GNU date otherwise
 }
 
 DEADLINE_MS=$(to_ms "${GPU_CHECK_DEADLINE:-540}")
-MIN_STEP_MS=$(to_ms "${GPU_CHECK_MIN_STEP:-20}")
+MIN_STEP_MS=$(to_ms "${GPU_CHECK_MIN_STEP:-10}")
 GRACE_MS=$(to_ms "${GPU_CHECK_GRACE:-5}")
 CAP_SCALE=${GPU_CHECK_CAP_SCALE:-1}
 cap_ms() { awk -v c="$1" -v k="$CAP_SCALE" 'BEGIN { printf "%d", c * k * 1000 }'; }
@@ -92,19 +101,27 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1  # offline machine: never 
 BENCH_PROVIDERS=all
 export BENCH_PROVIDERS
 
-# ---- the steps: NAME CAP_S LOG EXCERPT (lines of the step's output copied into the summary) ------------------
+# ---- the steps: NAME CAP_S EXPECT_S LOG EXCERPT (lines of the step's output copied into the summary) ----------
+# In order of what only a GPU can tell and what has never run: the smoke step, a short memcheck of every kernel
+# (native, then Triton: one sanitizer run per backend, AGC and ZClip included), the checks that need a GPU
+# (CUDA-graph replay, two streams, ZClip, AGC, torch.compile first), the Triton check, the benchmark (its JSON
+# rewritten after every set), parity and the GPU tests (one line per result as it happens), racecheck and
+# synccheck last. EXPECT_S: the time each step is expected to take on an H200 (the top of the range measured or
+# estimated: build 80-130 s, smoke 50-80, bench 85-100; the budget-driven steps use their whole cap). The
+# plan must fit: the expected times plus the kill grace within the deadline (checked below, and by the dry run
+# in CI, tests/test_gpu_check_script.py, with stand-ins that take exactly that long).
 PLAN=(
-  "header 30 summary.txt -"
-  "build 180 build.log -"
-  "info 30 summary.txt -"
-  "smoke 150 smoke.txt ^smoke"
-  "bench 100 bench.txt ^wrote|CHECK FAILED|^fusedclip bench"
-  "gpu-checks 90 checks.txt ^[a-z]+ +[a-z_0-9]+ +(PASS|FAIL|SKIPPED)|^gpu_checks:"
-  "triton-check 75 checks.txt ^section |^one-launch kernel:|^triton_gpu_check:"
-  "pytest 120 tests.txt ^(FAILED|ERROR) |[0-9]+ (passed|failed|errors?)"
-  "sanitizer-memcheck 90 tests.txt ERROR SUMMARY|^sanitize_clip:"
-  "sanitizer-racecheck 45 tests.txt ERROR SUMMARY|^sanitize_clip:"
-  "sanitizer-synccheck 45 tests.txt ERROR SUMMARY|^sanitize_clip:"
+  "header 15 5 summary.txt -"
+  "build 180 130 build.log -"
+  "info 15 5 summary.txt -"
+  "smoke 80 80 smoke.txt ^smoke"
+  "sanitizer-memcheck 40 40 tests.txt ERROR SUMMARY|^sanitize_clip:|^== sanitizer [a-z]+ "
+  "gpu-checks 55 55 checks.txt ^[a-z]+ +[a-z_0-9]+ +(PASS|FAIL|SKIPPED)|^gpu_checks:"
+  "triton-check 40 40 checks.txt ^section |^residency |^triton_gpu_check:"
+  "bench 100 100 bench.txt ^wrote|CHECK FAILED|^fusedclip bench"
+  "pytest 40 40 tests.txt (PASSED|FAILED|ERROR|SKIPPED|XFAIL)|[0-9]+ (passed|failed|errors?)"
+  "sanitizer-racecheck 20 20 tests.txt ERROR SUMMARY|^sanitize_clip:|^== sanitizer [a-z]+ "
+  "sanitizer-synccheck 20 20 tests.txt ERROR SUMMARY|^sanitize_clip:|^== sanitizer [a-z]+ "
 )
 
 do_header() {
@@ -136,6 +153,21 @@ do_build() {
   "$PY" setup.py build_ext --inplace
 }
 
+stop_precompile() {  # stop_precompile WHEN: the background compile, if it still runs (its workers end with it)
+  if [ -n "${PRECOMPILE_PID:-}" ] && kill -0 "$PRECOMPILE_PID" 2>/dev/null; then
+    kill "$PRECOMPILE_PID" 2>/dev/null
+    say "note: the background Triton compile was still running $1: stopped"
+  fi
+  PRECOMPILE_PID=
+}
+
+precompile() {  # the Triton variants the run launches, compiled into Triton's cache on the idle cores meanwhile
+  "$PY" scripts/triton_precompile.py --jobs "${GPU_CHECK_PRECOMPILE_JOBS:-8}" >>"$OUT/build.log" 2>&1 &
+  PRECOMPILE_PID=$!
+  say "note: Triton variants compiling in the background (pid $PRECOMPILE_PID, ${GPU_CHECK_PRECOMPILE_JOBS:-8} jobs;" \
+    "its lines in build.log)"
+}
+
 do_info() {
   "$PY" -m fusedclip info || return
   # info --kernels (registers, spills, blocks per SM of each kernel) is newer than some builds: optional
@@ -163,19 +195,38 @@ do_gpu_checks() { "$PY" scripts/gpu_checks.py --device cuda --budget "$STEP_LIMI
 
 do_triton_check() { "$PY" scripts/triton_gpu_check.py --budget "$STEP_LIMIT"; }
 
-do_pytest() {  # the GPU-only tests (CI runs the rest); faulthandler prints where a test hangs
-  "$PY" -m pytest -q -ra -m gpu -o faulthandler_timeout=40 -p no:cacheprovider tests
+do_pytest() {  # parity and the GPU-only tests (CI runs the rest): -v, one line per result as it happens (a killed
+  # run keeps the names of the tests that failed); faulthandler prints where a test hangs
+  "$PY" -m pytest -v -ra -m gpu -o faulthandler_timeout=30 -o console_output_style=classic -p no:cacheprovider tests
 }
 
-sanitize() {  # memcheck needs torch's caching allocator off to see each tensor's own bounds
+sanitize() {  # sanitize TOOL: one sanitizer run per backend (a Triton hang loses nothing of the native run), each
+  # within its share of the step's limit (native half, Triton the rest), AGC and ZClip included (sanitize_clip.py);
+  # the Triton run under racecheck and synccheck with the two-launch variant (no grid barrier spinning under it)
   [ -n "$SANITIZER" ] || { echo "compute-sanitizer not found"; return 3; }
-  "$SANITIZER" --tool "$1" --error-exitcode 9 --print-limit 20 "$PY" scripts/sanitize_clip.py cuda
+  local tool=$1 rc=0 backend share left margin t0 r launch
+  t0=$(now_ms)
+  for backend in native triton; do
+    left=$((STEP_LIMIT_MS - ($(now_ms) - t0)))
+    margin=$((left / 10 < 1000 ? left / 10 : 1000))  # the lines below print before the step's own limit
+    if [ $backend = native ]; then share=$((left / 2)); else share=$((left - margin)); fi
+    if ((share < MIN_STEP_MS / 2)); then echo "== sanitizer $tool $backend: SKIPPED ($(sec "$left")s left)"; rc=3; continue; fi
+    echo "== sanitizer $tool $backend: limit $(sec "$share")s"
+    launch=${FUSEDCLIP_TRITON_LAUNCH:-}
+    [ "$tool" != memcheck ] && [ $backend = triton ] && launch=two
+    FUSEDCLIP_TRITON_LAUNCH=$launch STEP_LIMIT=$((share / 1000)) timeout --kill-after=1 "$(sec "$share")" \
+      "$SANITIZER" --tool "$tool" --error-exitcode 9 --print-limit 20 "$PY" scripts/sanitize_clip.py cuda "$backend"
+    r=$?
+    echo "== sanitizer $tool $backend: rc=$r$( ((r == 124 || r == 137)) && echo " (killed at its limit)")"
+    ((r != 0 && rc == 0)) && rc=$r
+  done
+  return $rc
 }
 do_sanitizer_memcheck() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize memcheck; }
 do_sanitizer_racecheck() { sanitize racecheck; }
 do_sanitizer_synccheck() { sanitize synccheck; }
 export -f do_header do_build do_info do_smoke do_bench do_gpu_checks do_triton_check do_pytest sanitize tool \
-  do_sanitizer_memcheck do_sanitizer_racecheck do_sanitizer_synccheck
+  do_sanitizer_memcheck do_sanitizer_racecheck do_sanitizer_synccheck now_ms sec
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 NPASS=0 NBAD=0
@@ -183,6 +234,21 @@ NPASS=0 NBAD=0
 row() {  # row NAME VERDICT ELAPSED_MS LIMIT_MS START_MS [EXTRA]: one line of the table, appended now
   say "$(printf '%-20s %-8s %7ss  limit %6ss  start %6ss%s' "$1" "$2" "$(sec "$3")" "$(sec "$4")" \
     "$(sec $(($5 - T0)))" "${6:+  $6}")"
+}
+
+killed_where() {  # killed_where LOG OFFSET: what a step killed at its limit was doing, from the last Python
+  # traceback in its part of the log (faulthandler's, most recent call first; the scripts dump one before their
+  # limit): "(killed compiling: <frame>)" when it was in a compiler (Triton's, torch.compile's, nvcc through
+  # the build), so compile time is not taken for a hang; "(killed in <frame>)" otherwise
+  local frame
+  frame=$(tail -c +$(($2 + 1)) "$1" | awk '/most recent call first/ { getline; f = $0 } END { print f }' |
+    sed -E 's/^ *File "([^"]*)", line ([0-9]+) in (.*)$/\1:\2 \3/')
+  [ -n "$frame" ] || return 0
+  if [[ $frame =~ triton/(compiler|backends|runtime/(jit|build))|torch/_inductor|torch/_dynamo|torch/utils/cpp_extension|triton_precompile ]]; then
+    echo "(killed compiling: $frame)"
+  else
+    echo "(killed in $frame)"
+  fi
 }
 
 step() {  # step NAME CAP_S LOG EXCERPT: run do_NAME within min(cap, time left), then its row
@@ -200,7 +266,7 @@ step() {  # step NAME CAP_S LOG EXCERPT: run do_NAME within min(cap, time left),
   size=$(stat -c %s "$log" 2>/dev/null || echo 0)
   [ "$log" = "$SUMMARY" ] || echo "== $name: limit $(sec "$limit")s" >>"$log"
   echo "-- $name (limit $(sec "$limit")s) ..."
-  GPU_CHECK_STEP=$name STEP_LIMIT=$((limit / 1000)) \
+  GPU_CHECK_STEP=$name STEP_LIMIT=$((limit / 1000)) STEP_LIMIT_MS=$limit MIN_STEP_MS=$MIN_STEP_MS \
     timeout --kill-after="$(sec "$GRACE_MS")" "$(sec "$limit")" bash -c "do_${name//-/_}" >>"$log" 2>&1
   rc=$?
   end=$(now_ms)
@@ -209,24 +275,35 @@ step() {  # step NAME CAP_S LOG EXCERPT: run do_NAME within min(cap, time left),
     124 | 137) verdict=TIMEOUT; NBAD=$((NBAD + 1)) ;;
     *) verdict=FAIL; NBAD=$((NBAD + 1)) ;;
   esac
-  [ "$log" = "$SUMMARY" ] || echo "== $name: $verdict (rc=$rc)" >>"$log"
-  row "$name" "$verdict" $((end - start)) "$limit" "$start" "$([ $verdict = FAIL ] && echo "rc=$rc")"
+  local why=""
+  [ $verdict = FAIL ] && why="rc=$rc"
+  [ $verdict = TIMEOUT ] && why=$(killed_where "$log" "$size")
+  [ "$log" = "$SUMMARY" ] || echo "== $name: $verdict (rc=$rc)${why:+ $why}" >>"$log"
+  row "$name" "$verdict" $((end - start)) "$limit" "$start" "$why"
   if [ "$excerpt" != - ]; then  # the step's own lines that say the most, from its part of a shared log
     tail -c +$((size + 1)) "$log" | grep -aE "$excerpt" | head -25 | sed 's/^/    > /' | tee -a "$SUMMARY"
   fi
 }
 
 # ---- the run --------------------------------------------------------------------------------------------------
-CAPS_MS=0
+CAPS_MS=0 EXPECT_MS=0
 say "plan: deadline $(sec "$DEADLINE_MS")s, a step needs $(sec "$MIN_STEP_MS")s left, kill grace $(sec "$GRACE_MS")s$(
   [ $DRY = 1 ] && echo ", DRY RUN with stand-ins")"
 for s in "${PLAN[@]}"; do
-  read -r name cap log _ <<<"$s"
+  read -r name cap expect log _ <<<"$s"
   CAPS_MS=$((CAPS_MS + $(cap_ms "$cap")))
-  say "$(printf '  %-20s cap %6ss  -> %s' "$name" "$(sec "$(cap_ms "$cap")")" "$log")"
+  EXPECT_MS=$((EXPECT_MS + $(cap_ms "$expect")))
+  say "$(printf '  %-20s cap %6ss  expect %6ss  ends by %6ss  -> %s' "$name" "$(sec "$(cap_ms "$cap")")" \
+    "$(sec "$(cap_ms "$expect")")" "$(sec "$EXPECT_MS")" "$log")"
 done
 say "  caps add up to $(sec "$CAPS_MS")s; each step's limit is its cap clipped to the time left (less the kill" \
   "grace), so the run ends by the deadline whatever hangs"
+if ((EXPECT_MS + GRACE_MS <= DEADLINE_MS)); then
+  say "  expected on an H200: $(sec "$EXPECT_MS")s + $(sec "$GRACE_MS")s grace <= $(sec "$DEADLINE_MS")s: every step" \
+    "runs, sanitizers included"
+else
+  say "  PLAN DOES NOT FIT: expected $(sec "$EXPECT_MS")s + $(sec "$GRACE_MS")s grace > $(sec "$DEADLINE_MS")s"
+fi
 say "rows: step verdict elapsed limit start(since script start)"
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}
@@ -240,8 +317,11 @@ if [ -z "$TORCH_CUDA_ARCH_LIST" ]; then  # build only for the card in hand
 fi
 
 for s in "${PLAN[@]}"; do
-  read -r name cap log excerpt <<<"$s"
+  read -r name cap _ log excerpt <<<"$s"
+  # the bench times launch-bound sets: no compiling beside it
+  [ "$name" = bench ] && stop_precompile "before the bench"
   step "$name" "$cap" "$log" "$excerpt"
+  [ "$name" = build ] && precompile
   if [ "$name" = smoke ] && [ -f "$OUT/smoke.txt" ] \
     && ! grep -qaE '^smoke triton-one-launch: (PASS|SKIP)' "$OUT/smoke.txt"; then
     # the one-launch Triton kernel did not pass its guarded first launch: do not let it hang what follows
@@ -252,5 +332,6 @@ for s in "${PLAN[@]}"; do
   fi
 done
 
+stop_precompile "at the end"
 say "total $(sec $(($(now_ms) - T0)))s: $NPASS passed, $NBAD not (deadline $(sec "$DEADLINE_MS")s); files in $OUT"
 [ $NBAD = 0 ]

@@ -187,29 +187,74 @@ def barrier_reset(check):
     check(all(v == 0 for v in ws.flatten().tolist()), f"barrier counters not reset: {ws.tolist()}")
 
 
+def residency_problems(launches, sms, **limits):
+    """Grid-barrier launches whose programs two calls at once could not all hold on the SMs: for each launch
+    (kernel name, programs, the compiled kernel's registers a thread, shared bytes), the programs per SM it
+    uses, doubled (a second call at once: two streams, a graph beside an eager call), must fit in what an SM
+    holds of that compiled kernel (triton_backend.resident_per_sm, limits: the device's)."""
+    from fusedclip import triton_backend as tb
+    problems = []
+    for name, programs, regs, shared in launches:
+        fit = tb.resident_per_sm(regs, shared, **limits)
+        used = -(-programs // sms)
+        if 2 * used > fit:
+            problems.append(f"{name}: {programs} programs on {sms} SMs ({used} per SM), twice that does not fit in "
+                            f"{fit} per SM ({regs} registers, {shared} B shared)")
+    return problems
+
+
+def record_barrier_launches(call):
+    """[(kernel name, programs, registers, shared)] of the grid-barrier (one-launch) kernels call() launched,
+    read from the launches themselves (triton_backend._launch), not from bookkeeping that may change."""
+    from fusedclip import triton_backend as tb
+    launches, launch = [], tb._launch
+
+    def recording(kernel, programs, *args, options=None, **constexprs):
+        launch(kernel, programs, *args, options=options, **constexprs)
+        if constexprs.get("ONE_LAUNCH", kernel is tb._one_launch_kernel):
+            compiled = tb._compiled[kernel.__name__]
+            launches.append((kernel.__name__, programs, compiled.n_regs, compiled.metadata.shared))
+    tb._launch = recording
+    try:
+        call()
+    finally:
+        tb._launch = launch
+    return launches
+
+
 @section
 def residency(check):
     """Two one-launch calls at once (two streams, a graph beside an eager call) must all be resident, or a grid
-    barrier never opens: the compiled kernel's registers and shared memory decide how many programs an SM holds."""
+    barrier never opens: the compiled kernel's registers and shared memory decide how many programs an SM holds.
+    Every one-launch variant the public calls use (L2, inf with AMP and per-tensor norms, fp64, ZClip), on a set
+    with more chunks than the grid has programs."""
     import torch
     from fusedclip import triton_backend as tb
-    tb.clip(_grads(8, [torch.float32, torch.bfloat16]), 0.5, 2.0, launch="one")
-    compiled = tb._compiled.get("_one_launch_kernel")
-    check(compiled is not None, "no compiled one-launch kernel recorded")
-    if compiled is None:
-        return
+    from fusedclip import triton_zclip as tz
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    regs, shared = compiled.n_regs, compiled.metadata.shared
-    if hasattr(tb, "resident_per_sm"):
-        fit = tb.resident_per_sm(regs, shared)
-    else:  # older launcher: the plain occupancy bound
-        fit = min(65536 // (max(regs, 1) * 32 * tb.NUM_WARPS),
-                  getattr(props, "shared_memory_per_multiprocessor", 228 * 1024) // max(shared + 1024, 1))
-    used = max(getattr(tb, "_per_sm", {}).values(), default=1)  # programs per SM the launcher chose
-    print(f"one-launch kernel: {regs} registers/thread, {shared} B shared, {32 * tb.NUM_WARPS} threads: "
-          f"{fit} programs per SM fit, the launcher uses {used} per SM on {props.multi_processor_count} SMs",
-          flush=True)
-    check(2 * used <= fit, f"two calls of {used} programs per SM do not fit in {fit} ({regs} regs, {shared} B)")
+    limits = {name: getattr(props, attr) for name, attr in
+              (("regs_per_sm", "regs_per_multiprocessor"), ("threads_per_sm", "max_threads_per_multi_processor"),
+               ("shared_per_sm", "shared_memory_per_multiprocessor")) if getattr(props, attr, None)}
+    big = [torch.float32, torch.bfloat16]
+    calls = {
+        "L2": lambda: tb.clip(_grads(8, big), 0.5, 2.0, launch="one"),
+        "inf AMP per-tensor": lambda: tb.clip(_grads(9, big), 0.5, math.inf, launch="one",
+                                              per_tensor=torch.empty(8, device="cuda"),
+                                              inv_scale=torch.full((), 0.5, device="cuda"),
+                                              found_inf=torch.zeros((), device="cuda")),
+        "fp64": lambda: tb.clip(_grads(10, [torch.float64, torch.float32]), 0.5, 2.0, launch="one"),
+        "zclip": lambda: tz.zclip(_grads(11, big), torch.zeros(tz.BUFFER + 2, dtype=torch.float64, device="cuda"),
+                                  [0.97, 2.5, 1.0, 1.0, 1e-6, 2.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0], launch="one"),
+    }
+    for what, call in calls.items():
+        launches = record_barrier_launches(call)
+        check(bool(launches), f"{what}: no one-launch kernel was launched")
+        for name, programs, regs, shared in launches:
+            print(f"residency {what}: {name} {regs} registers/thread, {shared} B shared, {programs} programs on "
+                  f"{props.multi_processor_count} SMs: {tb.resident_per_sm(regs, shared, **limits)} fit per SM",
+                  flush=True)
+        for problem in residency_problems(launches, props.multi_processor_count, **limits):
+            check(False, f"{what}: {problem}")
 
 
 @section
@@ -305,15 +350,35 @@ def child_checks(budget):
     return 0 if not failures and not done["skipped"] else 1
 
 
+COMPILER_FRAMES = ("triton/compiler", "triton/backends", "triton/runtime/jit", "triton/runtime/build", "torch/_inductor",
+                   "torch/_dynamo")
+
+
+def killed_where(stderr):
+    """Why a child was killed at its limit, from the last traceback it dumped (faulthandler, most recent call
+    first): "still compiling" when the innermost frame is in a compiler, so compile time is not reported as a
+    grid-barrier deadlock; else the frame it was in."""
+    lines = stderr.splitlines()
+    heads = [i for i, x in enumerate(lines) if "most recent call first" in x]
+    if not heads or heads[-1] + 1 >= len(lines):
+        return "no traceback: grid-barrier deadlock?"
+    frame = lines[heads[-1] + 1].strip()
+    if any(c in frame for c in COMPILER_FRAMES):
+        return f"still compiling, not a deadlock: {frame}"
+    return f"grid-barrier deadlock? stuck in {frame}"
+
+
 def run_child(mode, timeout, *extra):
     start = time.time()
-    try:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, *extra], cwd=ROOT,
-                             capture_output=True, text=True, timeout=timeout)
+    try:  # the child dumps its stacks 2 s before its limit: where it was when killed
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", mode, "--dump-after",
+                              str(max(1.0, timeout - 2)), *extra], cwd=ROOT, capture_output=True, text=True,
+                             timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        tail = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        sys.stdout.write(tail)
-        return False, f"{mode}: no result within {timeout:.0f} s (grid-barrier deadlock?)"
+        text = lambda x: x.decode(errors="replace") if isinstance(x, bytes) else (x or "")  # noqa: E731
+        sys.stdout.write(text(e.stdout))
+        sys.stderr.write(text(e.stderr)[-4000:])
+        return False, f"{mode}: no result within {timeout:.0f} s ({killed_where(text(e.stderr))})"
     sys.stdout.write(out.stdout)
     sys.stderr.write(out.stderr[-4000:])
     summary = next((line for line in reversed(out.stdout.splitlines()) if line.startswith("checks:")), "")
@@ -328,8 +393,12 @@ def main():
     ap.add_argument("--first-launch-timeout", type=float, default=None, help="default: min(60, budget / 3)")
     ap.add_argument("--timeout", type=float, default=None, help="the checks child's; default: what is left")
     ap.add_argument("--child", choices=["first-launch", "checks"], help=argparse.SUPPRESS)
+    ap.add_argument("--dump-after", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
+    if args.dump_after:
+        import faulthandler
+        faulthandler.dump_traceback_later(args.dump_after, exit=False)
     if args.child == "first-launch":
         child_first_launch()
         return 0

@@ -25,6 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from fusedclip import triton_agc as ta
 from fusedclip import triton_backend as tb
 from fusedclip import triton_zclip as tz
 
@@ -33,6 +34,8 @@ TARGET = GPUTarget("cuda", 90, 32)  # H100/H200
 # 128-bit global loads: four 32-bit or two 64-bit lanes (any cache or eviction qualifiers before the vector)
 V128_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\b")
 ANY_LOAD = re.compile(r"\bld\.global(?:\.[\w:]+)*\b")
+# barriers of a program in the PTX: a layout conversion through shared memory costs some on every block
+BAR_SYNC = re.compile(r"\b(?:bar|barrier)\.sync\b")
 
 
 def record_launches(call):
@@ -92,6 +95,17 @@ def resources(compiled):
     return int(usage["REG"]), int(usage["STACK"]), int(usage["LOCAL"])
 
 
+def barrier_before_first_atomic(ttir):
+    """Whether the kernel asks for a barrier of its program (tl.debug_barrier: gpu.barrier in 3.6's TTIR,
+    ttg.barrier in 3.8's, before the backend adds its own) ahead of its first atomic: a program's arrival (the
+    grid barrier) or ticket (two-launch ZClip) is published by one thread, after all of its threads are done.
+    None: no atomics."""
+    atomic = ttir.find("tt.atomic_rmw")
+    if atomic < 0:
+        return None
+    return re.search(r"\b(?:gpu|ttg)\.barrier\b", ttir[:atomic]) is not None
+
+
 def _grads(dtypes, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, generator=g).to(d) for n, d in zip((40000, 3000, 70, 16390), dtypes)]
@@ -133,6 +147,16 @@ def variants():
                                                       launch="one"), 2, low)
     _, zfinish = record_launches(lambda: tz.zclip(_grads(MIXED), state, config, launch="two"))
     out["zclip finish fp32-acc"] = zfinish + (low,)
+    # AGC (fusedclip/triton_agc.py): its addresses are cast from the table's int64s with no alignment hint
+    # and its rows start at any multiple of their length, so no 128-bit loads are expected (issue 25, defect 10)
+    saved = tb._sm_count
+    tb._sm_count = lambda device: 132
+    try:
+        (agc,) = record_launches(lambda: ta.agc([w.clone() for w in _grads([torch.float32] * 4, 1)],
+                                                _grads([torch.float32] * 4, 2), 0.01, 1e-3, 2.0))
+    finally:
+        tb._sm_count = saved
+    out["agc L2 fp32"] = agc + (0,)
     return out
 
 
@@ -157,6 +181,8 @@ def report():
                    stack_bytes=stack, local_bytes=local, shared=compiled.metadata.shared, v128_loads=len(loads),
                    v128_data_loads=sum(".cg" not in x for x in loads), expected_v128_data_loads=expected,
                    global_loads=len(ANY_LOAD.findall(ptx)), f64_fma=ptx.count("fma.rn.f64"),
+                   barrier_before_atomic=barrier_before_first_atomic(compiled.asm["ttir"]),
+                   bar_syncs=len(BAR_SYNC.findall(ptx)),
                    compile_s=round(time.time() - t, 1))
         if kernel is tb._one_launch_kernel or (kernel is tz._zclip_kernel and constexprs["ONE_LAUNCH"]):
             row["resident_per_sm"] = tb.resident_per_sm(regs, compiled.metadata.shared)

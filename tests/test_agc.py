@@ -388,3 +388,23 @@ def test_cuda_parity(dtype, p):
     fusedclip.clip_agc_(again, 0.01, 1e-3, p, backend="native")
     for a, b in zip(params, again):
         assert_bit_identical(a.grad, b.grad)  # deterministic
+
+
+def test_triton_agc_refuses_a_cuda_graph_capture(monkeypatch):
+    """backend='triton' copies its table from the host on every call: under a CUDA-graph capture it raises a
+    clear error before anything is done (it used to fail inside the capture with CUDA's own error). The capture
+    is simulated (no GPU here): the check is the launcher's own."""
+    triton_agc = pytest.importorskip("fusedclip.triton_agc")
+    w = [torch.randn(64, 32), torch.randn(7)]
+    g = [torch.randn(64, 32) * 10, torch.randn(7) * 10]
+    before = [x.clone() for x in g]
+    launched = []
+    monkeypatch.setattr(triton_agc.tb, "_launch", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(triton_agc.tb, "INTERPRET", True)  # CPU tensors: the interpreter's sizing, no device query
+    monkeypatch.setattr(triton_agc, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        triton_agc.agc(w, g, 0.01, 1e-3, 2.0)
+    assert not launched and all(torch.equal(a, b) for a, b in zip(g, before))
+    monkeypatch.setattr(triton_agc, "_capturing", lambda device: False)
+    triton_agc.agc(w, g, 0.01, 1e-3, 2.0)
+    assert launched, "outside a capture the launcher runs"

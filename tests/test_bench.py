@@ -355,3 +355,56 @@ def test_zclip_check_rule_is_zclips():
         clip_val = ref._compute_clip_val(norm)
         want = min(norm if clip_val is None else clip_val, zr.ARGS["max_grad_norm"])
         assert zr.expected_limit(mean, var, norm) == pytest.approx(want, rel=1e-12), (mean, var, norm)
+
+
+def test_results_written_after_every_set(tmp_path, monkeypatch):
+    """A run killed mid-way (a GPU check's step limit) keeps every set it finished: partial.json is rewritten
+    after each set; a run that ends replaces it with its full results (issue 25, defect 2: the JSON was written
+    only at the end, and a set started late lost everything)."""
+    from fusedclip.bench import run as run_module
+    real, calls = run_module.measure_set, []
+
+    def killed_on_second_set(cfg, clock, specs, label, *a, **k):
+        calls.append(label)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(cfg, clock, specs, label, *a, **k)
+    monkeypatch.setattr(run_module, "measure_set", killed_on_second_set)
+    args = TINY + ["--sets", "tiny,tiny-fp16", "--providers", "torch,native", "--regimes", "clip", "--scaling",
+                   "none", "--no-floor", "--no-plot", "--agc", "none", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    partial = json.loads((tmp_path / run_module.PARTIAL).read_text())
+    assert partial["partial"] is True and partial["copy"]["bytes_per_s"] > 0
+    sets_done = {r["set"] for r in partial["results"]}
+    assert sets_done == {"tiny"} and {r["provider"] for r in partial["results"]} >= {"torch", "native"}
+    monkeypatch.setattr(run_module, "measure_set", real)
+    assert bench.main(args) == 0
+    assert not (tmp_path / run_module.PARTIAL).exists()
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".json")]) == 1
+
+
+def test_gpu_expectations_are_targets():
+    """The expectations the first GPU run is to confirm or refute (issue 25) are in the JSON's targets, for sets
+    larger than L2 only: native no-clip >= 85% of copy, native clip >= 90% of the 3N floor and never slower than
+    torch, Triton one launch >= 50% of copy, two launches >= 75%."""
+    from fusedclip.bench.targets import targets
+    copy_bps, n = 3.0e12, 2**30
+
+    def row(provider, regime, pct, speedup=1.0, nbytes=n):
+        moved = nbytes * (2 if regime == "clip" else 1)
+        bps = pct / 100.0 * copy_bps
+        return {"kind": "set", "set": "llama-7b", "regime": regime, "provider": provider, "bytes": nbytes,
+                "bytes_moved": moved, "median_s": moved / bps, "bytes_per_s": bps, "pct_copy": pct,
+                "speedup": speedup}
+    rows = [row("native", "noclip", 90.0), row("native", "clip", 2 / 3 * 100 * 0.95, 1.1),
+            row("triton", "noclip", 45.0), row("triton-2", "noclip", 80.0),
+            row("native", "noclip", 10.0, nbytes=2**20)]  # inside L2: not judged
+    got = {t["what"]: t for t in targets(rows, {}, torch.device("cuda"), 50 * 2**20) if t["issue"] == 25}
+    assert got["native: llama-7b noclip % of copy bandwidth"]["met"]
+    floor = got["native: llama-7b clip 3N floor / time"]
+    assert floor["met"] and abs(floor["value"] - 0.95) < 1e-9
+    assert got["native: llama-7b clip speedup vs torch foreach"]["met"]
+    assert not got["triton: llama-7b noclip % of copy bandwidth (one launch)"]["met"]
+    assert got["triton-2: llama-7b noclip % of copy bandwidth (two launches)"]["met"]
+    assert len(got) == 5

@@ -167,3 +167,22 @@ def test_fast_path_is_named_in_the_profiler():
         fusedclip.clip_(params, 0.1)
     # one top-level operator, as on the operator path (mixed dtypes: no operator call to promote them either)
     assert [e.name for e in prof.events() if e.cpu_parent is None] == ["fusedclip::clip_"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zclip_fast_path_bumps_versions_once_or_declines_touching_nothing(device):
+    """ZClip's fast path (zclip_grads) builds its table as read-only and marks it as written only once ZClip's
+    checks pass: a declined call bumps no version counter (the op path then bumps them itself; before, a CUDA
+    table was bumped when built and again by the op path: issue 25, defect 11), and an accepted one bumps each
+    scaled gradient once (on CPU when the kernel writes)."""
+    config = fusedclip.ZClip(warmup_steps=1, max_grad_norm=1e-3)._config
+    params = dense_params(device, seed=5, dtypes=[torch.float32])
+    grads = [q.grad for q in params if q.grad is not None]
+    versions = [g._version for g in grads]
+    bad_state = torch.zeros(3, dtype=torch.float64, device=device)  # too short for warmup_steps=1: declined
+    assert _ext._C.zclip_grads(params, bad_state, config, None) is None
+    assert [g._version for g in grads] == versions
+    state = torch.zeros(5, dtype=torch.float64, device=device)
+    norm = _ext._C.zclip_grads(params, state, config, None)  # warm-up step: clipped to max_grad_norm 1e-3
+    assert norm is not None and float(norm) > 1e-3 and state[0].item() == 1.0
+    assert [g._version for g in grads] == [v + 1 for v in versions]

@@ -78,3 +78,16 @@ def test_info_kernels_command():
     row = next(line for line in out.splitlines() if line.startswith("sm_90") and "<L2, float>" in line)
     assert row.split()[-2:] == ["2", "2"], row  # blocks per SM from the module, and what it is compiled for
     assert "SPILLS" not in out
+
+
+def test_grid_stride_kernels_launch_one_wave(kernels):
+    """The scale and clamp kernels (grid-stride loops) fit fewer than 4 blocks per SM (3 on sm_90): their grid
+    is the occupancy API's count for the kernel itself, one full wave, not a fixed 4 per SM (1.33 waves:
+    issue 25, defect 11)."""
+    import pathlib
+    grid_stride = [k for k in kernels if k.name.startswith(("scale_by_norm_kernel", "clamp_kernel"))]
+    assert grid_stride and any(k.blocks_per_sm < 4 for k in grid_stride), [(k.name, k.blocks_per_sm) for k in grid_stride]
+    src = (pathlib.Path(__file__).resolve().parent.parent / "csrc" / "clip_cuda.cu").read_text()
+    assert "4LL * sm_count" not in src
+    assert "l.grid(g.n_chunks, reinterpret_cast<const void*>(scale_by_norm_kernel<acc_t>))" in src
+    assert "l.grid(g.n_chunks, reinterpret_cast<const void*>(clamp_kernel))" in src

@@ -1,5 +1,6 @@
 """The command line: flags -> run.Config -> run -> reports."""
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -10,7 +11,7 @@ from .agc import AGC_DEFAULT_SETS
 from .extras import EXTRAS_DEFAULT_SETS
 from .providers import PROVIDERS
 from .report import terminal, write_outputs
-from .run import Config, run
+from .run import PARTIAL, Config, run
 from .sets import (DEFAULT_COMPILE_SETS, DEFAULT_SETS, QUICK_SETS, SCALING, SCALING_TENSORS_ELEMENTS, SETS, numel,
                    specs_bytes)
 from .workload import REGIMES
@@ -194,6 +195,8 @@ def main(argv=None):
     result["meta"]["wall_s"] = time.perf_counter() - t0
     terminal(result)
     paths = write_outputs(result, cfg)
+    with contextlib.suppress(FileNotFoundError):  # the full results replace the ones written set by set
+        os.remove(os.path.join(cfg.out, PARTIAL))
     print(f"\nwrote {', '.join(paths.values())} in {result['meta']['wall_s']:.0f} s")
     failed = [r for r in result["results"] if r.get("check")]
     for r in failed:

@@ -315,6 +315,24 @@ def _with_regimes(cfg, regimes):
     return c
 
 
+PARTIAL = "partial.json"  # in cfg.out while a run is under way: what the sets finished so far measured
+
+
+def write_partial(cfg, meta, copy_ref, rows):
+    """The results so far, rewritten after every set (atomically: a run killed mid-write leaves the previous
+    one), so a run killed before its end (a step limit on a GPU machine) keeps every set it finished. The CLI
+    removes it once the full results are written."""
+    if not cfg.out:
+        return
+    import json
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, PARTIAL)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"partial": True, "meta": meta, "config": config_json(cfg), "copy": copy_ref, "results": rows,
+                   "notes": cfg.notes}, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
 def run(cfg):
     device = cfg.device
     clock = Clock(device, cfg.budget_s, cfg.min_n, cfg.max_n)
@@ -382,6 +400,7 @@ def run(cfg):
             measure_extras(cfg, clock, specs, label, progress, rows)
         if name in cfg.zclip:
             measure_zclip(cfg, clock, specs, label, progress, rows)
+        write_partial(cfg, meta, copy_ref, rows)
     if any(name in cfg.extras for name, _, _ in plan):
         cfg.notes.append(ex.NOTE.format(scale=ex.AMP_SCALE))
     if any(name in cfg.zclip for name, _, _ in plan):
@@ -395,6 +414,7 @@ def run(cfg):
             cfg.notes.append(note)
             continue
         measure_agc(cfg, clock, specs, label, progress, rows, agc_provs)
+        write_partial(cfg, meta, copy_ref, rows)
     if agc_sets:
         cfg.notes.append(agc.NOTE.format(cf=agc.CLIP_FACTOR))
     busy = [r for r in cfg.regimes if is_busy(r)]
