@@ -26,7 +26,8 @@ unset MAX_JOBS  # the build's only: the tests see the environment `make test` gi
 # AGC's Triton cases in a child under TRITON_INTERPRET=1). Left to `make test`: packaging and the CMake build,
 # the benchmark harness, the GPU check's dry run, the frameworks' integrations, examples, properties.
 API_TESTS="tests/test_clip.py tests/test_fast_path.py tests/test_fused_extras.py tests/test_compile.py
-  tests/test_zclip.py tests/test_zclip_fused.py tests/test_agc.py tests/test_distributed.py tests/test_triton.py"
+  tests/test_zclip.py tests/test_zclip_fused.py tests/test_agc.py tests/test_distributed.py tests/test_triton.py
+  tests/test_accuracy.py"
 case "$VERSION" in
   # The oldest supported torch on the oldest supported Python: the PyTorch 2.6 image's torch (a CUDA 12.4 build;
   # nvcc 13 here cannot build against it, so the extension is CPU-only, as FUSEDCLIP_CUDA=0 makes it).
