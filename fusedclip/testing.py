@@ -10,7 +10,9 @@ that GPU checks, benchmarks and users' tests can compare the same way.
 - tolerances: `TOL` (torch.testing.assert_close's defaults per dtype), `low_precision_tol`;
 - cases shared by the backends' tests: `check_against_reference`, `clip_parity_case`, `no_write_case`, with the
   shapes, dtype sets and norm types they use (`SHAPES`, `DTYPE_SETS`, `NORMS`);
-- multi-process runs (Gloo on CPU): `run_ranks`, `run_cases`, `free_port`.
+- multi-process runs (Gloo on CPU): `run_ranks`, `run_cases`, `free_port`;
+- `NoHostRead`: a dispatch mode that fails on any host read of a tensor (what a sync goes through), for CPU tests of
+  sync-free code.
 
 Nothing here needs pytest. Example::
 
@@ -29,7 +31,7 @@ import fusedclip
 __all__ = ["TOL", "SHAPES", "DTYPE_SETS", "NORMS", "ref_norm", "ref_coef", "rel_err", "mixed_scales", "make_grads",
            "make_params", "params_with", "clone_params", "grads_of", "bits", "same_bits", "assert_bit_identical",
            "low_precision_tol", "check_against_reference", "clip_parity_case", "no_write_case", "free_port",
-           "run_ranks", "run_cases", "AdaGCReference"]
+           "run_ranks", "run_cases", "AdaGCReference", "NoHostRead"]
 
 # ---- tolerances ------------------------------------------------------------------------------------------
 
@@ -410,3 +412,22 @@ class AdaGCReference:
                 if math.isfinite(h * n):
                     self.gamma[i] = self.beta * start + (1.0 - self.beta) * (h * n)
         return [None if g is None else g * c for g, c in zip(g64, coefs)], coefs
+
+
+def _no_host_read_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostRead(TorchDispatchMode):
+        """Fails on any op that reads a tensor's value on the host (.item(), bool(), int(), float() of a tensor,
+        torch.equal): the op every device-to-host sync goes through, so on CPU too it shows code that would sync."""
+        READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal")
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in self.READS:
+                raise AssertionError(f"host read of a tensor: {func._schema.name}")
+            return func(*args, **(kwargs or {}))
+
+    return NoHostRead
+
+
+NoHostRead = _no_host_read_mode()
