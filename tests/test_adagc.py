@@ -218,3 +218,24 @@ def test_in_backward_matches_after_backward():
             opt.zero_grad()
         spread.append(max((a - b).abs().max().item() for a, b in zip(model.parameters(), plain.parameters())))
     assert spread[-1] > 1e-4
+
+
+def test_bench_rows_baseline_is_the_same_rule():
+    """fusedclip/bench/adagc_rows.py: its unfused torch baseline clips as fusedclip.AdaGC does (the benchmark compares
+    the same thing), and its rows run (smallest sizes)."""
+    from fusedclip.bench import adagc_rows
+
+    params = as_params([None] * len(SHAPES))
+    fused = fusedclip.AdaGC(params, warmup_steps=0)
+    plain = adagc_rows.torch_adagc(len(SHAPES))
+    for _, grads in stream(6, seed=7, missing=()):
+        load(params, grads)
+        fused.step()
+        copies = [g.clone() for g in grads]
+        plain.step(copies)
+        for p, c in zip(params, copies):
+            torch.testing.assert_close(p.grad, c, rtol=2e-6, atol=0)
+    torch.testing.assert_close(fused.gamma, plain.gamma, rtol=1e-6, atol=0)
+    rows = adagc_rows.step_rows(width=16, depth=2, batch=2, rounds=1) + adagc_rows.adagc_rows(16, 2, rounds=1)
+    assert [r["variant"] for r in rows] == list(adagc_rows.VARIANTS) + ["adagc-fused", "adagc-torch", "clip_"]
+    assert all(r["cpu"] and (r.get("whole") or r.get("time"))["n"] == 1 for r in rows)
