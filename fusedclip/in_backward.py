@@ -70,8 +70,9 @@ class ClipInBackward:
             self._slot[p] = i
         devices = {p.device for p in self.params}
         if len(devices) > 1:
-            raise ValueError(f"fusedclip.ClipInBackward: the parameters are on several devices ({sorted(map(str, devices))}); "
-                             "one clipper per device is not a global clip: use fusedclip.clip_")
+            raise ValueError(f"fusedclip.ClipInBackward: the parameters are on several devices "
+                             f"({sorted(map(str, devices))}); one clipper per device is not a global clip: use "
+                             "fusedclip.clip_")
         device = devices.pop() if devices else torch.device("cpu")
         self._be = backends.resolve(backend, device.type)
         self._partials = torch.zeros(len(self.params), dtype=torch.float64, device=device)

@@ -2,8 +2,6 @@
 fusedclip.clip_ (and clip_into_) then the same optimizer step, bit for bit: the norm, the clipped gradients, the
 parameters after the step; with gradient accumulation, frozen and excluded parameters, a parameter without a gradient,
 and no host read of a tensor."""
-import copy
-
 import pytest
 import torch
 
@@ -27,8 +25,8 @@ def backward_with(params, targets, factor=1.0):
                          ids=["fp32", "mixed"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_norm_and_gradients_are_clip_s(backend, dtypes, seed):
-    """60 tensors of sizes 1 to 20,000 and scales 1e-3 to 1e3: the norm and every clipped gradient equal clip_'s, bit for
-    bit (clipping active)."""
+    """60 tensors of sizes 1 to 20,000 and scales 1e-3 to 1e3: the norm and every clipped gradient equal clip_'s, bit
+    for bit (clipping active)."""
     targets = mixed_tensors(60, 20_000, seed, dtypes=dtypes)
     a, b = leaves(targets), leaves(targets)
     clipper = fusedclip.ClipInBackward(a, 1.0, backend=backend)
