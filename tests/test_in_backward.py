@@ -8,7 +8,7 @@ import torch
 import fusedclip
 from fusedclip.testing import NoHostRead, assert_bit_identical, exact_norm, mixed_tensors
 
-from conftest import BACKENDS
+from conftest import BACKENDS, HAS_GPU
 
 
 def leaves(tensors):
@@ -172,3 +172,24 @@ def test_remove_and_arguments():
         fusedclip.ClipInBackward([p, p], 1.0)
     with pytest.raises(TypeError, match="max_norm"):
         fusedclip.ClipInBackward([p], None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no GPU")
+def test_cuda_twin_without_sync():
+    """test_norm_and_gradients_are_clip_s on CUDA, backward and clip_() under torch.cuda.set_sync_debug_mode('error')
+    (compiled, run only where a GPU is)."""
+    targets = [t.cuda() for t in mixed_tensors(60, 20_000, 0, dtypes=(torch.float32, torch.bfloat16))]
+    a, b = leaves(targets), leaves(targets)
+    clipper = fusedclip.ClipInBackward(a, 1.0)
+    loss = sum((p * t).sum() for p, t in zip(a, targets))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.backward()
+        norm = clipper.clip_()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    backward_with(b, targets)
+    assert_bit_identical(norm, fusedclip.clip_(b, 1.0))
+    for pa, pb in zip(a, b):
+        assert_bit_identical(pa.grad, pb.grad)
