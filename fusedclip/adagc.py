@@ -127,7 +127,8 @@ class AdaGC:
         key = (device, slots)
         index = self._index.get(key)
         if index is None:
-            index = self._index[key] = torch.tensor(slots, dtype=torch.long, device=device)
+            # made on the CPU and copied without blocking: torch.tensor(..., device="cuda") copies and synchronizes
+            index = self._index[key] = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
         return index
 
     def _rule(self, gamma, norms):
