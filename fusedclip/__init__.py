@@ -8,7 +8,9 @@ launch computes the norm of all gradients and scales them in place; on CPU one
 fused C++ kernel does the same.
 """
 from . import _ext  # noqa: F401  (loads the compiled operators first)
+from .adagc import AdaGC
 from .agc import clip_agc_
+from .in_backward import ClipInBackward
 from .amp import clip_into_, unscale_clip_
 from .backends import available_backends
 from .distributed import DDPNormState, ddp_norm_hook
@@ -44,4 +46,4 @@ __version__ = "0.1.0"
 
 __all__ = ["clip_", "clip_agc_", "clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_", "clip_value_",
            "clip_grad_value_", "available_backends", "unscale_clip_", "clip_into_",
-           "patch_torch", "unpatch_torch", "patched", "is_patched", "DDPNormState", "ddp_norm_hook", "ZClip"]
+           "patch_torch", "unpatch_torch", "patched", "is_patched", "DDPNormState", "ddp_norm_hook", "ZClip", "AdaGC", "ClipInBackward"]

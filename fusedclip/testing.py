@@ -2,7 +2,7 @@
 that GPU checks, benchmarks and users' tests can compare the same way.
 
 - references: `ref_norm` (the norm of all elements as one float64 vector), `ref_coef` (torch's clip coefficient
-  from it), `rel_err`;
+  from it), `rel_err`, `AdaGCReference` (AdaGC's rule, arXiv 2502.11034, in float64);
 - makers: `make_grads` (fresh random gradients, one scale or mixed scales), `mixed_scales`, `make_params`
   (parameters with such gradients, optionally non-contiguous or None), `params_with`, `clone_params`, `grads_of`;
 - bit equality: `bits`, `same_bits`, `assert_bit_identical` (a gradient that must not change keeps its bits, NaN
@@ -10,7 +10,9 @@ that GPU checks, benchmarks and users' tests can compare the same way.
 - tolerances: `TOL` (torch.testing.assert_close's defaults per dtype), `low_precision_tol`;
 - cases shared by the backends' tests: `check_against_reference`, `clip_parity_case`, `no_write_case`, with the
   shapes, dtype sets and norm types they use (`SHAPES`, `DTYPE_SETS`, `NORMS`);
-- multi-process runs (Gloo on CPU): `run_ranks`, `run_cases`, `free_port`.
+- multi-process runs (Gloo on CPU): `run_ranks`, `run_cases`, `free_port`;
+- `NoHostRead`: a dispatch mode that fails on any host read of a tensor (what a sync goes through), for CPU tests of
+  sync-free code.
 
 Nothing here needs pytest. Example::
 
@@ -29,7 +31,7 @@ import fusedclip
 __all__ = ["TOL", "SHAPES", "DTYPE_SETS", "NORMS", "ref_norm", "ref_coef", "rel_err", "mixed_scales", "make_grads",
            "make_params", "params_with", "clone_params", "grads_of", "bits", "same_bits", "assert_bit_identical",
            "low_precision_tol", "check_against_reference", "clip_parity_case", "no_write_case", "free_port",
-           "run_ranks", "run_cases"]
+           "run_ranks", "run_cases", "AdaGCReference", "NoHostRead"]
 
 # ---- tolerances ------------------------------------------------------------------------------------------
 
@@ -371,3 +373,61 @@ def mixed_tensors(n, max_numel, seed, dtypes=(torch.float32,), big=()):
         dtype = dtypes[i % len(dtypes)]
         out.append((torch.randn(numel, generator=g) * scales[i].item()).to(dtype))
     return out
+
+
+class AdaGCReference:
+    """AdaGC's rule (arXiv 2502.11034, Algorithm 1) in float64 on the CPU, written from the paper, one plain Python
+    number per tensor; the same eps (torch's 1e-6 in the coefficient's denominator), start for a tensor first seen
+    after the warm-up (its own norm), and no update of gamma from a non-finite clipped norm, as fusedclip.AdaGC
+    documents. step(grads) takes the gradients (None for a tensor without one), returns the clipped ones in float64
+    and the coefficients (None where no gradient)."""
+
+    def __init__(self, n, lambda_abs=1.0, lambda_rel=1.05, beta=0.98, warmup_steps=100, eps=1e-6):
+        self.gamma = [math.inf] * n
+        self.t = 0
+        self.lambda_abs, self.lambda_rel, self.beta, self.warmup_steps, self.eps = (
+            lambda_abs, lambda_rel, beta, warmup_steps, eps)
+
+    def step(self, grads):
+        self.t += 1
+        g64 = [None if g is None else g.detach().double().cpu() for g in grads]
+        norms = [None if g is None else exact_norm([g], 2.0) for g in g64]
+        coefs = [None] * len(grads)
+        if self.t <= self.warmup_steps:
+            total = exact_norm([g for g in g64 if g is not None], 2.0) if any(g is not None for g in g64) else 0.0
+            h = min(1.0, self.lambda_abs / (total + self.eps))
+            for i, n in enumerate(norms):
+                if n is None:
+                    continue
+                coefs[i] = h
+                if math.isfinite(h * n):
+                    self.gamma[i] = min(self.gamma[i], h * n)
+        else:
+            for i, n in enumerate(norms):
+                if n is None:
+                    continue
+                start = n if math.isinf(self.gamma[i]) else self.gamma[i]
+                h = min(1.0, self.lambda_rel * start / (n + self.eps))
+                coefs[i] = h
+                if math.isfinite(h * n):
+                    self.gamma[i] = self.beta * start + (1.0 - self.beta) * (h * n)
+        return [None if g is None else g * c for g, c in zip(g64, coefs)], coefs
+
+
+def _no_host_read_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostRead(TorchDispatchMode):
+        """Fails on any op that reads a tensor's value on the host (.item(), bool(), int(), float() of a tensor,
+        torch.equal): the op every device-to-host sync goes through, so on CPU too it shows code that would sync."""
+        READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal")
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name in self.READS:
+                raise AssertionError(f"host read of a tensor: {func._schema.name}")
+            return func(*args, **(kwargs or {}))
+
+    return NoHostRead
+
+
+NoHostRead = _no_host_read_mode()

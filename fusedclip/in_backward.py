@@ -1,0 +1,143 @@
+"""Exact global clipping whose norm is recorded while backward runs (issue #26 item 1), single device.
+
+Each included parameter gets a post-accumulate-grad hook. When its gradient is final the hook reads it once, while it
+is still in cache, and stores its squared L2 norm in float64 (the fused kernel's unrounded float64 norm of that one
+tensor, squared) in the parameter's own slot of a float64 buffer on the device. After backward, clip_() adds the slots
+in a fixed order (the parameters' order: bitwise deterministic whatever order backward produced the gradients in),
+takes the square root, rounds it to the accumulation dtype (fp32; fp64 when a gradient is fp64) and applies the
+coefficient max_norm / (norm + 1e-6), clamped to 1:
+
+* into the optimizer's step when it is one of torch's fused optimizers whose parameters are exactly the clipped ones
+  (its grad_scale, as fusedclip.clip_into_): no pass over the gradients at all after backward;
+* else in one scaling pass (the backend's scale kernel, as clip_grads_with_norm_).
+
+No host sync: the norm is a device tensor. With the native backend each slot is the norm from the same kernel as
+fusedclip.clip_'s, and the result equals clip_'s bit for bit, the norm, the coefficient and the clipped gradients, in
+every draw tested (tests/test_in_backward.py; the two add float64 partials in different orders, which could flip the
+last fp32 bit only for a norm within about 1e-8 ulp of a rounding midpoint). With backend="torch" the slots are
+torch.linalg.vector_norm(grad, dtype=float64): the norm is the exact one correctly rounded.
+
+Gradient accumulation: each hook overwrites its slot with the norm of the gradient accumulated so far, so the last
+backward before clip_() leaves the norms of the final gradients; `with clipper.no_record():` around the earlier
+micro-batches skips their reads (as DDP's no_sync skips their all-reduce). Parameters that do not require grad get no
+hook; those left out of `params` (a Muon param group, say) are neither measured nor scaled; a parameter without a
+gradient in a step counts 0 (its slot is cleared by each clip_()).
+
+Not here yet: grouping the hooks' reads per bucket (on a GPU each hook is one small launch per parameter), DDP comm
+hook norms feeding the same apply path, several devices, FSDP2 / DTensor, torch.compile / compiled autograd.
+"""
+import contextlib
+
+import torch
+
+from . import backends
+from ._core import _as_list, _by_device, _check_tensors, _check_writable, _number, _scale
+from .amp import _fused_step_takes_grad_scale, _hand_over, _optimizer_params
+from .ops import acc_dtype, result_dtype
+
+
+class ClipInBackward:
+    """Global L2-norm clipping with the norm recorded during backward (see the module docstring).
+
+        clipper = fusedclip.ClipInBackward(model.parameters(), max_norm=1.0, optimizer=optimizer)
+        loss.backward()
+        norm = clipper.clip_()      # no read of the gradients; into a fused optimizer's step when it can
+        optimizer.step()
+
+    Args:
+        params (torch.nn.Module or iterable of Tensors): the parameters clipped together (their order fixes the
+            order of the sum); those that do not require grad are left out.
+        max_norm (float): the largest norm allowed.
+        optimizer (torch.optim.Optimizer, optional): a torch fused optimizer (fused=True) whose parameters are exactly
+            these: clip_() hands it the coefficient instead of scaling the gradients.
+        backend (str): "auto" (default), "native", "triton" or "torch": whose norm and scale kernels are used.
+
+    Raises:
+        ValueError: a bad max_norm, a parameter given twice, or parameters on several devices.
+    """
+
+    def __init__(self, params, max_norm, *, optimizer=None, backend="auto"):
+        self.max_norm = _number(max_norm, "ClipInBackward", "max_norm")
+        backends.check_name(backend, "ClipInBackward")
+        self.backend = backend
+        params = _as_list(params.parameters() if isinstance(params, torch.nn.Module) else params)
+        _check_tensors(params, "ClipInBackward", "parameters")
+        self.params = [p for p in params if p.requires_grad]
+        self._slot = {}
+        for i, p in enumerate(self.params):
+            if p in self._slot:
+                raise ValueError(f"fusedclip.ClipInBackward: a parameter is given twice (slots {self._slot[p]}, {i})")
+            self._slot[p] = i
+        devices = {p.device for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"fusedclip.ClipInBackward: the parameters are on several devices "
+                             f"({sorted(map(str, devices))}); one clipper per device is not a global clip: use "
+                             "fusedclip.clip_")
+        device = devices.pop() if devices else torch.device("cpu")
+        self._be = backends.resolve(backend, device.type)
+        self._partials = torch.zeros(len(self.params), dtype=torch.float64, device=device)
+        self.optimizer = optimizer
+        self._into = (optimizer is not None and _fused_step_takes_grad_scale(optimizer)
+                      and {id(p) for p in _optimizer_params(optimizer)} == {id(p) for p in self.params})
+        self._recording = True
+        self._handles = [p.register_post_accumulate_grad_hook(self._record) for p in self.params]
+
+    @torch.no_grad()
+    def _record(self, param):
+        if not self._recording:
+            return
+        grad = param.grad
+        if self._be.name == "torch":
+            n = torch.linalg.vector_norm(grad, dtype=torch.float64)
+        else:  # the fused kernel's norm of this one tensor, unrounded (float64 partials inside)
+            n = self._be.total_norm([grad], 2.0, None, torch.float64)
+        slot = self._slot[param]
+        self._partials[slot:slot + 1].copy_((n * n).reshape(1))
+
+    @contextlib.contextmanager
+    def no_record(self):
+        """Backward passes inside this block record nothing (gradient accumulation: the micro-batches before the last
+        one, whose gradients are not final). The last backward before clip_() must record."""
+        previous, self._recording = self._recording, False
+        try:
+            yield
+        finally:
+            self._recording = previous
+
+    @property
+    def partials(self):
+        """Each parameter's recorded squared norm (float64, on the device): a view, no sync to get it."""
+        return self._partials
+
+    @torch.no_grad()
+    def clip_(self):
+        """Clips the gradients by the norm recorded during backward and clears the record; returns the total norm
+        before clipping (0-dim, in the promotion of the gradients' dtypes, on their device; tensor(0.) without
+        gradients). No read of the gradients; no host sync.
+
+        Returns:
+            Tensor: the total L2 norm of the gradients before clipping.
+        """
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            self._partials.zero_()
+            return torch.tensor(0.0)
+        norm = self._partials.sum().sqrt().to(acc_dtype(grads))  # a fixed order: the slots'
+        self._partials.zero_()
+        if self._into:
+            coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+            _hand_over(self.optimizer, coef.reciprocal().float())  # the fused step divides by it
+        elif self._be.name == "torch":  # torch's clip_grads_with_norm_: coefficient clamped to 1, multiplied in
+            coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+            for device, group in _by_device(grads).items():
+                torch._foreach_mul_(group, coef.to(device))
+        else:
+            _check_writable(grads, "ClipInBackward.clip_")
+            _scale(grads, self.max_norm, norm, self._be, "ClipInBackward.clip_")
+        return norm.to(result_dtype(grads))
+
+    def remove(self):
+        """Removes the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
