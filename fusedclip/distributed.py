@@ -98,6 +98,10 @@ def _local_norm(tensors, p, be, fn):
     """(this rank's norm of `tensors` or None, whether they have any element)."""
     if not tensors:
         return None, False
+    if _fast_local(be) and p != 0.0:
+        norm = _ext._C.local_norm(tensors, p)  # plain tensors on one device, read in C++ (None: the op path)
+        if norm is not None:
+            return norm, p > 0 or any(map(torch.Tensor.numel, tensors))  # for p > 0 no elements is a norm of 0
     has = any(t.numel() for t in tensors)
     if be.name != "torch":
         # in float64 as the kernel computed it: a norm rounded to fp32, raised to p and summed over ranks,
@@ -107,6 +111,11 @@ def _local_norm(tensors, p, be, fn):
     if not nonempty:  # torch's norms raise on empty tensors for inf; their norm is 0
         return None, False
     return _core._torch_get_total_norm(nonempty, p), has
+
+
+def _fast_local(be):
+    """Whether the local passes may try the extension's C++ entries (eager, native backend, a recent build)."""
+    return be.name == "native" and _FAST_LOCAL and not torch.compiler.is_compiling()
 
 
 def _group_device(group):
@@ -121,7 +130,9 @@ def _scale_local(tensors, max_norm, norm, be, fn):
     """Scales local tensors by the global norm with the coefficient computed in their accumulation dtype."""
     if not tensors:
         return
-    norm = norm.to(acc_dtype(tensors))
+    norm = norm.to(torch.float64 if torch.float64 in _dtypes(tensors) else torch.float32)
+    if _fast_local(be) and _ext._C.scale_local(tensors, max_norm, norm.to(tensors[0].device)):
+        return  # dense tensors on one device (checked in C++; an expanded one takes the op path, which raises)
     if be.name != "torch":
         _core._scale(tensors, max_norm, norm, be, fn)
         return
@@ -139,7 +150,8 @@ def _scale_local(tensors, max_norm, norm, be, fn):
 
 def _group_norm(grads, p, process_group, be, fn):
     """The global norm (float64, on this rank's gradient device) of the shards all ranks of the group hold."""
-    _core._check_tensors(grads, fn, "gradients")
+    if not all(issubclass(t, torch.Tensor) for t in set(map(type, grads))):
+        _core._check_tensors(grads, fn, "gradients")  # says which item is not a tensor
     local, has = _local_norm(grads, p, be, fn)
     device = grads[0].device if grads else _group_device(process_group)
     t, op = _pack(local, has, p, device)
@@ -214,19 +226,21 @@ def _kind(mesh, placements, fn):
     return k
 
 
-_LAST = [None, None]  # the last call's specs and their kinds: a training loop passes the same ones every step
+_LAST = [None, None, None]  # the last call's specs, their kinds and dtypes: a training loop passes the same ones
 
 
 def _kinds_of(specs, fn):
-    """The kind index of each spec: C-speed lookups once the specs are known. The same specs as the last call's
-    (a list comparison: identity first, then DTensorSpec's equality, which covers mesh and placements) reuse its
-    kinds."""
+    """(the kind index of each spec, the distinct dtypes of the local tensors or None): C-speed lookups once the
+    specs are known. The same specs as the last call's (a list comparison: identity first, then DTensorSpec's
+    equality, which covers mesh, placements and dtype) reuse its kinds and dtypes."""
     last = _LAST[0]
     if last is not None and len(last) == len(specs) and last == specs:
-        return _LAST[1]
+        return _LAST[1], _LAST[2]
     kinds = _spec_kinds(specs, fn)
-    _LAST[0], _LAST[1] = specs, kinds
-    return kinds
+    metas = [s.tensor_meta for s in specs]
+    dtypes = None if None in metas else {m.dtype for m in metas}  # a DTensor's local tensor has its spec's dtype
+    _LAST[0], _LAST[1], _LAST[2] = specs, kinds, dtypes
+    return kinds, dtypes
 
 
 def _spec_kinds(specs, fn):
@@ -278,7 +292,7 @@ def _plan(grads, fn):
             and not torch.compiler.is_compiling()):
         # the hot path: DTensors only, read without dispatch
         locals_ = list(map(_local_of, grads))
-        kinds = _kinds_of(list(map(_spec_of, grads)), fn)
+        kinds, plan._dtypes = _kinds_of(list(map(_spec_of, grads)), fn)
         distinct = set(kinds)
         if len(distinct) == 1:
             kind = _KINDS[kinds[0]]
@@ -369,7 +383,7 @@ def _bucket_norm(tensors, p, be, fn):
     if be.name == "torch" or torch.compiler.is_compiling():
         return _local_norm(tensors, p, be, fn)
     has = p > 0 or any(map(torch.Tensor.numel, tensors))  # for p > 0 an empty list's norm is 0 anyway
-    if be.name == "native" and _FAST_LOCAL:
+    if _fast_local(be):
         norm = _ext._C.local_norm(tensors, p)  # the op, called from C++ (None: take the op path)
         if norm is not None:
             return norm, has
@@ -426,7 +440,7 @@ def _scale_plan(plan, max_norm, norm, be, fn):
         return
     # DTensors' local shards only: one device, each writable unless expanded (checked when not contiguous)
     norm = norm.to(tensors[0].device, torch.float64 if torch.float64 in plan.dtypes() else torch.float32)
-    if be.name == "native" and _FAST_LOCAL and _ext._C.scale_local(tensors, max_norm, norm):
+    if _fast_local(be) and _ext._C.scale_local(tensors, max_norm, norm):
         return  # dense tensors on one device (checked in C++), scaled by the op called from C++
     if not all(map(torch.Tensor.is_contiguous, tensors)):
         _core._check_writable(tensors, fn)
