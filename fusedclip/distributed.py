@@ -16,6 +16,7 @@ import functools
 import math
 import operator
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -198,6 +199,7 @@ _KIND_INDEX = {}   # (id(mesh), placements) -> kind index
 _SPEC_KIND = {}    # id(spec) -> kind index
 _SPEC_KEEP = []    # the specs of _SPEC_KIND, alive
 _SPEC_TABLE_MAX = 1 << 17
+_TABLE_LOCK = threading.RLock()
 
 
 class _Kind:
@@ -220,26 +222,32 @@ def _kind(mesh, placements, fn):
     key = (id(mesh), tuple(placements))
     k = _KIND_INDEX.get(key)
     if k is None:
-        k = len(_KINDS)
-        _KINDS.append(_Kind(mesh, placements, fn))
-        _KIND_INDEX[key] = k
+        kind = _Kind(mesh, placements, fn)
+        with _TABLE_LOCK:
+            k = _KIND_INDEX.get(key)
+            if k is None:
+                _KINDS.append(kind)
+                k = _KIND_INDEX[key] = len(_KINDS) - 1
     return k
 
 
-_LAST = [None, None, None]  # the last call's specs, their kinds and dtypes: a training loop passes the same ones
+# The last call's (specs, their kinds, the dtypes): a training loop passes the same specs every step. One tuple,
+# replaced whole, so a thread never reads one call's specs with another's kinds.
+_LAST = (None, None, None)
 
 
 def _kinds_of(specs, fn):
     """(the kind index of each spec, the distinct dtypes of the local tensors or None): C-speed lookups once the
     specs are known. The same specs as the last call's (a list comparison: identity first, then DTensorSpec's
     equality, which covers mesh, placements and dtype) reuse its kinds and dtypes."""
-    last = _LAST[0]
+    global _LAST
+    last, kinds, dtypes = _LAST
     if last is not None and len(last) == len(specs) and last == specs:
-        return _LAST[1], _LAST[2]
+        return kinds, dtypes
     kinds = _spec_kinds(specs, fn)
     metas = [s.tensor_meta for s in specs]
     dtypes = None if None in metas else {m.dtype for m in metas}  # a DTensor's local tensor has its spec's dtype
-    _LAST[0], _LAST[1], _LAST[2] = specs, kinds, dtypes
+    _LAST = (specs, kinds, dtypes)
     return kinds, dtypes
 
 
@@ -247,13 +255,14 @@ def _spec_kinds(specs, fn):
     ids = list(map(id, specs))
     kinds = list(map(_SPEC_KIND.get, ids))
     if None in kinds:
-        if len(_SPEC_KEEP) + len(specs) > max(_SPEC_TABLE_MAX, 2 * len(specs)):
-            _SPEC_KIND.clear()
-            _SPEC_KEEP.clear()
-        for i, (sid, spec) in enumerate(zip(ids, specs)):
-            if kinds[i] is None:
-                kinds[i] = _SPEC_KIND[sid] = _kind(spec.mesh, spec.placements, fn)
-                _SPEC_KEEP.append(spec)
+        with _TABLE_LOCK:  # threads: a spec is kept alive before its id is entered, and clearing drops both
+            if len(_SPEC_KEEP) + len(specs) > max(_SPEC_TABLE_MAX, 2 * len(specs)):
+                _SPEC_KIND.clear()
+                _SPEC_KEEP.clear()
+            for i, (sid, spec) in enumerate(zip(ids, specs)):
+                if kinds[i] is None:
+                    _SPEC_KEEP.append(spec)
+                    kinds[i] = _SPEC_KIND[sid] = _kind(spec.mesh, spec.placements, fn)
     return kinds
 
 

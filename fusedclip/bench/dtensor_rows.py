@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -39,21 +40,37 @@ TARGET_SPEEDUP = 5.0
 
 
 def _params(n, mesh, world, rank):
-    """n Parameters holding Shard(0) DTensors (built from their local shards: no communication) with gradients."""
+    """n Parameters holding Shard(0) DTensors (built from their local shards: no communication) with gradients.
+    The local shards are views into one flat buffer per rank, as FSDP2's are (its reduce-scatter output)."""
     from torch.distributed.tensor import DTensor, Shard
 
     rows = -(-SHAPE[0] // world)
     local_rows = max(0, min(rows, SHAPE[0] - rank * rows))
+    k = local_rows * SHAPE[1]
     g = torch.Generator().manual_seed(rank)
+    weights, grads = torch.zeros(n * k), torch.randn(n * k, generator=g)
     params = []
-    for _ in range(n):
-        def dt(t):
-            return DTensor.from_local(t, mesh, [Shard(0)], run_check=False, shape=torch.Size(SHAPE),
-                                      stride=(SHAPE[1], 1))
-        p = torch.nn.Parameter(dt(torch.zeros(local_rows, SHAPE[1])))
-        p.grad = dt(torch.randn(local_rows, SHAPE[1], generator=g))
+    for i in range(n):
+        def dt(flat):
+            return DTensor.from_local(flat[i * k:(i + 1) * k].view(local_rows, SHAPE[1]), mesh, [Shard(0)],
+                                      run_check=False, shape=torch.Size(SHAPE), stride=(SHAPE[1], 1))
+        p = torch.nn.Parameter(dt(weights))
+        p.grad = dt(grads)
         params.append(p)
     return params
+
+
+def _plain_like(params):
+    """Plain parameters whose gradients are copies of the DTensors' local shards, views into one flat buffer."""
+    locals_ = [p.grad.to_local() for p in params]
+    flat = torch.cat([t.reshape(-1) for t in locals_]) if locals_ else torch.zeros(0)
+    out, at = [], 0
+    for t in locals_:
+        q = torch.nn.Parameter(torch.zeros_like(t))
+        q.grad = flat[at:at + t.numel()].view(t.shape)
+        at += t.numel()
+        out.append(q)
+    return out
 
 
 def _time(fn, reps, group):
@@ -88,15 +105,13 @@ def _rank(ns, reps, torch_max, rank, world, port, out_dir):
         params = _params(n, mesh, world, rank)
         if rank == 0:
             print(f"  N={n}: made in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        plain = [torch.nn.Parameter(p.to_local().detach().clone()) for p in params]
-        for q, p in zip(plain, params):
-            q.grad = p.grad.to_local().clone()
+        plain = _plain_like(params)
         calls = {
             "torch": lambda: _core._torch_clip_grad_norm_(params, MAX_NORM),
             "fusedclip": lambda: fusedclip.clip_(params, MAX_NORM),
             "plain+group": lambda: fusedclip.clip_(plain, MAX_NORM, process_group=group),
         }
-        r = max(3, min(reps, int(reps * 1000 / n)))  # fewer calls for the long lists
+        r = max(15, min(reps, int(reps * 1000 / n)))  # fewer calls for the long lists
         row = {"n": n, "world": world, "reps": r}
         for name in ROWS:
             if name == "torch" and n > torch_max:
@@ -184,9 +199,32 @@ def table(rows):
     return "\n".join(lines)
 
 
+def main(ns, world, out, tag="", reps=30):
+    """`python -m fusedclip bench --dtensor`: runs the rows, prints the table and the targets, writes
+    out/dtensor{tag}.json and .md with the machine; returns 0 when every target holds, else 1."""
+    from .machine import environment
+
+    meta = environment(torch.device("cpu"))
+    try:
+        meta["load_average"] = os.getloadavg()  # the machine's load when the run started: timings scale with it
+    except OSError:
+        pass
+    rows = measure(ns, world, reps)
+    results = checks(rows)
+    text = "\n".join([f"# DTensor rows: {world} Gloo ranks, {meta.get('device_name')}, torch {meta.get('torch')}",
+                      "", table(rows), ""] + [("- ok: " if ok else "- MISSED: ") + what for what, ok in results])
+    print(text)
+    os.makedirs(out, exist_ok=True)
+    name = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device_name", "cpu")).lower()).strip("-")
+    stem = os.path.join(out, f"{name}_{time.strftime('%Y-%m-%dT%H%M')}_dtensor{tag}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows, "checks": results}, f, indent=1, default=str)
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {stem}.json, {stem}.md")
+    return 0 if all(ok for _, ok in results) else 1
+
+
 if __name__ == "__main__":
-    ns = [int(x) for x in sys.argv[1].split(",")] if len(sys.argv) > 1 else DEFAULT_NS
-    rows = measure(ns)
-    print(table(rows))
-    for what, ok in checks(rows):
-        print(("ok   " if ok else "MISS ") + what)
+    sys.exit(main([int(x) for x in sys.argv[1].split(",")] if len(sys.argv) > 1 else DEFAULT_NS, 2,
+                  os.path.join("bench", "results", "local")))
