@@ -3,6 +3,7 @@ one device's (or one rank's) tensors, and torch's own functions. clip.py (the pu
 (the sharded ones) and amp.py build on this module; it imports none of them.
 """
 import math
+import sys
 
 import torch
 
@@ -28,11 +29,21 @@ def _as_list(tensors):
 
 def _grads(params, fn):
     try:
-        grads = [p.grad for p in params]  # one attribute read per parameter
+        if params and type(params[0]) is not torch.nn.Parameter and _is_dtensor_type(type(params[0])):
+            # DTensor parameters: .grad would go through __torch_function__ (DTensor's does nothing) at ~0.5 us a read
+            with torch._C.DisableTorchFunctionSubclass():
+                grads = [p.grad for p in params]
+        else:
+            grads = [p.grad for p in params]  # one attribute read per parameter
         return [g for g in grads if g is not None]
     except AttributeError:
         _check_tensors(params, fn, "parameters")
         raise
+
+
+def _is_dtensor_type(cls):
+    mod = sys.modules.get("torch.distributed.tensor")  # DTensors exist only once it is imported
+    return mod is not None and issubclass(cls, mod.DTensor)
 
 
 def _check_tensors(items, fn, what):

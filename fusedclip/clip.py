@@ -33,7 +33,7 @@ def _no_per_tensor_when_sharded(per_tensor, fn):
 
 @torch.no_grad()
 def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto",
-          per_tensor=False, process_group=None, on_nonfinite="clip", optimizer=None):
+          per_tensor=False, process_group=None, plain_group=None, on_nonfinite="clip", optimizer=None):
     """Clips the gradient norm of `parameters` in place; returns the total norm (before clipping).
 
     Same arguments and result as torch.nn.utils.clip_grad_norm_; unlike it, the norm is accumulated in fp32
@@ -52,9 +52,13 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
         foreach: accepted for torch's signature and ignored: the fused kernels take every tensor in one pass.
         backend (str): "auto" (default), "native", "triton" or "torch" (torch.nn.utils itself).
         per_tensor (bool): also return each gradient's own norm, from the same pass. Default False.
-        process_group (ProcessGroup, optional): the gradients are this rank's shards; the norm is that of all
-            ranks' shards (one all_reduce; every rank of the group must call). DTensor gradients need none: they
-            are reduced over their mesh.
+        process_group (ProcessGroup, optional): plain gradients: they are this rank's shards; the norm is that of
+            all ranks' shards (one all_reduce; every rank of the group must call). DTensor gradients need none: they
+            are reduced over their meshes; with them, process_group is the pipeline stages' group (each rank holds
+            another stage's gradients) and the norm covers all stages.
+        plain_group (ProcessGroup, optional): plain gradients among DTensor ones are replicated (the same on every
+            rank: counted once) unless this names the group they are shards of (e.g. experts kept as plain
+            tensors: their expert-parallel group). docs/distributed.md says what each mix means.
         on_nonfinite (str): "clip" (default, torch's behaviour) or "skip": when the norm is inf/NaN the gradients
             are left as they are and `optimizer`'s next step is skipped (no host sync for torch's fused
             optimizers; the norm and scaling passes are then two launches).
@@ -69,8 +73,9 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     params = _as_list(parameters)
     if on_nonfinite != "clip":
         return _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_tensor, process_group,
-                             on_nonfinite, optimizer)
-    if not (per_tensor or error_if_nonfinite or process_group is not None) and _fast_path(backend):
+                             on_nonfinite, optimizer, plain_group)
+    if not (per_tensor or error_if_nonfinite or process_group is not None or plain_group is not None) \
+            and _fast_path(backend):
         norm = _ext._C.clip_grads(params, max_norm, norm_type)
         if norm is not None:
             return norm
@@ -79,9 +84,10 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     be = backends.resolve(backend, device_type)
     p = _norm_type(norm_type, "clip_")
     max_norm = _number(max_norm, "clip_", "max_norm")
-    if process_group is not None or (grads and _distributed.is_dtensor(grads[0])):
+    if process_group is not None or plain_group is not None or _distributed.has_dtensor(grads):
         _no_per_tensor_when_sharded(per_tensor, "clip_")
-        return _distributed.clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach)
+        return _distributed.clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach,
+                                  plain_group)
     if be.name == "torch":
         norms = _per_tensor_norms(grads, p) if per_tensor and grads else torch.empty(0)
         norm = _torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
@@ -108,7 +114,7 @@ clip_grad_norm_ = clip_
 
 
 def _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_tensor, process_group,
-                  on_nonfinite, optimizer):
+                  on_nonfinite, optimizer, plain_group=None):
     if on_nonfinite != "skip":
         raise ValueError(f"fusedclip.clip_: on_nonfinite must be 'clip' or 'skip', got {on_nonfinite!r}")
     if optimizer is None:
@@ -117,7 +123,7 @@ def _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_
         raise ValueError("fusedclip.clip_: on_nonfinite='skip' cannot be combined with error_if_nonfinite or "
                          "per_tensor")
     grads = _grads(params, "clip_")
-    norm = get_total_norm(grads, norm_type, backend=backend, process_group=process_group)
+    norm = get_total_norm(grads, norm_type, backend=backend, process_group=process_group, plain_group=plain_group)
     if not grads:
         return norm
     finite = torch.isfinite(norm)
@@ -132,7 +138,7 @@ def _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_
 
 @torch.no_grad()
 def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None, *, backend="auto",
-                   per_tensor=False, process_group=None):
+                   per_tensor=False, process_group=None, plain_group=None):
     """The norm of `tensors` (usually gradients) as if they were one vector; like
     torch.nn.utils.get_total_norm, but accumulated in fp32 (fp64 when any tensor is fp64) whatever their dtype.
 
@@ -144,7 +150,9 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
         backend (str): "auto" (default), "native", "triton" or "torch".
         per_tensor (bool): also return each tensor's norm, from the same pass. Default False.
         process_group (ProcessGroup, optional): the tensors are this rank's shards; every rank gets the norm of
-            all shards (every rank of the group must call).
+            all shards (every rank of the group must call). Among DTensors: the pipeline stages' group.
+        plain_group (ProcessGroup, optional): the group plain tensors among DTensors are shards of (default: they
+            are replicated, counted once).
 
     Returns:
         Tensor: a 0-dim tensor on the first tensor's device in the promotion of their dtypes (tensor(0.) for an
@@ -152,16 +160,17 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
         accumulation dtype.
     """
     tensors = _as_list(tensors)
-    if not (per_tensor or error_if_nonfinite or process_group is not None) and _fast_path(backend):
+    if not (per_tensor or error_if_nonfinite or process_group is not None or plain_group is not None) \
+            and _fast_path(backend):
         norm = _ext._C.total_norm(tensors, norm_type)
         if norm is not None:
             return norm
     device_type = tensors[0].device.type if tensors and isinstance(tensors[0], torch.Tensor) else "cpu"
     be = backends.resolve(backend, device_type)
     p = _norm_type(norm_type, "get_total_norm")
-    if process_group is not None or (tensors and _distributed.is_dtensor(tensors[0])):
+    if process_group is not None or plain_group is not None or _distributed.has_dtensor(tensors):
         _no_per_tensor_when_sharded(per_tensor, "get_total_norm")
-        return _distributed.total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach)
+        return _distributed.total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach, plain_group)
     if be.name == "torch":
         norms = _per_tensor_norms(tensors, p) if per_tensor and tensors else torch.empty(0)
         norm = _torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
@@ -199,7 +208,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     grads = _grads(params, "clip_grads_with_norm_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
     max_norm = _number(max_norm, "clip_grads_with_norm_", "max_norm")
-    if grads and _distributed.is_dtensor(grads[0]):
+    if _distributed.has_dtensor(grads):
         return _distributed.scale_(params, grads, max_norm, total_norm, be, foreach)
     return _scale_with_norm(params, grads, max_norm, total_norm, be, foreach, "clip_grads_with_norm_")
 

@@ -14,7 +14,9 @@ given or when the gradients are DTensors; it builds on _core.py and never calls 
 """
 import functools
 import math
+import operator
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -24,9 +26,12 @@ if dist.is_available():  # a torch built without distributed has no collectives 
 
 from . import backends
 from . import _core
+from . import _ext
 from .ops import acc_dtype, result_dtype
 
 _INF = math.inf
+# the extension's entries for the two passes over local tensors (absent from a build older than this module)
+_FAST_LOCAL = _ext.LOADED and hasattr(_ext._C, "local_norm")
 
 
 def is_dtensor(t):
@@ -94,6 +99,10 @@ def _local_norm(tensors, p, be, fn):
     """(this rank's norm of `tensors` or None, whether they have any element)."""
     if not tensors:
         return None, False
+    if _fast_local(be) and p != 0.0:
+        norm = _ext._C.local_norm(tensors, p)  # plain tensors on one device, read in C++ (None: the op path)
+        if norm is not None:
+            return norm, p > 0 or any(map(torch.Tensor.numel, tensors))  # for p > 0 no elements is a norm of 0
     has = any(t.numel() for t in tensors)
     if be.name != "torch":
         # in float64 as the kernel computed it: a norm rounded to fp32, raised to p and summed over ranks,
@@ -103,6 +112,11 @@ def _local_norm(tensors, p, be, fn):
     if not nonempty:  # torch's norms raise on empty tensors for inf; their norm is 0
         return None, False
     return _core._torch_get_total_norm(nonempty, p), has
+
+
+def _fast_local(be):
+    """Whether the local passes may try the extension's C++ entries (eager, native backend, a recent build)."""
+    return be.name == "native" and _FAST_LOCAL and not torch.compiler.is_compiling()
 
 
 def _group_device(group):
@@ -117,7 +131,9 @@ def _scale_local(tensors, max_norm, norm, be, fn):
     """Scales local tensors by the global norm with the coefficient computed in their accumulation dtype."""
     if not tensors:
         return
-    norm = norm.to(acc_dtype(tensors))
+    norm = norm.to(torch.float64 if torch.float64 in _dtypes(tensors) else torch.float32)
+    if _fast_local(be) and _ext._C.scale_local(tensors, max_norm, norm.to(tensors[0].device)):
+        return  # dense tensors on one device (checked in C++; an expanded one takes the op path, which raises)
     if be.name != "torch":
         _core._scale(tensors, max_norm, norm, be, fn)
         return
@@ -135,22 +151,27 @@ def _scale_local(tensors, max_norm, norm, be, fn):
 
 def _group_norm(grads, p, process_group, be, fn):
     """The global norm (float64, on this rank's gradient device) of the shards all ranks of the group hold."""
-    _core._check_tensors(grads, fn, "gradients")
-    if any(is_dtensor(g) for g in grads):
-        raise TypeError(f"fusedclip.{fn}: DTensor gradients carry their own device mesh; pass them without "
-                        "process_group (or pass their .to_local() shards with it)")
+    if not all(issubclass(t, torch.Tensor) for t in set(map(type, grads))):
+        _core._check_tensors(grads, fn, "gradients")  # says which item is not a tensor
     local, has = _local_norm(grads, p, be, fn)
     device = grads[0].device if grads else _group_device(process_group)
     t, op = _pack(local, has, p, device)
     return _unpack(_all_reduce(t, op, [process_group]), p)
 
 
-def _result(norm, tensors):
-    return norm.to(result_dtype(tensors)) if tensors else norm.to(torch.float32)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# DTensors: local shards, reduced over the mesh each gradient lives on, replicas counted once.
+# DTensors, and DTensors mixed with plain tensors: the reduction plan.
+#
+# Every gradient's elements are counted once in the global norm:
+# - a DTensor by the ranks of its mesh, each counting its local shard unless the shard is a replica (a rank at a
+#   coordinate other than 0 of a Replicate dim skips it; a Partial dim is first reduced, then treated as Replicate);
+# - a plain tensor among DTensors is replicated (the same on every rank): each rank adds it once, after the mesh
+#   reductions, with no collective; with plain_group= it is this rank's shard of that group (reduced over it);
+# - with process_group= among DTensors (pipeline stages: each rank of the group holds a different stage), the
+#   rank's whole partial (meshes and plain tensors) is then reduced over that group.
+# DTensors whose meshes cover the same ranks (a dense world mesh and an expert (dp, ep) mesh, say) share one
+# fused pass and one all_reduce: the number of collectives is the number of distinct rank sets, plus one for
+# plain_group and one for process_group when given.
 # ---------------------------------------------------------------------------------------------------------
 
 def _mesh_groups(mesh):
@@ -163,20 +184,184 @@ def _mesh_groups(mesh):
     return [(mesh, d) for d in range(mesh.ndim)]
 
 
-def _dtensor_parts(grads, fn):
-    """(the local tensors to scale, [(mesh, tensors this rank counts in the norm, all its local tensors)]).
-    A gradient replicated along a mesh dim is counted only by the ranks at coordinate 0 of that dim, so
-    replicas are not counted twice; Partial gradients are made Replicate for the norm (they are scaled as
-    they are: scaling is linear)."""
-    from torch.distributed.tensor import DTensor, Replicate
-    # Meshes are told apart by identity in a list, not used as dict keys: torch 2.6's dynamo cannot hash a
-    # DeviceMesh (torch.compile of a sharded clip failed on dict.setdefault). Two equal meshes that are distinct
-    # objects are reduced separately: the same norm, one more collective.
-    locals_, meshes, counted, per_mesh = [], [], [], []
-    for i, g in enumerate(grads):
-        if not isinstance(g, DTensor):
-            raise TypeError(f"fusedclip.{fn}: gradient {i} is a {type(g).__name__} among DTensor gradients; "
-                            "all or none must be DTensors")
+
+_spec_of = operator.attrgetter("_spec")
+_local_of = operator.attrgetter("_local_tensor")
+_dtype_of = operator.attrgetter("dtype")
+
+# Per (mesh, placements): what a rank does with such a gradient. Meshes are long-lived; the table holds them.
+_KINDS = []        # kind index -> _Kind
+_KIND_INDEX = {}   # (id(mesh), placements) -> kind index
+# Per DTensorSpec object: its kind. FSDP2 gives each parameter's gradient the same spec object every step, so after
+# the first step a call reads two attributes per gradient and looks the spec up (no DTensor dispatch). The table
+# holds the specs it maps (so an id is never reused while it is in there); it is emptied when it outgrows
+# _SPEC_TABLE_MAX (specs made anew every step, as tensor-parallel autograd does, just miss it).
+_SPEC_KIND = {}    # id(spec) -> kind index
+_SPEC_KEEP = []    # the specs of _SPEC_KIND, alive
+_SPEC_TABLE_MAX = 1 << 17
+_TABLE_LOCK = threading.RLock()
+
+
+class _Kind:
+    __slots__ = ("mesh", "ranks", "counted", "partial", "placements")
+
+    def __init__(self, mesh, placements, fn):
+        coord = mesh.get_coordinate()
+        if coord is None:
+            raise ValueError(f"fusedclip.{fn}: a DTensor gradient lives on a device mesh that does not include this "
+                             f"rank ({list(mesh.mesh.flatten().tolist())}); pass each rank only the gradients of "
+                             "its own meshes")
+        self.mesh, self.placements = mesh, tuple(placements)
+        self.ranks = tuple(sorted(mesh.mesh.flatten().tolist()))
+        self.partial = any(pl.is_partial() for pl in placements)
+        # a replica (Replicate, or Partial once reduced) is counted by the ranks at coordinate 0 of that dim only
+        self.counted = all(coord[d] == 0 for d, pl in enumerate(placements) if pl.is_replicate() or pl.is_partial())
+
+
+def _kind(mesh, placements, fn):
+    key = (id(mesh), tuple(placements))
+    k = _KIND_INDEX.get(key)
+    if k is None:
+        kind = _Kind(mesh, placements, fn)
+        with _TABLE_LOCK:
+            k = _KIND_INDEX.get(key)
+            if k is None:
+                _KINDS.append(kind)
+                k = _KIND_INDEX[key] = len(_KINDS) - 1
+    return k
+
+
+# The last call's (specs, their kinds, the dtypes): a training loop passes the same specs every step. One tuple,
+# replaced whole, so a thread never reads one call's specs with another's kinds.
+_LAST = (None, None, None)
+
+
+def _kinds_of(specs, fn):
+    """(the kind index of each spec, the distinct dtypes of the local tensors or None): C-speed lookups once the
+    specs are known. The same specs as the last call's (a list comparison: identity first, then DTensorSpec's
+    equality, which covers mesh, placements and dtype) reuse its kinds and dtypes."""
+    global _LAST
+    last, kinds, dtypes = _LAST
+    if last is not None and len(last) == len(specs) and last == specs:
+        return kinds, dtypes
+    kinds = _spec_kinds(specs, fn)
+    metas = [s.tensor_meta for s in specs]
+    dtypes = None if None in metas else {m.dtype for m in metas}  # a DTensor's local tensor has its spec's dtype
+    _LAST = (specs, kinds, dtypes)
+    return kinds, dtypes
+
+
+def _spec_kinds(specs, fn):
+    ids = list(map(id, specs))
+    kinds = list(map(_SPEC_KIND.get, ids))
+    if None in kinds:
+        with _TABLE_LOCK:  # threads: a spec is kept alive before its id is entered, and clearing drops both
+            if len(_SPEC_KEEP) + len(specs) > max(_SPEC_TABLE_MAX, 2 * len(specs)):
+                _SPEC_KIND.clear()
+                _SPEC_KEEP.clear()
+            for i, (sid, spec) in enumerate(zip(ids, specs)):
+                if kinds[i] is None:
+                    _SPEC_KEEP.append(spec)
+                    kinds[i] = _SPEC_KIND[sid] = _kind(spec.mesh, spec.placements, fn)
+    return kinds
+
+
+def _dtypes(tensors):
+    """The distinct dtypes of `tensors` (a C loop in eager mode; dynamo cannot trace operator.attrgetter)."""
+    return {t.dtype for t in tensors} if torch.compiler.is_compiling() else set(map(_dtype_of, tensors))
+
+
+class _Plan:
+    """One call's gradients sorted for the reduction: `scale` every local tensor to scale (DTensors' local shards
+    and plain tensors, in order); `buckets` [(rank set, mesh to reduce over, tensors this rank counts, every local
+    tensor of the bucket)], sorted the same way on every rank; `plain` the plain tensors; `meshes` the first
+    DTensor's mesh (none without DTensors)."""
+    __slots__ = ("scale", "buckets", "plain", "meshes", "_dtypes")
+
+    def dtypes(self):
+        """The distinct dtypes of the local tensors (read once)."""
+        if getattr(self, "_dtypes", None) is None:
+            self._dtypes = _dtypes(self.scale)
+        return self._dtypes
+
+
+def _bucket_order(bucket):
+    """Larger rank sets first, then by ranks: the same order on every rank, so no two ranks wait on each other's
+    collectives in opposite orders."""
+    return (-len(bucket[0]), bucket[0])
+
+
+def _plan(grads, fn):
+    """The plan of a list of gradients (DTensors, plain tensors, or both)."""
+    plan = _Plan()
+    mod = sys.modules.get("torch.distributed.tensor")
+    DTensor = mod.DTensor if mod is not None else None
+    types = set(map(type, grads))
+    if (DTensor is not None and len(types) == 1 and issubclass(next(iter(types)), DTensor)
+            and not torch.compiler.is_compiling()):
+        # the hot path: DTensors only, read without dispatch
+        locals_ = list(map(_local_of, grads))
+        kinds, plan._dtypes = _kinds_of(list(map(_spec_of, grads)), fn)
+        distinct = set(kinds)
+        if len(distinct) == 1:
+            kind = _KINDS[kinds[0]]
+            if not kind.partial:
+                plan.scale, plan.plain, plan.meshes = locals_, [], [kind.mesh]
+                plan.buckets = [(kind.ranks, kind.mesh, locals_ if kind.counted else [], locals_)]
+                return plan
+        return _sorted_plan(plan, grads, locals_, kinds, DTensor)
+    if torch.compiler.is_compiling():
+        return _traced_plan(plan, grads, fn, DTensor)
+    locals_, kinds = [], []
+    for g in grads:
+        if DTensor is not None and isinstance(g, DTensor):
+            locals_.append(g._local_tensor)
+            kinds.append(_kind(g._spec.mesh, g._spec.placements, fn))
+        else:
+            locals_.append(g)
+            kinds.append(None)
+    return _sorted_plan(plan, grads, locals_, kinds, DTensor)
+
+
+def _sorted_plan(plan, grads, locals_, kinds, DTensor):
+    buckets, plain, meshes = {}, [], []
+    for g, local, k in zip(grads, locals_, kinds):
+        if k is None:
+            plain.append(local)
+            continue
+        kind = _KINDS[k]
+        b = buckets.get(kind.ranks)
+        if b is None:
+            b = buckets[kind.ranks] = [{}, [], []]
+            meshes = meshes or [kind.mesh]
+        b[0][k] = None
+        b[2].append(local)
+        if kind.partial:  # the one case that communicates a gradient (every rank of the mesh): a sum, never a gather
+            placements = tuple(pl if not pl.is_partial() else _replicate() for pl in kind.placements)
+            local = g.redistribute(kind.mesh, placements).to_local()
+        if kind.counted:
+            b[1].append(local)
+    plan.scale, plan.plain, plan.meshes = locals_, plain, meshes
+    # meshes of the same ranks: reduce over the one that needs the fewest collectives
+    plan.buckets = sorted(((ranks, min((_KINDS[k].mesh for k in ks), key=lambda m: len(_mesh_groups(m))), counted,
+                            all_) for ranks, (ks, counted, all_) in buckets.items()), key=_bucket_order)
+    return plan
+
+
+def _replicate():
+    from torch.distributed.tensor import Replicate
+    return Replicate()
+
+
+def _traced_plan(plan, grads, fn, DTensor):
+    """The plan under torch.compile: public DTensor API only (dynamo traces it), meshes told apart by identity in a
+    list (torch 2.6's dynamo cannot hash a DeviceMesh), one reduction per mesh object."""
+    meshes, buckets, plain, locals_ = [], [], [], []
+    for g in grads:
+        if DTensor is None or not isinstance(g, DTensor):
+            plain.append(g)
+            locals_.append(g)
+            continue
         local = g.to_local()
         locals_.append(local)
         mesh, placements = g.device_mesh, g.placements
@@ -187,97 +372,187 @@ def _dtensor_parts(grads, fn):
                 break
         if k == len(meshes):
             meshes.append(mesh)
-            counted.append([])
-            per_mesh.append([])
-        per_mesh[k].append(local)
+            buckets.append((None, mesh, [], []))
+        buckets[k][3].append(local)
         if any(pl.is_partial() for pl in placements):
-            placements = tuple(Replicate() if pl.is_partial() else pl for pl in placements)
+            placements = tuple(_replicate() if pl.is_partial() else pl for pl in placements)
             local = g.redistribute(mesh, placements).to_local()
         coord = mesh.get_coordinate()  # not get_local_rank(d): torch 2.6's dynamo cannot trace that one
         if all(coord[d] == 0 for d, pl in enumerate(placements) if pl.is_replicate()):
-            counted[k].append(local)
-    return locals_, list(zip(meshes, counted, per_mesh))
+            buckets[k][2].append(local)
+    plan.scale, plan.plain, plan.meshes, plan.buckets = locals_, plain, meshes, buckets
+    return plan
 
 
-def _dtensor_norm(grads, p, be, fn):
-    """The global norm (float64) of DTensor gradients, equal to torch's total_norm.full_tensor(); and the
-    local tensors to scale, and the meshes."""
-    locals_, parts = _dtensor_parts(grads, fn)
-    device = locals_[0].device
-    total, op = None, None
-    for mesh, tensors, all_local in parts:
+def _bucket_norm(tensors, p, be, fn):
+    """(this rank's unrounded norm of a bucket's counted local shards, or None; whether they have elements). One
+    device (a mesh's), so the backend is called directly: no per-tensor checks in Python."""
+    if not tensors:
+        return None, False
+    if be.name == "torch" or torch.compiler.is_compiling():
+        return _local_norm(tensors, p, be, fn)
+    has = p > 0 or any(map(torch.Tensor.numel, tensors))  # for p > 0 an empty list's norm is 0 anyway
+    if _fast_local(be):
+        norm = _ext._C.local_norm(tensors, p)  # the op, called from C++ (None: take the op path)
+        if norm is not None:
+            return norm, has
+    try:
+        return be.total_norm(tensors, p, None, torch.float64), has
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
+        return _local_norm(tensors, p, be, fn)  # explains the failure, or takes the devices one by one
+
+
+def _op(p):
+    return "max" if p == _INF else "min" if p == -_INF else "sum"
+
+
+def _plan_norm(plan, p, be, fn, process_group, plain_group):
+    """The global norm (float64) of a plan: per rank set one fused pass and one all_reduce; the plain tensors
+    (replicated, or shards of plain_group); then over process_group (pipeline stages)."""
+    if plan.scale:
+        device = plan.scale[0].device
+    else:
+        device = _group_device(process_group if process_group is not None else plain_group)
+    op = _op(p)
+    total = _pack(None, False, p, device)[0]
+    for _, mesh, counted, all_local in plan.buckets:
         if p == 0.0:
-            # torch's p=0 counts the (whole) tensors with a nonzero element: a per-tensor flag, MAX over the
-            # mesh (every rank of a mesh holds a shard, maybe empty, of each of its DTensors), then a count.
-            flags = torch.stack([(t != 0).any().to(device) for t in all_local]).to(torch.float64)
-            t, op = _all_reduce(flags, "max", _mesh_groups(mesh)).sum(), "sum"
+            # torch's p=0 counts the (whole) tensors with a nonzero element: a per-tensor flag, MAX over the mesh
+            # (every rank of a mesh holds a shard, maybe empty, of each of its DTensors), then a count.
+            flags = (torch.stack([(t != 0).any() for t in all_local]).to(device, torch.float64) if all_local
+                     else torch.zeros(0, dtype=torch.float64, device=device))
+            t = _all_reduce(flags, "max", _mesh_groups(mesh)).sum()
         else:
-            local, has = _local_norm(tensors, p, be, fn)
-            t, op = _pack(local, has, p, device)
-            t = _all_reduce(t, op, _mesh_groups(mesh))
-        total = t if total is None else _combine(total, t, op)
-    return _unpack(total, p), locals_, [mesh for mesh, _, _ in parts]
+            local, has = _bucket_norm(counted, p, be, fn)
+            t = _all_reduce(_pack(local, has, p, device)[0], op, _mesh_groups(mesh))
+        total = _combine(total, t, op)
+    if plan.plain:
+        local, has = _local_norm(plan.plain, p, be, fn) if p != 0.0 else (
+            _core._total_norm(plan.plain, 0.0, be, fn), True)
+        part = _pack(local, has, p, device)[0]
+        if plain_group is not None:
+            part = _all_reduce(part, op, [plain_group])
+        total = _combine(total, part, op)
+    elif plain_group is not None:  # every rank of plain_group reduces, also those without plain tensors
+        total = _combine(total, _all_reduce(_pack(None, False, p, device)[0], op, [plain_group]), op)
+    if process_group is not None:
+        total = _all_reduce(total, op, [process_group])
+    return _unpack(total, p)
+
+
+def _scale_plan(plan, max_norm, norm, be, fn):
+    tensors = plan.scale
+    if not tensors:
+        return
+    if be.name == "torch" or torch.compiler.is_compiling() or plan.plain:
+        _scale_local(tensors, max_norm, norm, be, fn)
+        return
+    # DTensors' local shards only: one device, each writable unless expanded (checked when not contiguous)
+    norm = norm.to(tensors[0].device, torch.float64 if torch.float64 in plan.dtypes() else torch.float32)
+    if _fast_local(be) and _ext._C.scale_local(tensors, max_norm, norm):
+        return  # dense tensors on one device (checked in C++), scaled by the op called from C++
+    if not all(map(torch.Tensor.is_contiguous, tensors)):
+        _core._check_writable(tensors, fn)
+    try:
+        be.scale(tensors, max_norm, norm)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
+        _core._scale(tensors, max_norm, norm, be, fn)
+
+
+def _dtensor_norm(grads, p, be, fn, process_group=None, plain_group=None):
+    """(the global norm in float64, the local tensors to scale, the meshes) of DTensor gradients (ZClip's too)."""
+    plan = _plan(grads, fn)
+    return _plan_norm(plan, p, be, fn, process_group, plain_group), plan.scale, plan.meshes
+
+
+def has_dtensor(tensors):
+    """Whether any of `tensors` is a DTensor (one type check per distinct type)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None:
+        return False
+    return any(issubclass(t, mod.DTensor) for t in set(map(type, tensors)) if t is not torch.Tensor)
 
 
 def _as_dtensor(norm, meshes):
-    """The norm as a replicated DTensor when all gradients share one mesh (so code written for torch's
-    result, e.g. total_norm.full_tensor(), keeps working); a plain tensor otherwise."""
-    if len(meshes) != 1:
+    """The norm, the same on every rank, as a replicated DTensor on the first gradient's mesh (so code written for
+    torch's result, e.g. total_norm.full_tensor(), keeps working, on mixed meshes too); a plain tensor when there
+    are no DTensor gradients."""
+    if not meshes:
         return norm
     from torch.distributed.tensor import DTensor, Replicate
     return DTensor.from_local(norm, meshes[0], [Replicate()] * meshes[0].ndim, run_check=False)
+
+
+def _result(norm, tensors, dtypes=None):
+    """The norm in torch's result dtype (the promotion of the tensors' dtypes), read from the distinct dtypes."""
+    if not tensors:
+        return norm.to(torch.float32)
+    dtypes = dtypes if dtypes is not None else _dtypes(tensors)
+    return norm.to(result_dtype([torch.empty(0, dtype=d) for d in dtypes]))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The entry points fusedclip.clip_, get_total_norm and clip_grads_with_norm_ delegate to.
 # ---------------------------------------------------------------------------------------------------------
 
-def clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach=None):
-    """clip_ over a process group or DTensor gradients. `params` as the user passed them (a list), `grads`
-    their gradients, `p` and `max_norm` validated floats, `be` the resolved backend. Every rank of the group
-    must call it (also ranks without gradients). Returns the global norm (before clipping)."""
-    dtensors = process_group is None
-    if dtensors and be.name == "torch":  # torch handles DTensors itself
-        return _core._torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
-    if dtensors:
-        norm, locals_, meshes = _dtensor_norm(grads, p, be, "clip_")
+def _norm(grads, p, process_group, plain_group, be, fn, foreach, torch_fn):
+    """(global norm in float64, tensors to scale, meshes), or (torch's result, None, None) when torch runs."""
+    dtensors = has_dtensor(grads)
+    if not dtensors and plain_group is None:
+        return _group_norm(grads, p, process_group, be, fn), grads, []
+    if be.name == "torch" and process_group is None and plain_group is None and not any(
+            type(g) is torch.Tensor for g in grads):
+        return torch_fn(), None, None  # DTensors alone: torch handles them itself
+    if not dtensors:  # plain tensors only, shards of plain_group (then maybe over process_group)
+        plan = _Plan()
+        plan.scale, plan.buckets, plan.plain, plan.meshes = grads, [], grads, []
     else:
-        norm = _group_norm(grads, p, process_group, be, "clip_")
-        locals_, meshes = grads, []
+        plan = _plan(grads, fn)
+    return _plan_norm(plan, p, be, fn, process_group, plain_group), plan, plan.meshes
+
+
+def clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach=None, plain_group=None):
+    """clip_ over a process group and/or DTensor gradients. `params` as the user passed them (a list), `grads`
+    their gradients, `p` and `max_norm` validated floats, `be` the resolved backend. Every rank of the groups and
+    meshes involved must call it (also ranks without gradients). Returns the global norm (before clipping)."""
+    norm, plan, meshes = _norm(grads, p, process_group, plain_group, be, "clip_", foreach,
+                               lambda: _core._torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach))
+    if plan is None:
+        return norm
     if error_if_nonfinite:
         _core._check_finite(norm, p)  # the same global norm on every rank: all raise, before any scaling
-    _scale_local(locals_, max_norm, norm, be, "clip_")
-    norm = _result(norm, locals_)
-    return _as_dtensor(norm, meshes) if dtensors else norm
+    if isinstance(plan, _Plan):
+        _scale_plan(plan, max_norm, norm, be, "clip_")
+        return _as_dtensor(_result(norm, plan.scale, plan.dtypes()), meshes)
+    _scale_local(plan, max_norm, norm, be, "clip_")
+    return _result(norm, plan)
 
 
-def total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach=None):
-    """get_total_norm over a process group or DTensors: the global norm, on every rank."""
-    dtensors = process_group is None
-    if dtensors and be.name == "torch":
-        return _core._torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
-    if dtensors:
-        norm, locals_, meshes = _dtensor_norm(tensors, p, be, "get_total_norm")
-    else:
-        norm = _group_norm(tensors, p, process_group, be, "get_total_norm")
-        locals_, meshes = tensors, []
+def total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach=None, plain_group=None):
+    """get_total_norm over a process group and/or DTensors: the global norm, on every rank."""
+    norm, plan, meshes = _norm(tensors, p, process_group, plain_group, be, "get_total_norm", foreach,
+                               lambda: _core._torch_get_total_norm(tensors, p, error_if_nonfinite, foreach))
+    if plan is None:
+        return norm
     if error_if_nonfinite:
         _core._check_finite(norm, p)
-    norm = _result(norm, locals_)
-    return _as_dtensor(norm, meshes) if dtensors else norm
+    if isinstance(plan, _Plan):
+        return _as_dtensor(_result(norm, plan.scale, plan.dtypes()), meshes)
+    return _result(norm, plan)
 
 
 def scale_(params, grads, max_norm, total_norm, be, foreach=None):
-    """clip_grads_with_norm_ for DTensor gradients: scales each local shard (no communication). total_norm
-    may be a DTensor (as clip_/get_total_norm return), a tensor or a number."""
-    if be.name == "torch":
+    """clip_grads_with_norm_ for DTensor gradients, alone or mixed with plain ones: scales each local shard (no
+    communication). total_norm may be a DTensor (as clip_/get_total_norm return), a tensor or a number."""
+    if be.name == "torch" and not any(type(g) is torch.Tensor for g in grads):
         return _core._torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
     if is_dtensor(total_norm):
-        total_norm = total_norm.full_tensor()
+        replicated = all(pl.is_replicate() for pl in total_norm.placements)
+        total_norm = total_norm.to_local() if replicated else total_norm.full_tensor()
     elif not isinstance(total_norm, torch.Tensor):
         total_norm = torch.tensor(_core._number(total_norm, "clip_grads_with_norm_", "total_norm"))
-    locals_, _ = _dtensor_parts(grads, "clip_grads_with_norm_")
-    _scale_local(locals_, max_norm, total_norm.to(locals_[0].device), be, "clip_grads_with_norm_")
+    plan = _plan(grads, "clip_grads_with_norm_")
+    _scale_plan(plan, max_norm, total_norm.to(torch.float64), be, "clip_grads_with_norm_")
     return None
 
 

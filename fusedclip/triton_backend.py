@@ -422,7 +422,9 @@ def _norm_from_partials(partials, count, pw, NORM: tl.constexpr, ACC: tl.constex
     """The norm of `count` chunk partials (float64: each chunk's fp32 sum is stored widened), combined and
     finished in float64, unrounded (callers round it once to ACC): an fp32 combination of thousands of partials
     costs tens of ulps (csrc/clip_math.h: widen)."""
-    total = _reduce(partials, count, NORM, tl.float64, PBLOCK)
+    # a quarter as many lanes as the fp32 reductions: 1,024 float64 lanes took the finish kernels from 80-95 to
+    # 128-168 registers (Triton 3.8 / 3.6; ZClip's finish spilled), 256 keep them where they were
+    total = _reduce(partials, count, NORM, tl.float64, PBLOCK // 4)
     return _norm_of(total, pw.to(tl.float64), NORM, tl.float64, EXACT_POW)
 
 

@@ -408,3 +408,28 @@ def test_gpu_expectations_are_targets():
     assert not got["triton: llama-7b noclip % of copy bandwidth (one launch)"]["met"]
     assert got["triton-2: llama-7b noclip % of copy bandwidth (two launches)"]["met"]
     assert len(got) == 5
+
+
+def test_dtensor_rows_targets_and_table():
+    """--dtensor: the targets read from the rows (per-tensor time, the 20k call, the speedup, torch estimated from
+    its largest N when it did not run), and the flag parses."""
+    from fusedclip.bench import dtensor_rows as dr
+    from fusedclip.bench.cli import parse
+
+    def row(n, fused_s, plain_s, torch_s=None):
+        r = {"n": n, "world": 2, "reps": 15,
+             "fusedclip": {"median_s": fused_s, "min_s": fused_s, "us_per_tensor": fused_s / n * 1e6},
+             "plain+group": {"median_s": plain_s, "min_s": plain_s, "us_per_tensor": plain_s / n * 1e6}}
+        if torch_s is not None:
+            r["torch"] = {"median_s": torch_s, "min_s": torch_s, "us_per_tensor": torch_s / n * 1e6}
+        return r
+
+    rows = [row(4000, 1.6e-3, 1.2e-3, torch_s=100e-3), row(20000, 9e-3, 6e-3)]
+    checks = dict(dr.checks(rows))
+    assert [ok for _, ok in dr.checks(rows)] == [True, True, True, True]
+    assert any("(est.)" in what for what in checks)  # torch at 20k: 25 us/tensor from 4k, 500 ms, 55x
+    slow = [row(4000, 4e-3, 1.2e-3, torch_s=10e-3), row(20000, 30e-3, 6e-3)]
+    assert [ok for _, ok in dr.checks(slow)] == [False, False, False, False]
+    table = dr.table(rows)
+    assert "| 20,000 | 2 | 500.00 est. | 9.00 |" in table, table
+    assert parse(["--dtensor"]).dtensor == "default" and parse(["--dtensor", "1000,2000"]).dtensor == "1000,2000"

@@ -370,6 +370,238 @@ def exact_norm_over_ranks(rank, world, group):
         assert fp32_ulps(n, exact_big) <= 1.0, (p, fp32_ulps(n, exact_big))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Mixes (issue 24): several meshes, DTensors with plain tensors, pipeline stages. Every rank builds the same
+# unsharded gradients from a seed; the reference is their float64 norm (each gradient counted once).
+# ---------------------------------------------------------------------------------------------------------
+
+class CountingCollectives:
+    """Counts the all_reduces fusedclip.distributed issues (a stand-in for its funcol module)."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def all_reduce(self, *args, **kw):
+        self.calls += 1
+        return self.real.all_reduce(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def counting_collectives():
+    import fusedclip.distributed as fd
+    counter = CountingCollectives(fd.funcol)
+    fd.funcol = counter
+    return counter, lambda: setattr(fd, "funcol", counter.real)
+
+
+def mix_grads(seed, n, scale=1.0):
+    """n unsharded gradients of odd shapes (dim 0 of 1, 3, 5, 8 rows: empty shards at 4 ranks), the same on every
+    rank for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, 3), (3, 5), (5, 2), (8, 4), (7,), (2, 2, 3)]
+    return [torch.randn(shapes[i % len(shapes)], generator=g) * scale * (1 + i % 3) for i in range(n)]
+
+
+def check_clip(rank, grads, full, p, max_norm=0.5, **kw):
+    """fusedclip.clip_ and get_total_norm on `grads` (DTensors and plain tensors) against the float64 norm of
+    `full` (the unsharded gradients, each once): the norm on every rank, and every local value scaled by the
+    reference coefficient (each DTensor's full_tensor() against its unsharded gradient)."""
+    from torch.distributed.tensor import DTensor
+
+    expected = ref_norm(full, p)
+    n = fusedclip.get_total_norm(grads, p, **kw)
+    n = n.full_tensor() if isinstance(n, DTensor) else n
+    close(n, expected, rtol=1e-5)
+    if p == 0.0:
+        return
+    before = [g.full_tensor().clone() if isinstance(g, DTensor) else g.clone() for g in grads]
+    total = fusedclip.clip_(params_with(grads), max_norm, p, **kw)
+    assert isinstance(total, DTensor) == any(isinstance(g, DTensor) for g in grads)
+    close(total.full_tensor() if isinstance(total, DTensor) else total, expected, rtol=1e-5)
+    coef = min(1.0, max_norm / (float(expected) + 1e-6))
+    assert coef < 1.0  # the case clips: a scaling pass that did nothing would fail it
+    for g, b in zip(grads, before):
+        close(g.full_tensor() if isinstance(g, DTensor) else g, b.double() * coef, rtol=1e-5)
+
+
+@case
+def mixed_meshes(rank, world, group):
+    """Dense gradients on the world mesh, expert gradients on a (dp, ep) mesh of the same ranks (each ep rank holds
+    other experts, replicated over dp), and at 4 ranks tensor-parallel gradients on the tp rows of a (dp, tp) mesh
+    (a 2-rank sub-mesh: each row its own rank set, reduced on its own): the norm of the unsharded model, each once,
+    for p = 2, inf, 1, 0 (torch raises on such a list). The dense and expert gradients share one all_reduce."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dense_mesh = init_device_mesh("cpu", (world,))
+    ep = 2
+    moe = init_device_mesh("cpu", (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    dense = mix_grads(seed=30, n=7)
+    experts = [torch.randn(4, 6, generator=torch.Generator().manual_seed(31 + i)) for i in range(3)]  # dim 0: expert
+    tp = []
+    if world == 4:
+        tp_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))["tp"]
+        # the same gradient on both tp rows (dp replicas): each row's ranks count it once, not once per row
+        tp = [torch.randn(6, 3, generator=torch.Generator().manual_seed(40))]
+    for p in [2.0, INF, 1.0, 0.0]:
+        grads = ([distribute_tensor(t.clone(), dense_mesh, [Shard(0)]) for t in dense]
+                 + [distribute_tensor(t.clone(), moe, [Replicate(), Shard(0)]) for t in experts]
+                 + [distribute_tensor(t.clone(), tp_mesh, [Shard(1)]) for t in tp])
+        counter, restore = counting_collectives()
+        try:
+            check_clip(rank, grads, dense + experts + tp, p)
+        finally:
+            restore()
+        if p != 0.0:
+            # get_total_norm and clip_: one all_reduce each for the world-spanning rank set, one for the tp row
+            assert counter.calls == 2 * (1 + bool(tp)), counter.calls
+
+
+@case
+def fsdp_tp_2x2(rank, world, group):
+    """FSDP x TP on a (dp, tp) mesh (2x2 at 4 ranks, 1x2 at 2): (Shard(0), Shard(1)) weights, (Shard(0), Replicate)
+    norms' scales replicated over tp, a (Replicate, Partial) gradient (a row-parallel bias before its reduction),
+    uneven and empty shards; p = 2, inf, 1, 0 against the unsharded float64 norm."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    full = mix_grads(seed=50, n=6)
+    layouts = [[Shard(0), Shard(1)], [Shard(0), Replicate()], [Shard(0), Shard(0)]]
+    bias = torch.randn(5, generator=torch.Generator().manual_seed(51))
+    for p in [2.0, INF, 1.0, 0.0]:
+        grads = [distribute_tensor(t.clone(), mesh, layouts[i % 3] if t.dim() > 1 else [Shard(0), Replicate()])
+                 for i, t in enumerate(full)]
+        # Partial over tp: each tp rank holds a part, the gradient is their sum (bias = 0.25 * bias + 0.75 * bias)
+        part = bias * (0.25 if mesh.get_coordinate()[1] == 0 else 0.75)
+        grads.append(DTensor.from_local(part, mesh, [Replicate(), Partial()], run_check=False))
+        check_clip(rank, grads, full + [bias], p)
+
+
+@case
+def dtensor_with_plain(rank, world, group):
+    """DTensors with plain gradients: replicated by default (the same on every rank, counted once), or with
+    plain_group= this rank's shards of that group (different on every rank, each counted once); also the group
+    of expert-parallel shards replicated over dp (at 4 ranks: plain_group is the 2-rank ep group)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    dense = mix_grads(seed=60, n=5)
+    shared = mix_grads(seed=61, n=3, scale=2.0)  # replicated plain gradients
+    every = [mix_grads(seed=70 + r, n=2, scale=3.0) for r in range(world)]  # rank r's own plain shards
+    ep = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "ep"))
+    ep_group, ep_rank = ep.get_group("ep"), ep.get_coordinate()[1]
+    experts = [mix_grads(seed=80 + e, n=2, scale=0.5) for e in range(2)]  # expert shard e, the same on every dp
+    for p in [2.0, INF, 1.0, 0.0]:
+        dts = lambda: [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in dense]  # noqa: E731
+        check_clip(rank, dts() + [t.clone() for t in shared], dense + shared, p)
+        check_clip(rank, dts() + [t.clone() for t in every[rank]], dense + [t for ts in every for t in ts], p,
+                   plain_group=group)
+        check_clip(rank, dts() + [t.clone() for t in experts[ep_rank]], dense + experts[0] + experts[1], p,
+                   plain_group=ep_group)
+        # plain shards only, with plain_group: the same as process_group
+        check_clip(rank, [t.clone() for t in every[rank]], [t for ts in every for t in ts], p, plain_group=group)
+
+
+@case
+@only_on(4)
+def mesh_without_this_rank(rank, world, group):
+    """A DTensor gradient on a mesh of ranks 0 and 1 passed on ranks 2 and 3 too: those raise (they hold no shard
+    and cannot join the mesh's reduction), ranks 0 and 1 clip."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = DeviceMesh("cpu", [0, 1])
+    local = torch.full((2, 3), float(rank + 1)) if rank < 2 else torch.zeros(0, 3)
+    g = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size((4, 3)), stride=(3, 1))
+    if rank < 2:
+        close(fusedclip.get_total_norm([g]).full_tensor(), torch.tensor(30.0).sqrt())
+        return
+    try:
+        fusedclip.get_total_norm([g])
+        raise AssertionError("no error on a rank outside the mesh")
+    except ValueError as e:
+        assert "does not include this rank" in str(e), e
+
+
+def _stage_grads(stage):
+    return mix_grads(seed=90 + stage, n=4, scale=1.0 + stage)
+
+
+@case
+def pipeline_stages(rank, world, group):
+    """Pipeline stages: a (pp, dp) mesh, stage s's gradients Shard(0) DTensors on its dp row, process_group the pp
+    group (one rank of each stage): the norm of all stages' gradients on every rank, with a replicated plain
+    gradient per stage too; inf and -inf; a NaN or inf in one stage makes every rank of every stage non-finite,
+    and with error_if_nonfinite every rank raises and nothing changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("pp", "dp"))
+    stage = mesh.get_coordinate()[0]
+    dp, pp_group = mesh["dp"], mesh.get_group("pp")
+    extra = [torch.full((3,), 0.5 + s) for s in range(2)]  # a replicated plain gradient per stage
+    everything = _stage_grads(0) + _stage_grads(1) + extra
+    for p in [2.0, INF, 1.0, 0.0, -INF]:
+        grads = [distribute_tensor(t.clone(), dp, [Shard(0)]) for t in _stage_grads(stage)] + [extra[stage].clone()]
+        if p == -INF:
+            close(fusedclip.get_total_norm(grads, p, process_group=pp_group).full_tensor(), ref_norm(everything, p))
+        else:
+            check_clip(rank, grads, everything, p, process_group=pp_group)
+    for bad in [math.nan, math.inf]:
+        grads = [distribute_tensor(t.clone(), dp, [Shard(0)]) for t in _stage_grads(stage)]
+        if stage == 1:
+            local = grads[1].to_local()
+            if local.numel():
+                local.view(-1)[0] = bad
+            else:
+                grads[2].to_local().view(-1)[0] = bad
+        for p in [2.0, INF]:
+            n = fusedclip.get_total_norm(grads, p, process_group=pp_group).full_tensor()
+            assert (torch.isnan(n) if math.isnan(bad) else torch.isinf(n)), (bad, p, n)
+            before = [g.to_local().clone() for g in grads]
+            try:
+                fusedclip.clip_(params_with(grads), 0.1, p, error_if_nonfinite=True, process_group=pp_group)
+                raise AssertionError(f"rank {rank} did not raise for {bad}, p={p}")
+            except RuntimeError as e:
+                assert "non-finite" in str(e)
+            for g, b in zip(grads, before):
+                torch.testing.assert_close(g.to_local(), b, rtol=0, atol=0, equal_nan=True)
+
+
+@case
+def patched_torch_mixes(rank, world, group):
+    """With fusedclip.patch_torch(), torch.nn.utils.clip_grad_norm_ on mixed meshes and on DTensor + plain lists
+    (where torch itself raises) returns a replicated DTensor whose full_tensor() is the reference norm."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    moe = init_device_mesh("cpu", (world // 2, 2))
+    dense, experts, plain = mix_grads(seed=100, n=3), mix_grads(seed=101, n=2), mix_grads(seed=102, n=2)
+
+    def grads():
+        return ([distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in dense]
+                + [distribute_tensor(t.clone(), moe, [Replicate(), Shard(0)]) for t in experts])
+
+    with fusedclip.patched():
+        for gs, full in [(grads(), dense + experts), (grads() + [t.clone() for t in plain], dense + experts + plain)]:
+            n = torch.nn.utils.clip_grad_norm_(params_with(gs), 0.5)
+            assert isinstance(n, DTensor)
+            close(n.full_tensor(), ref_norm(full, 2.0), rtol=1e-5)
+            n2 = torch.nn.utils.get_total_norm(gs)
+            close(n2.full_tensor(), torch.tensor(0.5), rtol=1e-5)  # clipped to max_norm
+    try:  # torch's own fails on both (the reason for item 5)
+        torch.nn.utils.clip_grad_norm_(params_with(grads() + [t.clone() for t in plain]), 0.5)
+        torch_mixed = "ran"
+    except Exception:
+        torch_mixed = "raised"
+    assert torch_mixed == "raised" or TORCH >= (2, 15), torch_mixed
+
+
 class CountingAotEager:
     """A torch.compile backend that counts compiles (graphs) and runs each with aot_eager: AOT tracing, as
     Inductor's, with the functional collectives in the graph, without a C++ compile per rank."""

@@ -8,6 +8,7 @@ One module per concern (bench/README.md says what is measured and why):
 - providers.py  the implementations timed (torch, torch.compile, fusedclip's backends, apex)
 - extras.py     --extras: unscale_ + clip and clip + optimizer step, fused and not
 - zclip_rows.py --zclip: fusedclip.ZClip.step against zclip 1.0.0's ZClip.step and plain clip_
+- dtensor_rows.py --dtensor: N DTensor gradients on Gloo ranks, torch vs fusedclip, host time per tensor
 - timing.py     how a call is timed, the statistics, the busy processes, launch counting
 - reference.py  the copy bandwidth and the memory floor, measured in the same run
 - run.py        sets x regimes x providers, the scaling curves: the result

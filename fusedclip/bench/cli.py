@@ -8,6 +8,7 @@ import time
 import torch
 
 from .agc import AGC_DEFAULT_SETS
+from .dtensor_rows import DEFAULT_NS as DTENSOR_NS
 from .extras import EXTRAS_DEFAULT_SETS
 from .providers import PROVIDERS
 from .report import terminal, write_outputs
@@ -81,6 +82,11 @@ def parse(argv):
                     help="adaptive gradient clipping rows, fusedclip.clip_agc_ against timm's adaptive_clip_grad, on "
                          f"the listed sets (comma-separated; bare --agc: {','.join(AGC_DEFAULT_SETS)}; 'none'). "
                          "Default: those two when --sets is not given, none when it is")
+    ap.add_argument("--dtensor", nargs="?", const="default", default=None,
+                    help="only the DTensor rows: N Shard(0) DTensor gradients on Gloo ranks on the CPU, torch vs "
+                         "fusedclip, host time per tensor (comma-separated N; bare --dtensor: "
+                         f"{','.join(str(n) for n in DTENSOR_NS)}); see bench/dtensor_rows.py")
+    ap.add_argument("--dtensor-world", type=int, default=2, help="ranks of the --dtensor rows (default 2)")
     ap.add_argument("--list", action="store_true", help="list the sets and providers and exit")
     return ap.parse_args(argv)
 
@@ -185,6 +191,13 @@ def main(argv=None):
     if ns.list:
         list_all()
         return 0
+    if ns.dtensor is not None:
+        from . import dtensor_rows
+        try:
+            counts = DTENSOR_NS if ns.dtensor == "default" else [int(float(x)) for x in ns.dtensor.split(",")]
+        except ValueError:
+            raise SystemExit(f"fusedclip bench: --dtensor takes integers, got {ns.dtensor!r}") from None
+        return dtensor_rows.main(counts, ns.dtensor_world, ns.out, ns.tag)
     cfg = make_config(ns)
     t0 = time.perf_counter()
     print(f"fusedclip bench on {cfg.device}: sets {', '.join(cfg.sets)}; providers {', '.join(cfg.providers)}; "
