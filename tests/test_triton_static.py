@@ -38,6 +38,11 @@ TRITON36 = os.environ.get("FUSEDCLIP_TRITON36", os.path.join(ROOT, ".venv", "tri
 # compiled with Triton 3.6 and for the AMP variants only: ptxas keeps 5 values in local memory (24 bytes), stored
 # at entry and reloaded at the start of each phase, not in the element loops, even with all 255 registers free
 AMP_SPILL_36 = 32
+# Two-launch ZClip's finish kernel with Triton 3.6 since the partials are reduced in float64 (issue 22: the exact
+# norm): 168 registers and 8 bytes of stack, once per program at the reduction, not in the element loops. The
+# GPU's default is the one-launch kernel, capped at ONE_LAUNCH_MAXNREG without a spill; getting the two-launch
+# finish kernels back under 100 registers with float64 partials is open work.
+ZCLIP_FINISH_SPILL_36 = 8
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +74,8 @@ def _check(rows, version):
         spill = r["stack_bytes"] + r["local_bytes"]
         if version.startswith("3.6") and "AMP" in name:
             assert spill <= AMP_SPILL_36, r
+        elif version.startswith("3.6") and name == "zclip finish fp32-acc":
+            assert spill <= ZCLIP_FINISH_SPILL_36, r
         else:
             assert spill == 0, r
         assert r["registers"] <= 255
@@ -92,7 +99,10 @@ def _check(rows, version):
     # goes through shared memory (with Triton 3.6: 66 barriers and 126 registers before, 2 and 95 after; 3.8:
     # 128 registers before, 80 after)
     finish = by_name["finish L2 fp32-acc"]
-    assert finish["bar_syncs"] <= 4 and finish["registers"] <= 100, finish
+    # the registers: <= 100 with fp32 partials; the float64 reduction of the partials (issue 22) takes the finish
+    # kernel to 128 (3.8) and 168 (3.6) registers, 3 programs per SM where the two-launch grid asks for 4 (not the
+    # GPU's default variant; open work, see ZCLIP_FINISH_SPILL_36)
+    assert finish["bar_syncs"] <= 4 and finish["registers"] <= 168, finish
     # issue 25, defect 10: the low-occupancy variants as documented (fusedclip/triton_backend.py and
     # triton_agc.py docstrings); a change either way shows here and the documentation follows it
     amp, wide, agc = (by_name[n] for n in ("one-launch inf fp32-acc AMP per-tensor", "one-launch L2 fp64-acc",
