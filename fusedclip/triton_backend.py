@@ -701,11 +701,18 @@ def _one_launch_variant(device, n_chunks, args, constexprs, kernel=None, extra_o
 _compiled = {}  # kernel name -> the last CompiledKernel launched (registers, shared memory: scripts/ check them)
 
 
+# Triton's interpreter is not thread-safe: it patches triton.language's functions for the duration of a kernel
+# and restores them on exit, so a second thread's interpreted kernel could run (or leave) with them unpatched
+# ("_semantic argument must be provided outside of JIT functions", seen in tests/test_threads.py). Interpreted
+# launches take turns; compiled ones never wait.
+_INTERPRET_LOCK = threading.Lock()
+
+
 def _launch(kernel, programs, *args, options=None, **constexprs):
     if INTERPRET:
         import numpy as np  # log2(0), NaN inputs: expected, not worth a warning
 
-        with np.errstate(all="ignore"):
+        with _INTERPRET_LOCK, np.errstate(all="ignore"):
             kernel[(programs,)](*args, **constexprs)
         return
     _compiled[kernel.__name__] = kernel[(programs,)](*args, **(options or dict(num_warps=NUM_WARPS)), **constexprs)
