@@ -16,8 +16,10 @@ import fusedclip
 from conftest import HAS_GPU, fused_backends
 from fusedclip.testing import exact_norm, fp32_ulps, mixed_tensors
 
-BACKENDS = fused_backends("cpu") + ([b for b in fused_backends("cuda") if b not in fused_backends("cpu")])
-DEVICE_OF = {b: ("cpu" if b in fused_backends("cpu") else "cuda") for b in BACKENDS}
+# every fused backend on every device it runs on here: "native@cpu", "triton@cpu" (the interpreter), "native@cuda"...
+RUNS = [f"{b}@{d}" for d in ("cpu", "cuda") for b in fused_backends(d)]
+BACKENDS = RUNS or ["native@cpu"]  # no backend at all: the cases fail (a test that cannot fail is a defect)
+DEVICE_OF = {r: r.split("@")[1] for r in BACKENDS}
 
 
 CASES = {
@@ -31,10 +33,14 @@ CASES = {
 }
 
 
+def _name(run):
+    return run.split("@")[0]
+
+
 def _interpreted(backend):
     """Triton's interpreter runs programs one after another on the CPU (~1 ms a chunk): one seed, and the
     clip_ call's norm is the same pass as get_total_norm's there too."""
-    return backend == "triton" and DEVICE_OF[backend] == "cpu"
+    return backend == "triton@cpu"
 
 
 def _worst(backend, case, p):
@@ -47,10 +53,10 @@ def _worst(backend, case, p):
         params = [torch.nn.Parameter(torch.empty_like(t)) for t in tensors]
         for q, t in zip(params, tensors):
             q.grad = t
-        norm = fusedclip.get_total_norm(tensors, p, backend=backend)
+        norm = fusedclip.get_total_norm(tensors, p, backend=_name(backend))
         assert norm.dtype == torch.float32
         if not _interpreted(backend):  # clip_ returns the same norm (max_norm large: nothing scaled)
-            assert float(fusedclip.clip_(params, 1e30, p, backend=backend)) == float(norm)
+            assert float(fusedclip.clip_(params, 1e30, p, backend=_name(backend))) == float(norm)
         worst_fc = max(worst_fc, fp32_ulps(norm, exact))
         fp32 = [t.float() for t in tensors]
         worst_torch = max(worst_torch, fp32_ulps(torch.nn.utils.get_total_norm(fp32, p), exact))
@@ -59,8 +65,9 @@ def _worst(backend, case, p):
 
 @pytest.mark.parametrize("p", [2.0, 1.0])
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_norm_within_one_ulp_of_exact(backend, case, p):
+@pytest.mark.parametrize("run", BACKENDS)
+def test_norm_within_one_ulp_of_exact(run, case, p):
+    backend = run  # not "backend": conftest's fixture would read it as a backend name
     if DEVICE_OF[backend] == "cuda" and not HAS_GPU:
         pytest.skip("no GPU")
     if _interpreted(backend) and (p != 2.0 or case == "10k-tensors"):
@@ -71,31 +78,33 @@ def test_norm_within_one_ulp_of_exact(backend, case, p):
     assert worst <= 1.0, f"{worst:.2f} ulp from the exact norm (torch: {torch_worst:.2f})"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_per_tensor_norms_within_one_ulp(backend):
+@pytest.mark.parametrize("run", BACKENDS)
+def test_per_tensor_norms_within_one_ulp(run):
+    backend = run
     """Each tensor's own norm, from the same pass: the chunks of one tensor are combined in float64 too."""
     device = DEVICE_OF[backend]
     if device == "cuda" and not HAS_GPU:
         pytest.skip("no GPU")
     tensors = [t.to(device) for t in mixed_tensors(200, 4096, seed=3, big=(2_000_000, 70_001))]
-    _, norms = fusedclip.get_total_norm(tensors, 2.0, backend=backend, per_tensor=True)
+    _, norms = fusedclip.get_total_norm(tensors, 2.0, backend=_name(backend), per_tensor=True)
     worst = max(fp32_ulps(x, exact_norm([t], 2.0)) for x, t in zip(norms.tolist(), tensors))
     # The host sums a few dozen elements a lane in fp32 and the rest in double. A GPU thread (and a Triton
     # block) squares and sums its share of a chunk in fp32, as torch does: a tensor of a handful of elements
     # then carries torch's fp32 error (1.31 ulp measured in the interpreter; torch 1.08 on these tensors).
-    bound = 1.0 if backend == "native" and device == "cpu" else 1.5
+    bound = 1.0 if backend == "native@cpu" else 1.5
     assert worst <= bound, f"a per-tensor norm is {worst:.2f} ulp from exact"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_float64_result_is_the_unrounded_norm(backend):
+@pytest.mark.parametrize("run", BACKENDS)
+def test_float64_result_is_the_unrounded_norm(run):
+    backend = run
     """total_norm(..., out_dtype=torch.float64) returns the norm before its rounding to fp32 (what the sharded
     paths raise to p and sum over ranks): far closer to exact than any fp32 value, and it rounds to the fp32
     result."""
     device = DEVICE_OF[backend]
     if device == "cuda" and not HAS_GPU:
         pytest.skip("no GPU")
-    be = fusedclip.backends.resolve(backend, device)
+    be = fusedclip.backends.resolve(_name(backend), device)
     tensors = [t.to(device) for t in mixed_tensors(300 if _interpreted(backend) else 2_000, 4096, seed=4)]
     exact = exact_norm(tensors, 2.0)
     wide = be.total_norm(tensors, 2.0, None, torch.float64)
