@@ -125,6 +125,22 @@ def _call(op, tensors, fn, *args):
         raise
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_kernel_inputs(tensors, fn):
+    """What the fused kernels take (dense float32/float64/float16/bfloat16), checked in Python where no kernel
+    runs (norm_type 0 counts tensors): the same errors as the kernels' (complex or integer tensors a TypeError,
+    sparse ones NotImplementedError), so the outcome does not depend on the norm type."""
+    for i, t in enumerate(tensors):
+        if t.layout != torch.strided:
+            raise NotImplementedError(f"fusedclip.{fn}: tensor {i} is {t.layout}; only dense gradients are "
+                                      "supported by the fused kernels (backend='torch' handles sparse ones)")
+        if t.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"fusedclip.{fn}: tensor {i} is {t.dtype}; gradients must be float32, float64, "
+                            "float16 or bfloat16")
+
+
 def _new_per_tensor(grads, be):
     """The output buffer for per-tensor norms when the backend fills it in its own pass, else None."""
     if getattr(be, "fused_extras", False):
@@ -147,6 +163,7 @@ def _total_norm(grads, p, be, fn, per_tensor=False, unrounded=False):
     computed it, not rounded to fp32 (what the sharded paths reduce across ranks); not with per_tensor."""
     if p == 0.0:
         _check_tensors(grads, fn, "tensors" if fn == "get_total_norm" else "gradients")
+        _check_kernel_inputs(grads, fn)  # no kernel runs for p=0, but what it takes must not depend on p
         # torch's definition (the norm of the per-tensor norms) makes p=0 count the tensors with a nonzero
         # (or NaN) element; fusedclip keeps that.
         first = grads[0].device

@@ -12,7 +12,7 @@ import torch
 
 from . import _ext, backends, guard
 from . import distributed as _distributed
-from ._core import (_as_list, _call, _check_finite, _check_tensors, _check_writable, _grads, _groups_for, _new_per_tensor,
+from ._core import (_as_list, _call, _check_finite, _check_kernel_inputs, _check_tensors, _check_writable, _grads, _groups_for, _new_per_tensor,
                     _norm_type, _number, _per_tensor_norms, _scale, _scale_with_norm, _torch_clip_grad_norm_,
                     _torch_clip_grad_value_, _torch_get_total_norm, _total_norm)
 from .ops import result_dtype
@@ -232,12 +232,15 @@ def clip_value_(parameters, clip_value, foreach=None, *, backend="auto"):
     grads = _grads(params, "clip_value_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
     clip_value = _number(clip_value, "clip_value_", "clip_value")
-    if be.name == "torch" or math.isnan(clip_value):
+    if be.name == "torch":
+        return _torch_clip_grad_value_(params, clip_value, foreach)
+    _check_writable(grads, "clip_value_")  # before anything is written, torch's clamp below included
+    if math.isnan(clip_value):
+        _check_kernel_inputs(grads, "clip_value_")  # what the kernels refuse, refused before torch writes any
         # NaN bounds: torch's clamp makes every element NaN; the kernels would leave the gradients as they are
         return _torch_clip_grad_value_(params, clip_value, foreach)
     if not grads:
         return None
-    _check_writable(grads, "clip_value_")
     ok, _ = _call(be.clamp, grads, "clip_value_", clip_value)
     if not ok:
         for group in _groups_for(be, grads, "clip_value_", writes=True).values():
