@@ -66,6 +66,7 @@ BLOCK_INTERPRET = CHUNK  # the interpreter pays per operation, not per element: 
 PBLOCK = 1024  # partials per step of the final reduction
 INTERPRET_PROGRAMS = 2  # programs per launch in the interpreter (~0.5 ms each); several, to test striding
 TWO_LAUNCH_PROGRAMS_PER_SM = 4
+TWO_LAUNCH_MAXNREG = 128  # 4 programs of 4 warps at 128 registers fill an SM's 64K registers: the grid in one wave
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,6 +183,17 @@ def _clamp_block(x, c):
 
 
 @triton.jit
+def _in_place(x, coef, c, OP: tl.constexpr, ACC: tl.constexpr):
+    """What the in-place ops write for loaded elements x: x * coef in ACC (OP_SCALE), or x clamped to [-c, c] in
+    c's type (OP_CLAMP); _store_as rounds it to the tensor's type."""
+    if OP == 1:
+        y = x.to(ACC) * coef
+    else:
+        y = _clamp_block(x.to(c.dtype), c)
+    return y
+
+
+@triton.jit
 def _norm_step(acc, nf, x, pw, mul, NORM: tl.constexpr, ACC: tl.constexpr, AMP: tl.constexpr,
                EXACT_POW: tl.constexpr):
     """One full block of loaded elements into the accumulators (see _chunk_work)."""
@@ -242,12 +254,18 @@ def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NO
         r = _fold(acc, NORM)
         if AMP:
             nonfinite = tl.sum(nf, 0)
-    elif OP == 1:
+    else:
+        # in place: scaled by coef in ACC (OP_SCALE), or clamped in fp32 (fp64 for fp64 tensors; OP_CLAMP)
+        if T == tl.float64:
+            c = clamp64
+        else:
+            c = clamp32
         if ALIGNED:
             # [BLOCK // W, W] tiles, W elements = 16 bytes a row, in the same element order as `lane`: the load
             # and the store share one layout (16 bytes a thread). With a 1-D block the fp32 load took the 16-bit
             # branches' 8-wide layout (through the shared `lane`) and the store a 4-wide one, converted through
-            # shared memory on every block (issue 25, defect 4).
+            # shared memory on every block (issue 25, defect 4: the clamp had 88 barriers and 16 KB of shared
+            # memory for it until it took these tiles too).
             W: tl.constexpr = 128 // T.primitive_bitwidth
             tile = tl.arange(0, BLOCK // W)[:, None] * W + tl.arange(0, W)[None, :]
             for i in range(0, n_pairs):
@@ -255,15 +273,15 @@ def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NO
                 p1 = p + ((2 * i + 1) * BLOCK + tile)
                 x0 = tl.load(p0)
                 x1 = tl.load(p1)
-                _store_as(p0, x0.to(ACC) * coef, None, T)
-                _store_as(p1, x1.to(ACC) * coef, None, T)
+                _store_as(p0, _in_place(x0, coef, c, OP, ACC), None, T)
+                _store_as(p1, _in_place(x1, coef, c, OP, ACC), None, T)
             for i in range(2 * n_pairs, n_full):
                 ptrs = p + (i * BLOCK + tile)
-                _store_as(ptrs, tl.load(ptrs).to(ACC) * coef, None, T)
+                _store_as(ptrs, _in_place(tl.load(ptrs), coef, c, OP, ACC), None, T)
             if tail < length:
                 idx = tail + tile
                 m = idx < length
-                _store_as(p + idx, tl.load(p + idx, mask=m, other=0.0).to(ACC) * coef, m, T)
+                _store_as(p + idx, _in_place(tl.load(p + idx, mask=m, other=0.0), coef, c, OP, ACC), m, T)
         else:
             # Not 16-byte aligned (a view at an odd offset): a store takes no more elements a thread than the
             # alignment allows (one) while a load takes what is contiguous, so a [n, 1] tile, one element a
@@ -274,31 +292,11 @@ def _chunk_work(p, length, pw, mul, coef, clamp32, clamp64, OP: tl.constexpr, NO
             n_sub = length // SUB
             for i in range(0, n_sub):
                 ptrs = p + (i * SUB + sub)
-                _store_as(ptrs, tl.load(ptrs).to(ACC) * coef, None, T)
+                _store_as(ptrs, _in_place(tl.load(ptrs), coef, c, OP, ACC), None, T)
             if n_sub * SUB < length:
                 idx = n_sub * SUB + sub
                 m = idx < length
-                _store_as(p + idx, tl.load(p + idx, mask=m, other=0.0).to(ACC) * coef, m, T)
-    else:
-        # in fp32 (fp64 for fp64 tensors)
-        if T == tl.float64:
-            c = clamp64
-        else:
-            c = clamp32
-        for i in range(0, n_pairs):
-            p0 = p + (2 * i * BLOCK + lane)
-            p1 = p + ((2 * i + 1) * BLOCK + lane)
-            x0 = tl.load(p0)
-            x1 = tl.load(p1)
-            _store_as(p0, _clamp_block(x0.to(c.dtype), c), None, T)
-            _store_as(p1, _clamp_block(x1.to(c.dtype), c), None, T)
-        for i in range(2 * n_pairs, n_full):
-            ptrs = p + (i * BLOCK + lane)
-            _store_as(ptrs, _clamp_block(tl.load(ptrs).to(c.dtype), c), None, T)
-        if tail < length:
-            idx = tail + lane
-            m = idx < length
-            _store_as(p + idx, _clamp_block(tl.load(p + idx, mask=m, other=0.0).to(c.dtype), c), m, T)
+                _store_as(p + idx, _in_place(tl.load(p + idx, mask=m, other=0.0), coef, c, OP, ACC), m, T)
     return r, nonfinite
 
 
@@ -662,39 +660,65 @@ def one_launch_options(constexprs):
     return [free]
 
 
-_one_launch_variants = {}  # (device index, constexprs) -> (compile options, programs per SM)
+def two_launch_options(constexprs):
+    """The compile options to try for the kernels launched TWO_LAUNCH_PROGRAMS_PER_SM programs per SM (the
+    two-launch finish, clip_grads_with_norm_'s scaling, the clamp, two-launch ZClip), best first as in
+    one_launch_options. fp32 accumulation: at most TWO_LAUNCH_MAXNREG registers first, so that the whole grid is
+    resident at once (one wave). Left free, ptxas picks an occupancy target of its own: with Triton 3.6, 168
+    registers (3 programs per SM, 1.33 waves) for the finish kernel since the partials are reduced in float64 (95
+    before), 140 for clip_grads_with_norm_'s; with 3.8, 168 for the clamp. None of them needs that many."""
+    free = dict(num_warps=NUM_WARPS)
+    if constexprs.get("ACC", tl.float32) == tl.float32:  # the clamp has no accumulator
+        return [dict(free, maxnreg=TWO_LAUNCH_MAXNREG), free]
+    return [free]
 
 
-def _one_launch_variant(device, n_chunks, args, constexprs, kernel=None, extra_options=None):
-    """(compile options, programs) of a one-launch call, the programs per SM from the compiled kernel's registers,
-    spills and shared memory: found once per device and variant (the constexprs; the other arguments are not
-    specialized on, see _NO_VALUE_KEY, except the partials' alignment, which is always 16). The first call of a
-    variant compiles it here (warmup: no launch); later calls, a CUDA-graph capture among them, only look it
-    up."""
-    kernel_fn = kernel or _one_launch_kernel  # any kernel with _grid_barrier (triton_zclip.py has one too)
+_variants = {}  # (device index, kernel name, constexprs) -> (compile options, compiled kernel)
+
+
+def _compiled_variant(device, args, constexprs, kernel_fn, candidates):
+    """(compile options, compiled kernel) for a launch of kernel_fn with these arguments: the first candidate
+    whose compiled kernel does not spill (else the one that spills least), found once per device and variant (the
+    constexprs; the other arguments are not specialized on, see _NO_VALUE_KEY, except the partials' alignment,
+    which is always 16). The first call of a variant compiles it here (warmup: no launch); later calls, a
+    CUDA-graph capture among them, only look it up."""
     key = (device.index, kernel_fn.__name__, tuple(sorted((k, str(v)) for k, v in constexprs.items())))
-    variant = _one_launch_variants.get(key)
+    variant = _variants.get(key)
     if variant is None:
         if torch.cuda.is_current_stream_capturing():  # compiling and loading a module would fail the capture
             raise RuntimeError("fusedclip triton: this clip variant was not compiled before the CUDA-graph capture; "
                                "call clip_ once outside the capture first (a warm-up step), with the same options")
-        best = None
-        for options in one_launch_options(constexprs):
-            options = dict(options, **(extra_options or {}))
+        for options in candidates:
             kernel = kernel_fn.warmup(*args, grid=(1,), **options, **constexprs)
             kernel._init_handles()  # loads the module: sets n_regs and n_spills
-            if best is None or kernel.n_spills < best[1].n_spills:
-                best = options, kernel
+            if variant is None or kernel.n_spills < variant[1].n_spills:
+                variant = options, kernel
             if not kernel.n_spills:
                 break
-        options, kernel = best
-        props = torch.cuda.get_device_properties(device)
-        limits = {name: getattr(props, attr) for name, attr in
-                  (("regs_per_sm", "regs_per_multiprocessor"), ("threads_per_sm", "max_threads_per_multi_processor"),
-                   ("shared_per_sm", "shared_memory_per_multiprocessor")) if getattr(props, attr, None)}
-        variant = _one_launch_variants[key] = (
-            options, one_launch_per_sm(kernel.n_regs, kernel.metadata.shared, **limits))
-    options, per_sm = variant
+        _variants[key] = variant
+    return variant
+
+
+def _two_launch_options(device, args, constexprs, kernel_fn, extra_options=None):
+    """The compile options of a kernel launched TWO_LAUNCH_PROGRAMS_PER_SM programs per SM (two_launch_options);
+    None in the interpreter (nothing is compiled there)."""
+    if INTERPRET:
+        return None
+    candidates = [dict(o, **(extra_options or {})) for o in two_launch_options(constexprs)]
+    return _compiled_variant(device, args, constexprs, kernel_fn, candidates)[0]
+
+
+def _one_launch_variant(device, n_chunks, args, constexprs, kernel=None, extra_options=None):
+    """(compile options, programs) of a one-launch call, the programs per SM from the compiled kernel's
+    registers, spills and shared memory (see _compiled_variant)."""
+    kernel_fn = kernel or _one_launch_kernel  # any kernel with _grid_barrier (triton_zclip.py has one too)
+    candidates = [dict(o, **(extra_options or {})) for o in one_launch_options(constexprs)]
+    options, kernel = _compiled_variant(device, args, constexprs, kernel_fn, candidates)
+    props = torch.cuda.get_device_properties(device)
+    limits = {name: getattr(props, attr) for name, attr in
+              (("regs_per_sm", "regs_per_multiprocessor"), ("threads_per_sm", "max_threads_per_multi_processor"),
+               ("shared_per_sm", "shared_memory_per_multiprocessor")) if getattr(props, attr, None)}
+    per_sm = one_launch_per_sm(kernel.n_regs, kernel.metadata.shared, **limits)
     return options, min(n_chunks, per_sm * _sm_count(device))
 
 
@@ -849,10 +873,12 @@ def _norm_and_maybe_clip(tensors, max_norm, norm_type, clip, out_dtype, per_tens
     else:
         programs = _programs(device, n_chunks)
         _launch(_partials_kernel, programs, table, n, n_chunks, partials, nonfinite, inv_scale_, p_bits, **flags)
-        _launch(_finish_kernel, programs if clip or per_tensor is not None else 1, table, n, n_chunks, partials,
-                nonfinite, partials, out, per_tensor_, inv_scale_, found_inf_, p_bits, max_norm_bits,
-                FROM_PARTIALS=True, WRITE_NORM=True, CLIP=clip, PER_TENSOR=per_tensor is not None, PBLOCK=PBLOCK,
-                **flags)
+        args = (table, n, n_chunks, partials, nonfinite, partials, out, per_tensor_, inv_scale_, found_inf_, p_bits,
+                max_norm_bits)
+        constexprs = dict(FROM_PARTIALS=True, WRITE_NORM=True, CLIP=clip, PER_TENSOR=per_tensor is not None,
+                          PBLOCK=PBLOCK, **flags)
+        _launch(_finish_kernel, programs if clip or per_tensor is not None else 1, *args,
+                options=_two_launch_options(device, args, constexprs, _finish_kernel), **constexprs)
     if clip:
         _write_back(copies)
     return out
@@ -891,9 +917,11 @@ def scale(grads, max_norm, norm):
     if norm.data_ptr() % 16:  # it also stands in for the partials, whose alignment the kernel specializes on
         norm = norm.clone()
     acc = _tl_acc(any_double or norm.dtype == torch.float64)
-    _launch(_finish_kernel, _programs(device, n_chunks), table, len(grads), n_chunks, norm, norm, norm, norm,
-            norm, norm, norm, 0, _bits(max_norm), FROM_PARTIALS=False, WRITE_NORM=False, CLIP=True, AMP=False,
-            PER_TENSOR=False, NORM=L2, ACC=acc, BLOCK=BLOCK, PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
+    args = (table, len(grads), n_chunks, norm, norm, norm, norm, norm, norm, norm, 0, _bits(max_norm))
+    constexprs = dict(FROM_PARTIALS=False, WRITE_NORM=False, CLIP=True, AMP=False, PER_TENSOR=False, NORM=L2, ACC=acc,
+                      BLOCK=BLOCK, PBLOCK=PBLOCK, EXACT_POW=EXACT_POW)
+    _launch(_finish_kernel, _programs(device, n_chunks), *args,
+            options=_two_launch_options(device, args, constexprs, _finish_kernel), **constexprs)
     _write_back(copies)
 
 
@@ -902,8 +930,9 @@ def clamp(grads, clip_value):
     table, n_chunks, _, copies = _table(grads)
     if n_chunks == 0:
         return
-    _launch(_clamp_kernel, _programs(grads[0].device, n_chunks), table, len(grads), n_chunks,
-            _bits(clip_value), BLOCK=BLOCK)
+    args = (table, len(grads), n_chunks, _bits(clip_value))
+    options = _two_launch_options(grads[0].device, args, dict(BLOCK=BLOCK), _clamp_kernel)
+    _launch(_clamp_kernel, _programs(grads[0].device, n_chunks), *args, options=options, BLOCK=BLOCK)
     _write_back(copies)
 
 

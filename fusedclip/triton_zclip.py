@@ -165,6 +165,15 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
     if writer:
         if not ONE_LAUNCH:
             tl.atomic_xchg(ws, 0, sem="relaxed", scope="gpu")  # the ticket counter, ready for the next call
+            # The rule again, from the state read again: the last program is the only writer and every other
+            # program has read the state before its ticket, so this reads what the entry read, and the rule's
+            # float64 values need not live through the scaling (with Triton 3.6 they made ptxas spill at 128
+            # registers, the most at which the two-launch grid is resident at once; the one-launch kernel must
+            # keep them: its writer does not wait for the other programs' reads).
+            warm, spike, nonf, skip, target, coef = _decide(
+                tl.load(state + _STEPS), tl.load(state + _MEAN), tl.load(state + _VAR), x, tb._f64(z_bits), cap,
+                tb._f64(eps_bits), tb._f64(factor_bits), n_warmup, PERCENTILE, CLIP_TO_MEAN, HAS_CAP, SKIP_SPIKES,
+                SKIP_NONFINITE)
         _update(state, x, warm, spike, nonf, skip, target, tb._f64(alpha_bits), n_warmup, SKIP_UPDATE_ON_SPIKE)
         tl.store(norm_out, norm)
         if FOUND:
@@ -224,7 +233,8 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_
             options, programs = tb._one_launch_variant(device, max(n_chunks, 1), args, constexprs,
                                                        kernel=_zclip_kernel, extra_options=_OPTIONS)
     else:
-        options, programs = dict(num_warps=tb.NUM_WARPS, **_OPTIONS), tb._programs(device, max(n_chunks, 1))
+        options = tb._two_launch_options(device, args, constexprs, _zclip_kernel, extra_options=_OPTIONS)
+        programs = tb._programs(device, max(n_chunks, 1))
         if norm is None and n_chunks:
             tb._launch(tb._partials_kernel, programs, table, len(grads), n_chunks, partials, nonfinite, inv_scale_,
                        tb._bits(2.0), NORM=tb.L2, ACC=constexprs["ACC"], AMP=amp, BLOCK=tb.BLOCK,

@@ -41,15 +41,16 @@ BAR_SYNC = re.compile(r"\b(?:bar|barrier)\.sync\b")
 def record_launches(call):
     """[(kernel, args, constexprs)] of what call() would launch; nothing is launched or compiled."""
     launches = []
-    saved = tb._launch, tb._programs, tb._one_launch_variant
+    saved = tb._launch, tb._programs, tb._one_launch_variant, tb._two_launch_options
     tb._launch = lambda kernel, programs, *args, options=None, **constexprs: launches.append(
         (kernel, args, constexprs))
     tb._programs = lambda *a: 1
     tb._one_launch_variant = lambda *a, **k: (None, 1)
+    tb._two_launch_options = lambda *a, **k: None
     try:
         call()
     finally:
-        tb._launch, tb._programs, tb._one_launch_variant = saved
+        tb._launch, tb._programs, tb._one_launch_variant, tb._two_launch_options = saved
     return launches
 
 
@@ -58,9 +59,10 @@ def candidate_options(kernel, constexprs):
     if kernel is tb._one_launch_kernel:
         return tb.one_launch_options(constexprs)
     if kernel is tz._zclip_kernel:
-        if constexprs["ONE_LAUNCH"]:
-            return [dict(o, **tz._OPTIONS) for o in tb.one_launch_options(constexprs)]
-        return [dict(num_warps=tb.NUM_WARPS, **tz._OPTIONS)]
+        options = tb.one_launch_options(constexprs) if constexprs["ONE_LAUNCH"] else tb.two_launch_options(constexprs)
+        return [dict(o, **tz._OPTIONS) for o in options]
+    if kernel in (tb._finish_kernel, tb._clamp_kernel):
+        return tb.two_launch_options(constexprs)
     return [dict(num_warps=tb.NUM_WARPS)]
 
 

@@ -38,11 +38,6 @@ TRITON36 = os.environ.get("FUSEDCLIP_TRITON36", os.path.join(ROOT, ".venv", "tri
 # compiled with Triton 3.6 and for the AMP variants only: ptxas keeps 5 values in local memory (24 bytes), stored
 # at entry and reloaded at the start of each phase, not in the element loops, even with all 255 registers free
 AMP_SPILL_36 = 32
-# Two-launch ZClip's finish kernel with Triton 3.6 since the partials are reduced in float64 (issue 22: the exact
-# norm): 168 registers and 8 bytes of stack, once per program at the reduction, not in the element loops. The
-# GPU's default is the one-launch kernel, capped at ONE_LAUNCH_MAXNREG without a spill; getting the two-launch
-# finish kernels back under 100 registers with float64 partials is open work.
-ZCLIP_FINISH_SPILL_36 = 8
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +69,6 @@ def _check(rows, version):
         spill = r["stack_bytes"] + r["local_bytes"]
         if version.startswith("3.6") and "AMP" in name:
             assert spill <= AMP_SPILL_36, r
-        elif version.startswith("3.6") and name == "zclip finish fp32-acc":
-            assert spill <= ZCLIP_FINISH_SPILL_36, r
         else:
             assert spill == 0, r
         assert r["registers"] <= 255
@@ -98,11 +91,20 @@ def _check(rows, version):
     # issue 25, defect 4: the scaling's load and store share one layout (a [BLOCK // W, W] tile), so no block
     # goes through shared memory (with Triton 3.6: 66 barriers and 126 registers before, 2 and 95 after; 3.8:
     # 128 registers before, 80 after)
-    finish = by_name["finish L2 fp32-acc"]
-    # the registers: <= 100 with fp32 partials; the float64 reduction of the partials (issue 22) takes the finish
-    # kernel to 128 (3.8) and 168 (3.6) registers, 3 programs per SM where the two-launch grid asks for 4 (not the
-    # GPU's default variant; open work, see ZCLIP_FINISH_SPILL_36)
-    assert finish["bar_syncs"] <= 4 and finish["registers"] <= 168, finish
+    finish, clamp, zfinish = (by_name[n] for n in ("finish L2 fp32-acc", "clamp", "zclip finish fp32-acc"))
+    assert finish["bar_syncs"] <= 4, finish
+    # the clamp too (88 barriers and 16 KB of shared memory a program before it took the tiles)
+    assert clamp["bar_syncs"] == 0 and clamp["shared"] == 0, clamp
+    # The kernels launched TWO_LAUNCH_PROGRAMS_PER_SM programs per SM: at most TWO_LAUNCH_MAXNREG registers, so the
+    # grid is resident at once, without spills (left free, ptxas took 168 for the finish kernel with 3.6 once the
+    # partials were reduced in float64 (issue 22), 168 for the clamp with 3.8: 3 programs per SM, 1.33 waves).
+    # Two-launch ZClip with 3.6 spills 8 bytes at 128 even with its rule recomputed after the scaling, so the
+    # launchers' rule (the first candidate without spills) takes it free: 168 registers, 3 of 4 programs at once.
+    for r in (finish, clamp) + ((zfinish,) if not version.startswith("3.6") else ()):
+        assert r["maxnreg"] == tb.TWO_LAUNCH_MAXNREG and r["registers"] <= tb.TWO_LAUNCH_MAXNREG, r
+    assert tb.resident_per_sm(tb.TWO_LAUNCH_MAXNREG, finish["shared"]) >= tb.TWO_LAUNCH_PROGRAMS_PER_SM
+    if version.startswith("3.6"):
+        assert zfinish["maxnreg"] is None and zfinish["registers"] <= 168, zfinish
     # issue 25, defect 10: the low-occupancy variants as documented (fusedclip/triton_backend.py and
     # triton_agc.py docstrings); a change either way shows here and the documentation follows it
     amp, wide, agc = (by_name[n] for n in ("one-launch inf fp32-acc AMP per-tensor", "one-launch L2 fp64-acc",
@@ -260,7 +262,7 @@ def test_one_launch_variant_choice(monkeypatch, spills, picked):
     monkeypatch.setattr(tb._one_launch_kernel, "warmup", warmup)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(tb, "_one_launch_variants", {})
+    monkeypatch.setattr(tb, "_variants", {})
     monkeypatch.setattr(tb, "_sm_counts", {})
     device = torch.device("cuda", 0)
     constexprs = dict(CLIP=True, AMP=False, PER_TENSOR=False, NORM=0, ACC=tb.tl.float32, BLOCK=tb.BLOCK_GPU,
@@ -278,6 +280,35 @@ def test_one_launch_variant_choice(monkeypatch, spills, picked):
     with pytest.raises(RuntimeError, match="warm-up"):
         tb._one_launch_variant(device, 7, (), dict(constexprs, AMP=True))
     assert tb._one_launch_variant(device, 7, (), constexprs) == (options, 7)  # known variants still work
+
+
+@pytest.mark.parametrize("spills, picked", [((0, 0), 0), ((48, 0), 1), ((8, 24), 0)],
+                         ids=["capped-clean", "capped-spills", "both-spill-capped-less"])
+def test_two_launch_options_choice(monkeypatch, spills, picked):
+    """The kernels of the two-launch grid (finish, clamp, two-launch ZClip): capped at TWO_LAUNCH_MAXNREG unless
+    that spills and the free compile does not (two-launch ZClip with Triton 3.6); found once, then looked up."""
+    compiled = []
+
+    def warmup(*args, grid, **kwargs):
+        compiled.append(kwargs.get("maxnreg"))
+        return _FakeKernel((128, 168)[len(compiled) - 1], spills[len(compiled) - 1])
+
+    monkeypatch.setattr(tb._finish_kernel, "warmup", warmup)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tb, "_variants", {})
+    device = torch.device("cuda", 0)
+    constexprs = dict(FROM_PARTIALS=True, WRITE_NORM=True, CLIP=True, AMP=False, PER_TENSOR=False, NORM=0,
+                      ACC=tb.tl.float32, BLOCK=tb.BLOCK_GPU, PBLOCK=tb.PBLOCK, EXACT_POW=True)
+    options = tb._two_launch_options(device, (), constexprs, tb._finish_kernel)
+    assert options == tb.two_launch_options(constexprs)[picked]
+    assert compiled == [tb.TWO_LAUNCH_MAXNREG, None][:1 if spills[0] == 0 else 2]
+    assert tb._two_launch_options(device, (), constexprs, tb._finish_kernel) == options  # cached: no compile
+    assert len(compiled) == (1 if spills[0] == 0 else 2)
+    assert tb.two_launch_options(dict(constexprs, ACC=tb.tl.float64)) == [dict(num_warps=tb.NUM_WARPS)]
+    assert tb.two_launch_options(dict(BLOCK=tb.BLOCK_GPU))[0]["maxnreg"] == tb.TWO_LAUNCH_MAXNREG  # the clamp
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="warm-up"):
+        tb._two_launch_options(device, (), dict(constexprs, AMP=True), tb._finish_kernel)
 
 
 # ---- defect 3: fixtures ----
