@@ -190,6 +190,22 @@ def test_failures_do_not_stop_the_run_and_a_bad_triton_launch_is_avoided(tmp_pat
         assert lines and all("FUSEDCLIP_TRITON_LAUNCH=two" in x for x in lines)
 
 
+@pytest.mark.parametrize("line, fallback", [
+    ("PASSED", False),
+    ("SKIPPED (the triton backend is not available for cuda here (python -m fusedclip info says why))", False),
+    ("SKIPPED (deadline: 12 s left before FUSEDCLIP_GPU_DEADLINE, this test expects 30 s)", True),
+    ("FAILED", True),
+])
+def test_one_launch_kept_only_after_its_guarded_first_launch_passed(tmp_path, line, fallback):
+    """The rest of the run uses the one-launch Triton kernel only when its guarded first launch passed in the smoke
+    step (or Triton is not there at all): one that failed, or was not reached before the step's deadline, could
+    hang every step after it."""
+    say = f"tests/gpu/test_smoke.py::test_triton_one_launch_first_launch {line}"
+    proc, summary = dry_run(tmp_path / "out", GPU_CHECK_STANDIN_SAY_SMOKE=say)
+    assert proc.returncode == 0, summary
+    assert ("FUSEDCLIP_TRITON_LAUNCH=two" in summary) == fallback, summary
+
+
 def test_the_plan_fits_the_expected_timeline(tmp_path):
     """Every step, sanitizers included, runs inside the 540 s deadline when each takes the top of its expected
     time on an H200 (issue 25: the sanitizers were all skipped): the plan's own arithmetic, and a dry run, scaled

@@ -1,13 +1,14 @@
 """The smoke step of scripts/gpu_check.sh (with test_checks.py's native graph replay, also marked `smoke`): the few
 things only a GPU can answer, first, in about a minute.
 
+- the Triton one-launch kernel's first launches, first, in a child process with a time limit of its own (a grid
+  barrier that never opens must not hang the run): gpu_check.sh runs the rest with FUSEDCLIP_TRITON_LAUNCH=two
+  unless its result line says PASSED (or skipped because Triton is not available);
 - the cooperative grid sized for each kernel instantiation, not per accumulation type (issue 5 of the first
   review): fp64 then fp32, norm types 2, 1, 3, inf, each on more chunks than 2 blocks per SM hold;
 - bandwidth: native clip_ on a 1 GiB set against a device-to-device copy timed in the same run, clipping (3N
-  bytes) and not (N); the numbers are the report (printed under the result line), the check is the norm;
-- the Triton one-launch kernel's first launches, in a child process with a time limit of its own (a grid barrier
-  that never opens must not hang the run): gpu_check.sh runs the rest with FUSEDCLIP_TRITON_LAUNCH=two unless
-  its result line says PASSED.
+  bytes) and not (N); the numbers are the report (printed under the result line, with the expected ranges), the
+  check is the norm.
 """
 import math
 import os
@@ -31,6 +32,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def sm_count():
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+FIRST_LAUNCH = textwrap.dedent("""
+    import time, torch
+    from fusedclip import triton_backend as tb
+    from fusedclip.testing import device_grads
+    t0 = time.perf_counter()
+    for grads in ([torch.randn(1000, device="cuda")],
+                  device_grads([(4096, 1024), (1024,), (3000, 77), (5,), (0,), (50257, 64), (16385,)],
+                               [torch.float32, torch.bfloat16], seed=5)):
+        tb.clip(grads, 0.1, 2.0, launch="one")
+        torch.cuda.synchronize()
+    print(f"first launches done in {time.perf_counter() - t0:.1f} s (compile included)", flush=True)
+""")
+
+
+@pytest.mark.gpu_seconds(30)
+def test_triton_one_launch_first_launch(record_property):
+    """The persistent one-launch kernel's first launches (a small set, then more chunks than programs) end: in a
+    child process killed at its limit (at most 60 s, less when the deadline is nearer), so a grid barrier that
+    never opens costs this test, not the run. Its result decides the launch variant of the rest of the run."""
+    pytest.importorskip("triton")
+    if "triton" not in fusedclip.available_backends("cuda"):
+        pytest.skip("the triton backend is not available for cuda here (python -m fusedclip info says why)")
+    end = float(os.environ.get("FUSEDCLIP_GPU_DEADLINE") or math.inf)
+    limit = min(60.0, end - time.time() - 3)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("FUSEDCLIP_TRITON_LAUNCH", None)
+    try:
+        out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", FIRST_LAUNCH], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as e:
+        text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"no result within {limit:.0f} s (a grid barrier that never opens, or compiling): {text[-300:]!r}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    record_property("note", out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.gpu_seconds(10)
@@ -101,42 +138,6 @@ def test_bandwidth(dtype, record_property):
                             f"{clip_pct:.0f}% of copy; expected {100 * clip_lo:.0f}-{100 * clip_hi:.0f}); noclip "
                             f"{noclip_bw:.0f} GB/s ({noclip_ms:.3f} ms, {noclip_pct:.0f}% of copy; expected "
                             f"{noclip_lo:.0f}-{noclip_hi:.0f})")
-
-
-FIRST_LAUNCH = textwrap.dedent("""
-    import time, torch
-    from fusedclip import triton_backend as tb
-    from fusedclip.testing import device_grads
-    t0 = time.perf_counter()
-    for grads in ([torch.randn(1000, device="cuda")],
-                  device_grads([(4096, 1024), (1024,), (3000, 77), (5,), (0,), (50257, 64), (16385,)],
-                               [torch.float32, torch.bfloat16], seed=5)):
-        tb.clip(grads, 0.1, 2.0, launch="one")
-        torch.cuda.synchronize()
-    print(f"first launches done in {time.perf_counter() - t0:.1f} s (compile included)", flush=True)
-""")
-
-
-@pytest.mark.gpu_seconds(30)
-def test_triton_one_launch_first_launch(record_property):
-    """The persistent one-launch kernel's first launches (a small set, then more chunks than programs) end: in a
-    child process killed at its limit (at most 60 s, less when the deadline is nearer), so a grid barrier that
-    never opens costs this test, not the run. Its result decides the launch variant of the rest of the run."""
-    pytest.importorskip("triton")
-    if "triton" not in fusedclip.available_backends("cuda"):
-        pytest.skip("the triton backend is not available for cuda here (python -m fusedclip info says why)")
-    end = float(os.environ.get("FUSEDCLIP_GPU_DEADLINE") or math.inf)
-    limit = min(60.0, end - time.time() - 3)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("FUSEDCLIP_TRITON_LAUNCH", None)
-    try:
-        out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", FIRST_LAUNCH], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired as e:
-        text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        pytest.fail(f"no result within {limit:.0f} s (a grid barrier that never opens, or compiling): {text[-300:]!r}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    record_property("note", out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.cpu_logic
