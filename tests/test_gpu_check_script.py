@@ -341,7 +341,9 @@ def test_gpu_tests_skip_without_a_gpu_and_before_the_deadline():
 def test_gpu_conftest_reports_each_result_with_its_notes(tmp_path):
     """tests/gpu/conftest.py on a module of its own (copied with it): a test's notes printed under its result line;
     the result lines as -v writes them; with a deadline, a test expecting more time than is left skipped while one
-    that fits runs; without a GPU, a test that is not cpu_logic skipped with the reason."""
+    that fits runs; a test running past FUSEDCLIP_GPU_TEST_TIMEOUT has its stack dumped to the real stderr (not
+    pytest's capture, which a killed run never shows; gpu_check.sh reads the dump); without a GPU, a test that is
+    not cpu_logic skipped with the reason."""
     import shutil
     import torch
     shutil.copy(ROOT / "tests" / "gpu" / "conftest.py", tmp_path / "conftest.py")
@@ -355,9 +357,15 @@ def test_gpu_conftest_reports_each_result_with_its_notes(tmp_path):
         "def test_long():\n"
         "    raise AssertionError('must not start')\n\n"
         "def test_on_the_gpu():\n"
-        "    assert torch_cuda_is_here()\n")
-    out = _run_gpu_tests(["-p", "no:randomly", str(tmp_path)], {"FUSEDCLIP_GPU_DEADLINE": str(time.time() + 60)},
-                         cwd=tmp_path)
+        "    assert torch_cuda_is_here()\n\n"
+        "@pytest.mark.cpu_logic\n"
+        "def test_slow():\n"
+        "    import time\n"
+        "    time.sleep(2.5)\n")
+    out = _run_gpu_tests([str(tmp_path)], {"FUSEDCLIP_GPU_DEADLINE": str(time.time() + 60),
+                                           "FUSEDCLIP_GPU_TEST_TIMEOUT": "1"}, cwd=tmp_path)
+    assert re.search(r"most recent call first\):\n +File .*test_notes\.py\", line \d+ in test_slow", out.stderr), \
+        out.stderr
     lines = out.stdout.splitlines()
     i = next(k for k, x in enumerate(lines) if x.startswith("test_notes.py::test_measures PASSED"))
     assert lines[i + 1] == "    > copy 4000 GB/s", lines[i:i + 2]

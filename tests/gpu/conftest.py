@@ -76,9 +76,19 @@ def pytest_runtest_setup(item):
     timeout = min(float(os.environ.get("FUSEDCLIP_GPU_TEST_TIMEOUT", 40)), left - 2)
     if timeout > 0:
         try:
-            faulthandler.dump_traceback_later(timeout, exit=False, file=sys.__stderr__)
+            faulthandler.dump_traceback_later(timeout, exit=False, file=_stderr_fd(item.config))
         except (ValueError, OSError, AttributeError):  # no file descriptor behind stderr: no dump then
             pass
+
+
+def _stderr_fd(config):
+    """The real stderr (pytest's faulthandler plugin's copy of it): during a test, file descriptor 2 is pytest's
+    capture file, which a killed run never shows."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+        return config.stash[fault_handler_stderr_fd_key]
+    except (ImportError, KeyError, AttributeError):
+        return sys.__stderr__
 
 
 def pytest_runtest_teardown(item):
