@@ -538,8 +538,9 @@ def test_unscale_clip_is_one_fused_pass(monkeypatch, bad):
 
 # ---- GPU only: the compiled one-launch kernel (graph replay, two streams, the first launch's guard: tests/gpu) ----
 
-@pytest.mark.parametrize("p", [2.0, math.inf, 1.0, 3.0], ids=str)
-@pytest.mark.parametrize("dtypes", ["mixed", "mixed64", "fp16"])
+# every dtype set and norm kind scripts/triton_gpu_check.py's parity section had (now here once; tests/gpu has the rest)
+@pytest.mark.parametrize("p", [2.0, math.inf, -math.inf, 1.0, 3.0], ids=str)
+@pytest.mark.parametrize("dtypes", ["mixed", "mixed64", "fp16", "fp32", "bf16"])
 @pytest.mark.parametrize("clipping", [True, False], ids=["clipping", "not-clipping"])
 @pytest.mark.gpu
 @needs_gpu
