@@ -316,6 +316,16 @@ def test_every_gpu_module_runs_in_one_step_in_order():
                      re.M)
 
 
+def test_gpu_conftest_leaves_the_suites_conftest_alone():
+    """tests/gpu collected before a suite module that imports from tests/conftest.py (make test's order): its own
+    conftest must not take the module name "conftest" (tests/gpu is a package for that)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                           "tests/gpu/test_smoke.py", "tests/test_clip.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "tests/test_clip.py::" in proc.stdout and "tests/gpu/test_smoke.py::" in proc.stdout
+
+
 def _run_gpu_tests(args, env_extra, cwd=ROOT, timeout=240):
     env = dict(os.environ, COLUMNS="250", **env_extra)  # gpu_check.sh's width: -v lines keep the skip reasons
     return subprocess.run([sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", *args], cwd=cwd,
