@@ -11,15 +11,18 @@
 # info, smoke, sanitizer-memcheck, gpu-checks, bench, pytest, sanitizer-{racecheck,synccheck}: what only a GPU can
 # tell and what has never run first. The checks are pytest modules in tests/gpu/ (they share fusedclip.testing's
 # helpers with the rest of the suite; tests/gpu/conftest.py skips a test that would not end before the step's
-# deadline, FUSEDCLIP_GPU_DEADLINE, and says so); the sanitizer's workload is scripts/sanitize_clip.py. Each step's limit is its cap clipped to the time left before
+# deadline, FUSEDCLIP_GPU_DEADLINE, and says so); the sanitizer's workload is scripts/sanitize_clip.py.
+# Each step's limit is its cap clipped to the time left before
 # the deadline (minus the kill grace, so even a step that ignores SIGTERM ends by the deadline); a step with less
 # than GPU_CHECK_MIN_STEP seconds left is SKIPPED. Each step's row is appended to summary.txt the moment the
 # step ends, so a run killed at any point still reports every step before it. A step killed at its limit says
-# where (from the Python traceback its scripts dump before their limit): "killed compiling" when that was a
+# where (from the last Python traceback dumped before the limit: tests/gpu/conftest.py's, pytest's faulthandler
+# timeout, the scripts'): "killed compiling" when that was a
 # compiler, so compile time is not mistaken for a hang.
 #
 # What the run is to confirm or refute (from the compiled kernels; the bench's JSON holds them as targets with their
-# ranges, fusedclip/bench/targets.py EXPECTED_GPU, and the smoke's bandwidth lines print them): native fused no-clip 85-100% of copy bandwidth; clip on sets larger than L2 moves
+# ranges, fusedclip/bench/targets.py EXPECTED_GPU, and the smoke's bandwidth lines print them): native fused
+# no-clip 85-100% of copy bandwidth; clip on sets larger than L2 moves
 # 3N bytes as torch's does, so hold it to >= 90% of the 3N floor and never slower than torch (not 1.4x torch);
 # clip_into_ (N bytes) and the zero-pass clip are the rows that beat torch by 3x; Triton one-launch is limited
 # by 32 KB in flight per SM (expect 50-70% of copy), the two-launch variant 75-88%.
@@ -112,7 +115,8 @@ export BENCH_PROVIDERS
 # launch in a child with its own limit), a short memcheck of every kernel (native, then Triton: one sanitizer run
 # per backend, AGC and ZClip included), the checks that need a GPU (CUDA-graph replay, two streams, no host sync,
 # torch.compile, ZClip, AGC, the Triton kernels' residency and extras: tests/gpu/), the benchmark (its JSON
-# rewritten after every set), parity at GPU sizes and the suite's other GPU tests, racecheck and synccheck last. EXPECT_S: the time each step is expected to take on an H200 (the top of the range measured or
+# rewritten after every set), parity at GPU sizes and the suite's other GPU tests, racecheck and synccheck last.
+# EXPECT_S: the time each step is expected to take on an H200 (the top of the range measured or
 # estimated: build 80-130 s, smoke 50-80, bench 85-100; the budget-driven steps use their whole cap). The
 # plan must fit: the expected times plus the kill grace within the deadline (checked below, and by the dry run
 # in CI, tests/test_gpu_check_script.py, with stand-ins that take exactly that long).
