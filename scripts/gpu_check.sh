@@ -212,10 +212,12 @@ do_bench() {
     --max-minutes "$minutes"
 }
 
-# what only a GPU can tell, in this order: graph replay / two streams / no host sync / compile, ZClip and AGC, the
-# Triton kernels (last: a hang there loses only what follows it)
+# what only a GPU can tell, in this order: graph replay / two streams / no host sync, ZClip and AGC, the Triton
+# kernels, torch.compile last (Inductor's compile time is the least predictable; the conftest skips and names what
+# would not fit after it)
 do_gpu_checks() {
-  run_pytest -m "not smoke" tests/gpu/test_checks.py tests/gpu/test_adaptive.py tests/gpu/test_triton_gpu.py
+  run_pytest -m "not smoke" tests/gpu/test_checks.py tests/gpu/test_adaptive.py tests/gpu/test_triton_gpu.py \
+    tests/gpu/test_compile_gpu.py
 }
 
 # parity at GPU sizes, then the suite's other GPU tests (CI runs the rest on the CPU); faulthandler prints where

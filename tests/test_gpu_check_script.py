@@ -23,7 +23,8 @@ STEPS = ["header", "build", "info", "smoke", "sanitizer-memcheck", "gpu-checks",
 # the pytest steps and what each runs, in order (tests/gpu/: the GPU checks as tests)
 PYTEST_STEPS = {
     "smoke": "-m smoke tests/gpu/test_checks.py tests/gpu/test_smoke.py",
-    "gpu-checks": "-m not smoke tests/gpu/test_checks.py tests/gpu/test_adaptive.py tests/gpu/test_triton_gpu.py",
+    "gpu-checks": "-m not smoke tests/gpu/test_checks.py tests/gpu/test_adaptive.py tests/gpu/test_triton_gpu.py "
+                  "tests/gpu/test_compile_gpu.py",
     "pytest": "-m gpu -o faulthandler_timeout=30 tests/gpu/test_parity.py tests/test_",
 }
 ROW = re.compile(r"^(\S+)\s+(PASS|FAIL|TIMEOUT|SKIPPED)\s+([\d.]+)s\s+limit\s+([\d.]+)s\s+start\s+([\d.]+)s", re.M)
@@ -301,7 +302,7 @@ def test_sanitizer_workload_checks_results(monkeypatch, capsys):
 
 def test_every_gpu_module_runs_in_one_step_in_order():
     """Each tests/gpu module is run by a step of the plan (none left out, the checks not run twice): the smoke
-    tests first, then what never ran (graph replay, streams, sync, compile; ZClip, AGC; the Triton kernels), the
+    tests first, then what never ran (graph replay, streams, sync; ZClip, AGC; the Triton kernels; compile), the
     parity at GPU sizes after the bench."""
     modules = sorted(p.name for p in (ROOT / "tests" / "gpu").glob("test_*.py"))
     named = " ".join(PYTEST_STEPS.values())

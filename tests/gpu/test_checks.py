@@ -1,7 +1,7 @@
 """What only a GPU can tell, for every fused backend on CUDA (native; Triton in the launch variant the run uses):
 CUDA-graph capture and replay with new gradients, two streams at once, no host sync under
-torch.cuda.set_sync_debug_mode('error'), torch.compile(fullgraph=True) of clip-then-update. Every result bit for bit
-against eager calls of the same backend, and those against the float64 reference. scripts/gpu_check.sh runs the
+torch.cuda.set_sync_debug_mode('error') (torch.compile: test_compile_gpu.py, last of the step: Inductor's compile
+time). Every result bit for bit against eager calls of the same backend, and those against the float64 reference. scripts/gpu_check.sh runs the
 native graph replay in its smoke step (marked `smoke`: the cooperative launch captured), the rest in its
 gpu-checks step.
 """
@@ -101,76 +101,55 @@ def test_two_streams_at_once(gpu_backend):
             assert_same(w, e)
 
 
-@pytest.mark.gpu_seconds(10)
+SYNC_CALLS = ["clip_", "clip_inf", "get_total_norm", "per_tensor", "clip_grads_with_norm_", "clip_value_",
+              "clip_agc_", "ZClip.step", "unscale_clip_"]
+
+
+@pytest.mark.gpu_seconds(2)
+@pytest.mark.parametrize("call", SYNC_CALLS)
 @pytest.mark.parametrize("gpu_backend", backend_params(), indirect=True)
-def test_no_host_sync(gpu_backend):
-    """The default paths never wait for the GPU: every public call (after a warm-up call, which may compile and
-    copy tables) under torch.cuda.set_sync_debug_mode('error'), which raises on any synchronizing CUDA call."""
+def test_no_host_sync(gpu_backend, call):
+    """The default paths never wait for the GPU: each public call (after a warm-up call, which may compile and copy
+    tables) under torch.cuda.set_sync_debug_mode('error'), which raises on any synchronizing CUDA call. One result
+    per call, so that one that syncs names itself and hides nothing of the others."""
     shapes = [(4096, 1024), (1024,), (333, 77), (5,)]
     params = params_with(device_grads(shapes, [torch.float32, torch.bfloat16], seed=20))
-    weights = [q.detach().clone().normal_() for q in params]
-    agc_params = [torch.nn.Parameter(w) for w in weights]
-    for q, g in zip(agc_params, device_grads(shapes, [torch.float32, torch.bfloat16], seed=21, scale=0.01)):
-        q.grad = g
+    if call == "clip_agc_":
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(q.dtype)) for s, q in zip(shapes, params)]
+        for q, g in zip(params, device_grads(shapes, [torch.float32, torch.bfloat16], seed=21, scale=0.01)):
+            q.grad = g
+    total = torch.tensor(3.0, device="cuda")
     zclip = fusedclip.ZClip(warmup_steps=2, backend=gpu_backend)
     model = torch.nn.Linear(64, 32).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
-    total = torch.tensor(3.0, device="cuda")
 
     def backward():  # outside the checked section: GradScaler.step reads found_inf on the host
         model.zero_grad()
         scaler.scale(model(torch.randn(8, 64, device="cuda")).square().mean()).backward()
 
-    def calls():
-        fusedclip.clip_(params, 1.0, backend=gpu_backend)
-        fusedclip.clip_(params, 1.0, math.inf, backend=gpu_backend)
-        fusedclip.get_total_norm(grads_of(params), backend=gpu_backend)
-        fusedclip.clip_(params, 1.0, per_tensor=True, backend=gpu_backend)
-        fusedclip.clip_grads_with_norm_(params, 1.0, total, backend=gpu_backend)
-        fusedclip.clip_value_(params, 0.1, backend=gpu_backend)
-        fusedclip.clip_agc_(agc_params, 0.01, backend=gpu_backend)
-        for _ in range(3):  # through the warm-up into the rule
-            zclip.step(params)
-        fusedclip.unscale_clip_(scaler, opt, 0.5, backend=gpu_backend)
-
-    backward()
-    calls()
-    scaler.step(opt)
-    scaler.update()
-    backward()
-    torch.cuda.synchronize()
-    zclip = fusedclip.ZClip(warmup_steps=2, backend=gpu_backend)
-    zclip.step(params)  # its state made on the first step: outside the checked section
+    run = {
+        "clip_": lambda: fusedclip.clip_(params, 1.0, backend=gpu_backend),
+        "clip_inf": lambda: fusedclip.clip_(params, 1.0, math.inf, backend=gpu_backend),
+        "get_total_norm": lambda: fusedclip.get_total_norm(grads_of(params), backend=gpu_backend),
+        "per_tensor": lambda: fusedclip.clip_(params, 1.0, per_tensor=True, backend=gpu_backend),
+        "clip_grads_with_norm_": lambda: fusedclip.clip_grads_with_norm_(params, 1.0, total, backend=gpu_backend),
+        "clip_value_": lambda: fusedclip.clip_value_(params, 0.1, backend=gpu_backend),
+        "clip_agc_": lambda: fusedclip.clip_agc_(params, 0.01, backend=gpu_backend),
+        "ZClip.step": lambda: [zclip.step(params) for _ in range(3)],  # through the warm-up into the rule
+        "unscale_clip_": lambda: fusedclip.unscale_clip_(scaler, opt, 0.5, backend=gpu_backend),
+    }[call]
+    if call == "unscale_clip_":
+        backward()
+    run()  # the warm-up (ZClip's state made on its first step)
+    if call == "unscale_clip_":
+        scaler.step(opt)
+        scaler.update()
+        backward()
     torch.cuda.synchronize()
     try:
         torch.cuda.set_sync_debug_mode("error")
-        calls()
+        run()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
-
-
-@pytest.mark.gpu_seconds(40)
-@pytest.mark.parametrize("gpu_backend", backend_params(), indirect=True)
-def test_compile_fullgraph(gpu_backend):
-    """torch.compile(fullgraph=True) of clip then an update: bitwise the eager step's, twice with new gradients."""
-    torch._dynamo.reset()
-
-    def step(params):
-        n = fusedclip.clip_(params, 1.0, backend=gpu_backend)
-        with torch.no_grad():
-            for q in params:
-                q.sub_(0.01 * q.grad)
-        return n
-
-    shapes = [(256, 128), (128,), (10, 256)]
-    params = params_with(device_grads(shapes, seed=13))
-    eager = clone_params(params)
-    compiled = torch.compile(step, fullgraph=True)
-    for t in range(2):
-        for q, e, g in zip(params, eager, device_grads(shapes, seed=30 + t, scale=10.0)):
-            q.grad, e.grad = g, g.clone()
-        assert_bit_identical(compiled(params), step(eager))
-        for q, e in zip(params, eager):
-            assert_bit_identical(q.detach(), e.detach())
