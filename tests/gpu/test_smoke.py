@@ -1,7 +1,7 @@
 """The smoke step of scripts/gpu_check.sh (with test_checks.py's native graph replay, also marked `smoke`): the few
 things only a GPU can answer, first, in about a minute.
 
-- the Triton one-launch kernel's first launches, first, in a child process with a time limit of its own (a grid
+- the Triton one-launch kernel's first launches and a capture, first, in a child process with a time limit of its own (a grid
   barrier that never opens must not hang the run): gpu_check.sh runs the rest with FUSEDCLIP_TRITON_LAUNCH=two
   unless its result line says PASSED (or skipped because Triton is not available);
 - the cooperative grid sized for each kernel instantiation, not per accumulation type (issue 5 of the first
@@ -44,15 +44,26 @@ FIRST_LAUNCH = textwrap.dedent("""
                                [torch.float32, torch.bfloat16], seed=5)):
         tb.clip(grads, 0.1, 2.0, launch="one")
         torch.cuda.synchronize()
-    print(f"first launches done in {time.perf_counter() - t0:.1f} s (compile included)", flush=True)
+    first = time.perf_counter() - t0
+    # a capture and a replay of it (its barrier slot its own): what a graph-captured training step does first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        norm = tb.clip(grads, 0.1, 2.0, launch="one")
+    eager = [g.clone() for g in grads]
+    graph.replay()
+    eager_norm = tb.clip(eager, 0.1, 2.0, launch="one")
+    torch.cuda.synchronize()
+    assert torch.equal(norm, eager_norm) and all(torch.equal(a, b) for a, b in zip(grads, eager)), "replay != eager"
+    print(f"first launches in {first:.1f} s (compile included); captured, replayed, equal to eager", flush=True)
 """)
 
 
 @pytest.mark.gpu_seconds(30)
 def test_triton_one_launch_first_launch(record_property):
-    """The persistent one-launch kernel's first launches (a small set, then more chunks than programs) end: in a
-    child process killed at its limit (at most 60 s, less when the deadline is nearer), so a grid barrier that
-    never opens costs this test, not the run. Its result decides the launch variant of the rest of the run."""
+    """The persistent one-launch kernel's first launches (a small set, then more chunks than programs) and a
+    CUDA-graph capture and replay of it end: in a child process killed at its limit (at most 60 s, less when the
+    deadline is nearer), so a grid barrier that never opens costs this test, not the run. Its result decides the
+    launch variant of the rest of the run."""
     pytest.importorskip("triton")
     if "triton" not in fusedclip.available_backends("cuda"):
         pytest.skip("the triton backend is not available for cuda here (python -m fusedclip info says why)")
