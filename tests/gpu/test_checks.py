@@ -1,9 +1,9 @@
 """What only a GPU can tell, for every fused backend on CUDA (native; Triton in the launch variant the run uses):
 CUDA-graph capture and replay with new gradients, two streams at once, no host sync under
 torch.cuda.set_sync_debug_mode('error') (torch.compile: test_compile_gpu.py, last of the step: Inductor's compile
-time). Every result bit for bit against eager calls of the same backend, and those against the float64 reference. scripts/gpu_check.sh runs the
-native graph replay in its smoke step (marked `smoke`: the cooperative launch captured), the rest in its
-gpu-checks step.
+time). Every result bit for bit against eager calls of the same backend, and those against the float64 reference.
+scripts/gpu_check.sh runs the native graph replay in its smoke step (marked `smoke`: the cooperative launch
+captured), the rest in its gpu-checks step.
 """
 import math
 

@@ -1,9 +1,9 @@
 """The smoke step of scripts/gpu_check.sh (with test_checks.py's native graph replay, also marked `smoke`): the few
 things only a GPU can answer, first, in about a minute.
 
-- the Triton one-launch kernel's first launches and a capture, first, in a child process with a time limit of its own (a grid
-  barrier that never opens must not hang the run): gpu_check.sh runs the rest with FUSEDCLIP_TRITON_LAUNCH=two
-  unless its result line says PASSED (or skipped because Triton is not available);
+- the Triton one-launch kernel's first launches and a capture, first, in a child process with a time limit of
+  its own (a grid barrier that never opens must not hang the run): gpu_check.sh runs the rest with
+  FUSEDCLIP_TRITON_LAUNCH=two unless its result line says PASSED (or skipped because Triton is not available);
 - the cooperative grid sized for each kernel instantiation, not per accumulation type (issue 5 of the first
   review): fp64 then fp32, norm types 2, 1, 3, inf, each on more chunks than 2 blocks per SM hold;
 - bandwidth: native clip_ on a 1 GiB set against a device-to-device copy timed in the same run, clipping (3N
