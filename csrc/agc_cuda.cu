@@ -254,6 +254,25 @@ __global__ void __launch_bounds__(kAgcThreads, kAgcMinBlocksPerSm<K>)
   }
 }
 
+constexpr const char* kAgcNonDenseUnderCapture =
+    "fusedclip.clip_agc_: a weight or gradient is not dense in memory (a strided view), so it cannot be clipped "
+    "inside a CUDA graph: each call works on a new dense copy of it. Make them dense before the capture, or clip "
+    "outside the graph";
+
+// A weight or gradient whose rows are not blocks of memory is processed through a fresh dense copy at a new
+// address on every call, so no table (nor graph) could ever be reused for it: refused under a capture before
+// build_agc_table makes the copies, which the capture would otherwise record into the graph ahead of the error
+// (issue 25, defect 11; the clip ops' refuse_copies_under_capture). Only tensors build_agc_table would accept
+// count: a bad argument still gets build_agc_table's own error.
+void refuse_agc_copies_under_capture(at::TensorList weights, at::TensorList grads) {
+  bool copies = false;
+  for (const at::TensorList list : {weights, grads})
+    for (const at::Tensor& t : list)
+      copies |= t.defined() && t.layout() == at::kStrided && t.numel() > 0 && !agc_rows_are_blocks(t);
+  if (!copies || grads.empty() || !grads[0].defined() || !grads[0].is_cuda()) return;
+  TORCH_CHECK(!is_capturing(c10::cuda::getCurrentCUDAStream(grads[0].device().index())), kAgcNonDenseUnderCapture);
+}
+
 // Device copies of tables (csrc/device_table_cache.h, as the clip's): the same parameters step after step
 // cost no host-to-device copy, an entry a captured graph has used is never freed, and a table used from
 // another stream before its copy is known to be done is waited for.
@@ -261,10 +280,8 @@ at::Tensor device_agc_table(const AgcTable& a, const c10::cuda::CUDAStream& stre
   static CudaTables ops;
   static DeviceTableCache<CudaTables> cache(8);
   const bool capturing = is_capturing(stream);
-  TORCH_CHECK(!capturing || (a.g_copies.empty() && a.w_copies.empty()),
-              "fusedclip.clip_agc_: a weight or gradient is not dense in memory (a strided view), so it cannot be "
-              "clipped inside a CUDA graph: each call works on a new dense copy of it. Make them dense before "
-              "the capture, or clip outside the graph");
+  // (refused before the copies already: a backstop)
+  TORCH_CHECK(!capturing || (a.g_copies.empty() && a.w_copies.empty()), kAgcNonDenseUnderCapture);
   std::optional<at::Tensor> table = cache.get(ops, a.device.index(), a.table, stream, capturing);
   TORCH_CHECK(table.has_value(),
               "fusedclip.clip_agc_: these parameters were not seen before the CUDA graph capture began; call "
@@ -274,6 +291,7 @@ at::Tensor device_agc_table(const AgcTable& a, const c10::cuda::CUDAStream& stre
 
 void agc_cuda(at::TensorList weights, at::TensorList grads, double clip_factor, double eps, double norm_type) {
   norm_kind(norm_type);
+  refuse_agc_copies_under_capture(weights, grads);
   const AgcTable a = build_agc_table(weights, grads, &cuda_items);
   for (const at::Tensor& g : a.grads) g.unsafeGetTensorImpl()->bump_version();  // the decision stays on the GPU
   c10::cuda::CUDAGuard guard(a.device);

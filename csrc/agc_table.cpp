@@ -3,16 +3,13 @@
 #include "grad_table.h"
 
 namespace fusedclip {
-namespace {
 
 // Each row one block of `len` elements: dense, and dim 0 the outermost (its stride is the row size).
-bool rows_are_blocks(const at::Tensor& t) {
+bool agc_rows_are_blocks(const at::Tensor& t) {
   if (!t.is_non_overlapping_and_dense()) return false;
   if (t.dim() <= 1 || t.size(0) == 1) return true;
   return t.stride(0) == t.numel() / t.size(0);
 }
-
-}  // namespace
 
 AgcTable build_agc_table(at::TensorList weights, at::TensorList grads, agc_items_fn items) {
   TORCH_CHECK_VALUE(!grads.empty(), "fusedclip.clip_agc_: empty tensor list");
@@ -44,12 +41,12 @@ AgcTable build_agc_table(at::TensorList weights, at::TensorList grads, agc_items
     TORCH_CHECK_VALUE(numel > 0, "fusedclip.clip_agc_: pair ", i, " is empty (the Python layer drops those)");
     const int64_t rows = g.dim() > 1 ? g.size(0) : 1;
     const at::Tensor* wd = &w;
-    if (!rows_are_blocks(w)) {
+    if (!agc_rows_are_blocks(w)) {
       a.w_copies.push_back(w.contiguous());
       wd = &a.w_copies.back();
     }
     const at::Tensor* gd = &g;
-    if (!rows_are_blocks(g)) {
+    if (!agc_rows_are_blocks(g)) {
       a.g_copy_of[i] = static_cast<int64_t>(a.g_copies.size());
       a.g_copies.emplace_back(g, g.contiguous());
       gd = &a.g_copies.back().second;

@@ -55,6 +55,10 @@ struct AgcTable {
 // before anything is written. Empty pairs are the Python layer's to drop.
 AgcTable build_agc_table(at::TensorList weights, at::TensorList grads, agc_items_fn items);
 
+// Whether build_agc_table uses `t` as it is: each row one block of memory (dense, dim 0 outermost). A tensor
+// for which this is false is processed through a dense copy (new memory on every call).
+bool agc_rows_are_blocks(const at::Tensor& t);
+
 #ifdef FUSEDCLIP_WITH_CUDA
 // "agc_block_threads=...;agc_min_blocks=agc_kernel<L2>=n,...": the AGC kernel's launch configuration.
 std::string agc_cuda_launch_info();

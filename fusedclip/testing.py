@@ -5,12 +5,15 @@ that GPU checks, benchmarks and users' tests can compare the same way.
   from it), `rel_err`, `AdaGCReference` (AdaGC's rule, arXiv 2502.11034, in float64);
 - makers: `make_grads` (fresh random gradients, one scale or mixed scales), `mixed_scales`, `make_params`
   (parameters with such gradients, optionally non-contiguous or None), `params_with`, `clone_params`, `grads_of`;
+  `device_grads` (the same drawn by the device's own generator: GiB-sized sets on a GPU);
 - bit equality: `bits`, `same_bits`, `assert_bit_identical` (a gradient that must not change keeps its bits, NaN
   payloads and -0.0 included);
 - tolerances: `TOL` (torch.testing.assert_close's defaults per dtype), `low_precision_tol`;
 - cases shared by the backends' tests: `check_against_reference`, `clip_parity_case`, `no_write_case`, with the
   shapes, dtype sets and norm types they use (`SHAPES`, `DTYPE_SETS`, `NORMS`);
 - multi-process runs (Gloo on CPU): `run_ranks`, `run_cases`, `free_port`;
+- ZClip's rule in float64: `zclip_state_f64` (the state a kernel must hold, to the bit, after returning given
+  norms), `same_f64`;
 - `NoHostRead`: a dispatch mode that fails on any host read of a tensor (what a sync goes through), for CPU tests of
   sync-free code.
 
@@ -31,7 +34,8 @@ import fusedclip
 __all__ = ["TOL", "SHAPES", "DTYPE_SETS", "NORMS", "ref_norm", "ref_coef", "rel_err", "mixed_scales", "make_grads",
            "make_params", "params_with", "clone_params", "grads_of", "bits", "same_bits", "assert_bit_identical",
            "low_precision_tol", "check_against_reference", "clip_parity_case", "no_write_case", "free_port",
-           "run_ranks", "run_cases", "AdaGCReference", "NoHostRead"]
+           "run_ranks", "run_cases", "AdaGCReference", "NoHostRead", "device_grads", "zclip_state_f64",
+           "same_f64"]
 
 # ---- tolerances ------------------------------------------------------------------------------------------
 
@@ -66,18 +70,19 @@ NORMS = [2.0, math.inf, 1.0, 3.0]
 # ---- references ------------------------------------------------------------------------------------------
 
 
-def ref_norm(tensors, p):
+def ref_norm(tensors, p, device="cpu"):
     """The float64 reference: the p-norm of all elements of `tensors` as one vector (a 0-dim float64 tensor on
-    the CPU). That is torch's norm of the per-tensor norms, except for p=0, where torch counts the tensors with
-    a nonzero element, and so does this. An empty list or only empty tensors: 0."""
+    `device`, the CPU by default; a GPU for the GiB-sized sets of the GPU checks, where copying them to the CPU
+    as float64 would cost seconds). That is torch's norm of the per-tensor norms, except for p=0, where torch
+    counts the tensors with a nonzero element, and so does this. An empty list or only empty tensors: 0."""
     p = float(p)
     if not tensors:
-        return torch.tensor(0.0, dtype=torch.float64)
+        return torch.tensor(0.0, dtype=torch.float64, device=device)
     if p == 0:
-        return torch.tensor(float(sum(bool((g != 0).any()) for g in tensors)), dtype=torch.float64)
-    flat = torch.cat([g.detach().double().reshape(-1).cpu() for g in tensors])
+        return torch.tensor(float(sum(bool((g != 0).any()) for g in tensors)), dtype=torch.float64, device=device)
+    flat = torch.cat([g.detach().reshape(-1).to(device=device, dtype=torch.float64) for g in tensors])
     if flat.numel() == 0:
-        return torch.tensor(0.0, dtype=torch.float64)
+        return torch.tensor(0.0, dtype=torch.float64, device=device)
     return torch.linalg.vector_norm(flat, p)
 
 
@@ -114,6 +119,23 @@ def make_grads(shapes, dtypes=torch.float32, device="cpu", seed=0, scale=1.0):
     scales = mixed_scales(len(shapes), g).tolist() if scale == "mixed" else [scale] * len(shapes)
     return [(v * k).to(device=device, dtype=dtypes[i % len(dtypes)])
             for i, (v, k) in enumerate(zip(values, scales))]
+
+
+def device_grads(shapes, dtypes=torch.float32, device="cuda", seed=0, scale=1.0):
+    """Fresh random gradients drawn on `device` by its own generator (seeded with `seed`): standard normal fp32
+    values times `scale`, rounded once to the dtype (dtypes: one, or a list cycled over the shapes). scale: a
+    number, or "mixed" (one log-uniform scale in [1e-3, 10) per tensor, from a CPU generator). For the large sets
+    of the GPU checks: make_grads draws in float64 on the CPU and copies, seconds per GiB; the values differ from
+    make_grads' (another generator) but the same arguments give the same values on one device."""
+    dtypes = [dtypes] if isinstance(dtypes, torch.dtype) else list(dtypes)
+    g = torch.Generator(device=device).manual_seed(seed)
+    scales = (mixed_scales(len(shapes), torch.Generator().manual_seed(seed + 1)).tolist() if scale == "mixed"
+              else [scale] * len(shapes))
+    out = []
+    for i, (shape, k) in enumerate(zip(shapes, scales)):
+        x = torch.randn(shape, generator=g, device=device)
+        out.append((x.mul_(k) if k != 1.0 else x).to(dtypes[i % len(dtypes)]))
+    return out
 
 
 def make_params(shapes, dtypes, device="cpu", seed=0, scale=1.0, none_every=0, noncontig=True):
@@ -412,6 +434,68 @@ class AdaGCReference:
                 if math.isfinite(h * n):
                     self.gamma[i] = self.beta * start + (1.0 - self.beta) * (h * n)
         return [None if g is None else g * c for g, c in zip(g64, coefs)], coefs
+
+
+# ---- ZClip's rule in float64 (the GPU checks' expected state; tests/gpu/test_adaptive.py) -------------------
+
+def same_f64(got, want):
+    """Two lists of floats equal value for value, NaN equal to NaN (its bits may differ between devices)."""
+    return len(got) == len(want) and all(a == b or (a != a and b != b) for a, b in zip(got, want))
+
+
+def zclip_state_f64(config, norms, n_buffer):
+    """ZClip's state (csrc/zclip_rule.h ZSlot: steps, mean, var, skipped, then the warm-up buffer) after steps
+    fed `norms`, computed in Python floats with csrc/zclip_rule.h's operations in its order (each a correctly
+    rounded float64 operation, as the kernels' _rn intrinsics): the state a kernel must hold, to the bit, when it
+    returned these norms. Comparing with another kernel's state instead would need a tolerance that correct
+    kernels cross: two fp32 norms summed in different orders differ in the last bits, which the warm-up variance
+    amplifies (issue 25, defect 1). config: ZClip._config (csrc/zclip_rule.h ZConfigSlot order)."""
+    alpha, z_thresh, cap, has_cap, eps, n_warm, percentile, to_mean, factor, skip_update, skip_spikes, \
+        skip_nonfinite = config
+    n_warm = int(n_warm)
+    s = [0.0] * (4 + n_buffer)
+    for x in norms:
+        steps, mean, var = s[0], s[1], s[2]
+        warmup = steps < n_warm
+        nonfinite = not (x - x == 0.0)
+        spike, target = False, x
+        if not warmup:
+            std = math.sqrt(var)
+            if percentile:
+                threshold = mean + z_thresh * std
+                spike = x > threshold
+            else:
+                z = (x - mean) / (std + eps)
+                spike = z > z_thresh
+                threshold = mean if to_mean else (mean + z_thresh * std / (z / z_thresh)) * factor
+            if spike:
+                target = threshold
+        skip = (skip_nonfinite and nonfinite) or (skip_spikes and spike)
+        if skip:
+            s[3] += 1.0
+            if nonfinite:
+                continue
+        if warmup:
+            i = int(steps)
+            s[4 + i] = x
+            if i == n_warm - 1:
+                total = s[4]
+                for k in range(1, n_warm):  # left to right (not sum(): Python 3.12's is compensated)
+                    total += s[4 + k]
+                m = total / n_warm
+                sq = 0.0
+                for k in range(n_warm):
+                    dev = s[4 + k] - m
+                    sq = dev * dev if k == 0 else sq + dev * dev
+                s[1], s[2] = m, sq / n_warm
+        elif not (skip_update and spike):
+            b = 1.0 - alpha
+            m = alpha * mean + b * target
+            dev = target - m
+            s[2] = alpha * var + b * (dev * dev)
+            s[1] = m
+        s[0] = steps + 1.0
+    return s
 
 
 def _no_host_read_mode():

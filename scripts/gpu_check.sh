@@ -8,22 +8,28 @@
 #                                             they were asked and sleep / fail as told (tests/test_gpu_check_script.py)
 #
 # Steps (PLAN below): header, build (then the Triton variants compile in the background on the idle cores),
-# info, smoke, sanitizer-memcheck, gpu-checks, triton-check, bench, pytest, sanitizer-{racecheck,synccheck}: what
-# only a GPU can tell and what has never run first. Each step's limit is its cap clipped to the time left before
+# info, smoke, sanitizer-memcheck, gpu-checks, bench, pytest, sanitizer-{racecheck,synccheck}: what only a GPU can
+# tell and what has never run first. The checks are pytest modules in tests/gpu/ (they share fusedclip.testing's
+# helpers with the rest of the suite; tests/gpu/conftest.py skips a test that would not end before the step's
+# deadline, FUSEDCLIP_GPU_DEADLINE, and says so); the sanitizer's workload is scripts/sanitize_clip.py.
+# Each step's limit is its cap clipped to the time left before
 # the deadline (minus the kill grace, so even a step that ignores SIGTERM ends by the deadline); a step with less
 # than GPU_CHECK_MIN_STEP seconds left is SKIPPED. Each step's row is appended to summary.txt the moment the
 # step ends, so a run killed at any point still reports every step before it. A step killed at its limit says
-# where (from the Python traceback its scripts dump before their limit): "killed compiling" when that was a
+# where (from the last Python traceback dumped before the limit: tests/gpu/conftest.py's, pytest's faulthandler
+# timeout, the scripts'): "killed compiling" when that was a
 # compiler, so compile time is not mistaken for a hang.
 #
-# What the run is to confirm or refute (from the compiled kernels; the bench's JSON holds its targets too,
-# fusedclip/bench/targets.py): native fused no-clip 85-100% of copy bandwidth; clip on sets larger than L2 moves
+# What the run is to confirm or refute (from the compiled kernels; the bench's JSON holds them as targets with their
+# ranges, fusedclip/bench/targets.py EXPECTED_GPU, and the smoke's bandwidth lines print them): native fused
+# no-clip 85-100% of copy bandwidth; clip on sets larger than L2 moves
 # 3N bytes as torch's does, so hold it to >= 90% of the 3N floor and never slower than torch (not 1.4x torch);
 # clip_into_ (N bytes) and the zero-pass clip are the rows that beat torch by 3x; Triton one-launch is limited
 # by 32 KB in flight per SM (expect 50-70% of copy), the two-launch variant 75-88%.
 #
 # Knobs (environment): GPU_CHECK_DEADLINE (s, default 540), GPU_CHECK_MIN_STEP (s, 10), GPU_CHECK_GRACE (s, 5),
-# GPU_CHECK_CAP_SCALE (1: multiplies every step's cap; the tests shrink them), PYTHON (python3). Dry run only:
+# GPU_CHECK_CAP_SCALE (1: multiplies every step's cap; the tests shrink them), GPU_CHECK_TEST_TIMEOUT (s, 40: a
+# GPU test running longer dumps its stacks), PYTHON (python3). Dry run only:
 # GPU_CHECK_STANDIN_{SLEEP,RC,SAY}_<STEP> (STEP upper-cased, '-' -> '_'): what the stand-ins do in that step.
 #
 # The GPU machine's stack (Python 3.12, torch 2.11.0+cu130, Triton 3.6.0) is exercised here on every commit before
@@ -33,6 +39,8 @@
 #
 # At most 8 files land in OUTDIR, none deeper than OUTDIR/bench/:
 #   summary.txt build.log smoke.txt bench.txt bench/{*.json,*.md} checks.txt tests.txt
+# (smoke.txt, checks.txt, tests.txt: pytest -v, one line per result as it happens, measurements under it as
+# "    > ..."; tests.txt also the sanitizers' output)
 set -uo pipefail
 export LC_ALL=C  # decimal points and sort order the same everywhere
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -70,7 +78,7 @@ if [ $DRY = 1 ]; then
 #!/usr/bin/env bash
 # gpu_check.sh --dry-run stand-in: say what was asked, then sleep / print / exit as the step's knobs say
 key=$(printf '%s' "${GPU_CHECK_STEP:-none}" | tr 'a-z-' 'A-Z_')
-echo "standin $(basename "$0") [step ${GPU_CHECK_STEP:-none}, limit ${STEP_LIMIT:-?}s; FUSEDCLIP_TRITON_LAUNCH=${FUSEDCLIP_TRITON_LAUNCH:-unset} PYTORCH_NO_CUDA_MEMORY_CACHING=${PYTORCH_NO_CUDA_MEMORY_CACHING:-unset} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} MAX_JOBS=${MAX_JOBS:-unset}] $*"
+echo "standin $(basename "$0") [step ${GPU_CHECK_STEP:-none}, limit ${STEP_LIMIT:-?}s; FUSEDCLIP_TRITON_LAUNCH=${FUSEDCLIP_TRITON_LAUNCH:-unset} PYTORCH_NO_CUDA_MEMORY_CACHING=${PYTORCH_NO_CUDA_MEMORY_CACHING:-unset} FUSEDCLIP_GPU_DEADLINE=${FUSEDCLIP_GPU_DEADLINE:-unset} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} MAX_JOBS=${MAX_JOBS:-unset}] $*"
 say=GPU_CHECK_STANDIN_SAY_$key; [ -n "${!say:-}" ] && printf '%b\n' "${!say}"
 s=GPU_CHECK_STANDIN_SLEEP_$key; sleep "${!s:-0}"
 r=GPU_CHECK_STANDIN_RC_$key; exit "${!r:-0}"
@@ -79,7 +87,7 @@ EOF
   for t in python3 nvidia-smi nvcc compute-sanitizer ncu cuobjdump; do ln -s standin "$FAKE/$t"; done
   export PATH="$FAKE:$PATH"
   PY=$FAKE/python3
-  : "${GPU_CHECK_STANDIN_SAY_SMOKE:=smoke triton-one-launch: PASS (stand-in)}"
+  : "${GPU_CHECK_STANDIN_SAY_SMOKE:=tests/gpu/test_smoke.py::test_triton_one_launch_first_launch PASSED (stand-in)}"
   export GPU_CHECK_STANDIN_SAY_SMOKE
 else
   PY=$(command -v "${PYTHON:-python3}")  # a full path: compute-sanitizer is handed it as the program to run
@@ -102,24 +110,26 @@ BENCH_PROVIDERS=all
 export BENCH_PROVIDERS
 
 # ---- the steps: NAME CAP_S EXPECT_S LOG EXCERPT (lines of the step's output copied into the summary) ----------
-# In order of what only a GPU can tell and what has never run: the smoke step, a short memcheck of every kernel
-# (native, then Triton: one sanitizer run per backend, AGC and ZClip included), the checks that need a GPU
-# (CUDA-graph replay, two streams, ZClip, AGC, torch.compile first), the Triton check, the benchmark (its JSON
-# rewritten after every set), parity and the GPU tests (one line per result as it happens), racecheck and
-# synccheck last. EXPECT_S: the time each step is expected to take on an H200 (the top of the range measured or
+# In order of what only a GPU can tell and what has never run: the smoke tests (the cooperative launch captured
+# and replayed, the grid per kernel instantiation, bandwidth against a copy, the Triton one-launch kernel's first
+# launch in a child with its own limit), a short memcheck of every kernel (native, then Triton: one sanitizer run
+# per backend, AGC and ZClip included), the checks that need a GPU (CUDA-graph replay, two streams, no host sync,
+# torch.compile, ZClip, AGC, the Triton kernels' residency and extras: tests/gpu/), the benchmark (its JSON
+# rewritten after every set), parity at GPU sizes and the suite's other GPU tests, racecheck and synccheck last.
+# EXPECT_S: the time each step is expected to take on an H200 (the top of the range measured or
 # estimated: build 80-130 s, smoke 50-80, bench 85-100; the budget-driven steps use their whole cap). The
 # plan must fit: the expected times plus the kill grace within the deadline (checked below, and by the dry run
 # in CI, tests/test_gpu_check_script.py, with stand-ins that take exactly that long).
+PYTEST_LINES='::.* (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)|^    > |[0-9]+ (passed|failed|errors?)\b'
 PLAN=(
   "header 15 5 summary.txt -"
   "build 180 130 build.log -"
   "info 15 5 summary.txt -"
-  "smoke 80 80 smoke.txt ^smoke"
+  "smoke 80 80 smoke.txt $PYTEST_LINES"
   "sanitizer-memcheck 40 40 tests.txt ERROR SUMMARY|^sanitize_clip:|^== sanitizer [a-z]+ "
-  "gpu-checks 55 55 checks.txt ^[a-z]+ +[a-z_0-9]+ +(PASS|FAIL|SKIPPED)|^gpu_checks:"
-  "triton-check 40 40 checks.txt ^section |^residency |^triton_gpu_check:"
+  "gpu-checks 95 95 checks.txt $PYTEST_LINES"
   "bench 100 100 bench.txt ^wrote|CHECK FAILED|^fusedclip bench"
-  "pytest 40 40 tests.txt (PASSED|FAILED|ERROR|SKIPPED|XFAIL)|[0-9]+ (passed|failed|errors?)"
+  "pytest 40 40 tests.txt (FAILED|ERROR)|[0-9]+ (passed|failed|errors?)"
   "sanitizer-racecheck 20 20 tests.txt ERROR SUMMARY|^sanitize_clip:|^== sanitizer [a-z]+ "
   "sanitizer-synccheck 20 20 tests.txt ERROR SUMMARY|^sanitize_clip:|^== sanitizer [a-z]+ "
 )
@@ -179,7 +189,18 @@ do_info() {
   fi
 }
 
-do_smoke() { "$PY" scripts/gpu_smoke.py --budget "$STEP_LIMIT"; }
+run_pytest() {  # run_pytest ARGS...: the GPU tests against the step's deadline (tests/gpu/conftest.py skips a test
+  # that would not end before it, saying so), -v: one line per result as it happens, so a killed step keeps the
+  # names of what passed and failed; a test running past FUSEDCLIP_GPU_TEST_TIMEOUT dumps its stacks (where it hangs)
+  local deadline
+  deadline=$(awk -v t="$(now_ms)" -v l="$STEP_LIMIT_MS" 'BEGIN { printf "%.3f", (t + l) / 1000 - 3 }')
+  # COLUMNS: pytest writes to a file 80 columns wide, which cuts a skip's reason short on its -v line
+  FUSEDCLIP_GPU_DEADLINE=$deadline FUSEDCLIP_GPU_TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-40} COLUMNS=250 \
+    "$PY" -m pytest -v -ra -o console_output_style=classic -p no:cacheprovider "$@"
+}
+
+# the smoke tests: the native cooperative launch captured and replayed first, then tests/gpu/test_smoke.py
+do_smoke() { run_pytest -m smoke tests/gpu/test_checks.py tests/gpu/test_smoke.py; }
 
 do_bench() {
   # the sets that matter, every provider, short timings; the bench skips what would start after --max-minutes
@@ -191,14 +212,17 @@ do_bench() {
     --max-minutes "$minutes"
 }
 
-do_gpu_checks() { "$PY" scripts/gpu_checks.py --device cuda --budget "$STEP_LIMIT"; }
-
-do_triton_check() { "$PY" scripts/triton_gpu_check.py --budget "$STEP_LIMIT"; }
-
-do_pytest() {  # parity and the GPU-only tests (CI runs the rest): -v, one line per result as it happens (a killed
-  # run keeps the names of the tests that failed); faulthandler prints where a test hangs
-  "$PY" -m pytest -v -ra -m gpu -o faulthandler_timeout=30 -o console_output_style=classic -p no:cacheprovider tests
+# what only a GPU can tell, in this order: graph replay / two streams / no host sync, ZClip and AGC, the Triton
+# kernels, torch.compile last (Inductor's compile time is the least predictable; the conftest skips and names what
+# would not fit after it)
+do_gpu_checks() {
+  run_pytest -m "not smoke" tests/gpu/test_checks.py tests/gpu/test_adaptive.py tests/gpu/test_triton_gpu.py \
+    tests/gpu/test_compile_gpu.py
 }
+
+# parity at GPU sizes, then the suite's other GPU tests (CI runs the rest on the CPU); faulthandler prints where
+# a test outside tests/gpu hangs
+do_pytest() { run_pytest -m gpu -o faulthandler_timeout=30 tests/gpu/test_parity.py tests/test_*.py; }
 
 sanitize() {  # sanitize TOOL: one sanitizer run per backend (a Triton hang loses nothing of the native run), each
   # within its share of the step's limit (native half, Triton the rest), AGC and ZClip included (sanitize_clip.py);
@@ -225,7 +249,7 @@ sanitize() {  # sanitize TOOL: one sanitizer run per backend (a Triton hang lose
 do_sanitizer_memcheck() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize memcheck; }
 do_sanitizer_racecheck() { sanitize racecheck; }
 do_sanitizer_synccheck() { sanitize synccheck; }
-export -f do_header do_build do_info do_smoke do_bench do_gpu_checks do_triton_check do_pytest sanitize tool \
+export -f do_header do_build do_info do_smoke do_bench do_gpu_checks do_pytest run_pytest sanitize tool \
   do_sanitizer_memcheck do_sanitizer_racecheck do_sanitizer_synccheck now_ms sec
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
@@ -281,7 +305,7 @@ step() {  # step NAME CAP_S LOG EXCERPT: run do_NAME within min(cap, time left),
   [ "$log" = "$SUMMARY" ] || echo "== $name: $verdict (rc=$rc)${why:+ $why}" >>"$log"
   row "$name" "$verdict" $((end - start)) "$limit" "$start" "$why"
   if [ "$excerpt" != - ]; then  # the step's own lines that say the most, from its part of a shared log
-    tail -c +$((size + 1)) "$log" | grep -aE "$excerpt" | head -25 | sed 's/^/    > /' | tee -a "$SUMMARY"
+    tail -c +$((size + 1)) "$log" | grep -aE "$excerpt" | head -40 | sed 's/^/    > /' | tee -a "$SUMMARY"
   fi
 }
 
@@ -323,8 +347,10 @@ for s in "${PLAN[@]}"; do
   step "$name" "$cap" "$log" "$excerpt"
   [ "$name" = build ] && precompile
   if [ "$name" = smoke ] && [ -f "$OUT/smoke.txt" ] \
-    && ! grep -qaE '^smoke triton-one-launch: (PASS|SKIP)' "$OUT/smoke.txt"; then
-    # the one-launch Triton kernel did not pass its guarded first launch: do not let it hang what follows
+    && ! grep -qaE '::test_triton_one_launch_first_launch (PASSED|SKIPPED \(the triton backend is not available)' \
+      "$OUT/smoke.txt"; then
+    # the one-launch Triton kernel did not pass its guarded first launch (failed, timed out, or not reached before
+    # the step's deadline): do not let it hang what follows
     export FUSEDCLIP_TRITON_LAUNCH=two
     BENCH_PROVIDERS=torch,torch-loop,compile,native,triton-2,apex
     say "note: Triton one-launch did not pass in smoke: the rest of the run uses FUSEDCLIP_TRITON_LAUNCH=two" \

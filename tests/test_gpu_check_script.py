@@ -5,7 +5,6 @@ step without enough time left is SKIPPED, each step's row is in summary.txt the 
 run still reports everything before it), at most 8 files land in OUTDIR, and a Triton one-launch kernel that
 did not pass the smoke step is kept out of the rest of the run."""
 import importlib.util
-import math
 import os
 import re
 import signal
@@ -19,8 +18,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 # what only a GPU can tell and what has never run first (issue 25, defect 2): the sanitizers included
-STEPS = ["header", "build", "info", "smoke", "sanitizer-memcheck", "gpu-checks", "triton-check", "bench", "pytest",
+STEPS = ["header", "build", "info", "smoke", "sanitizer-memcheck", "gpu-checks", "bench", "pytest",
          "sanitizer-racecheck", "sanitizer-synccheck"]
+# the pytest steps and what each runs, in order (tests/gpu/: the GPU checks as tests)
+PYTEST_STEPS = {
+    "smoke": "-m smoke tests/gpu/test_checks.py tests/gpu/test_smoke.py",
+    "gpu-checks": "-m not smoke tests/gpu/test_checks.py tests/gpu/test_adaptive.py tests/gpu/test_triton_gpu.py "
+                  "tests/gpu/test_compile_gpu.py",
+    "pytest": "-m gpu -o faulthandler_timeout=30 tests/gpu/test_parity.py tests/test_",
+}
 ROW = re.compile(r"^(\S+)\s+(PASS|FAIL|TIMEOUT|SKIPPED)\s+([\d.]+)s\s+limit\s+([\d.]+)s\s+start\s+([\d.]+)s", re.M)
 PLAN = re.compile(r"^  (\S+)\s+cap\s+([\d.]+)s\s+expect\s+([\d.]+)s\s+ends by\s+([\d.]+)s\s+-> (\S+)", re.M)
 # the timeline expected on an H200 (issue 25): build 80-130 s, smoke 50-80, bench 85-100; the budget-driven
@@ -55,6 +61,7 @@ def check_limits(summary, deadline, grace):
 
 
 def test_dry_run_plans_and_runs_every_step(tmp_path):
+    t0 = time.time()
     proc, summary = dry_run(tmp_path / "out")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "plan: deadline 540.0s" in proc.stdout and "DRY RUN" in proc.stdout
@@ -62,7 +69,7 @@ def test_dry_run_plans_and_runs_every_step(tmp_path):
     assert [r[0] for r in got] == STEPS and all(r[1] == "PASS" for r in got), summary
     caps = check_limits(summary, 540, 5)
     assert sum(caps.values()) > 540  # the caps alone would not fit: the clipping is what makes the run fit
-    assert re.search(r"^total [\d.]+s: 11 passed, 0 not", summary, re.M)
+    assert re.search(r"^total [\d.]+s: 10 passed, 0 not", summary, re.M)
     # at most 8 files, nothing deeper than OUTDIR/<folder>/<file>
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(p.relative_to(tmp_path / "out").parts) <= 2 for p in files)
@@ -70,13 +77,17 @@ def test_dry_run_plans_and_runs_every_step(tmp_path):
     # what would run on the GPU machine, as the stand-ins saw it
     assert "pip install --no-build-isolation --no-deps -e ." in logs["build.log"]
     assert "TORCH_CUDA_ARCH_LIST=9.0" in logs["build.log"] and "MAX_JOBS=16" in logs["build.log"]
-    assert "scripts/gpu_smoke.py --budget 80" in logs["smoke.txt"]
     assert "scripts/triton_precompile.py --jobs 8" in logs["build.log"]  # in the background, after the build
     assert "Triton variants compiling in the background" in summary
     assert "--device cuda --sets gpt2-small,mixed,many-small,llama-7b --providers all" in logs["bench.txt"]
-    assert "scripts/gpu_checks.py --device cuda --budget" in logs["checks.txt"]
-    assert "scripts/triton_gpu_check.py --budget" in logs["checks.txt"]
-    assert "-m pytest -v -ra -m gpu" in logs["tests.txt"]  # one line per result: a killed run keeps the names
+    # the GPU checks as pytest modules, -v (one line per result: a killed step keeps the names), each step's
+    # deadline handed to tests/gpu/conftest.py: the end of its limit less 3 s
+    steps = {r[0]: r for r in got}
+    for name, log in (("smoke", "smoke.txt"), ("gpu-checks", "checks.txt"), ("pytest", "tests.txt")):
+        (line,) = [x for x in logs[log].splitlines() if x.startswith(f"standin python3 [step {name},")]
+        assert "-m pytest -v -ra -o console_output_style=classic -p no:cacheprovider " + PYTEST_STEPS[name] in line
+        deadline = float(re.search(r"FUSEDCLIP_GPU_DEADLINE=([\d.]+)", line)[1])
+        assert abs(deadline - (t0 + steps[name][4] + steps[name][3] - 3)) < 2.0, (name, line)
     # one sanitizer run per backend and tool (a Triton hang loses nothing of the native run); the Triton one
     # under racecheck and synccheck with the two-launch variant
     for tool in ("memcheck", "racecheck", "synccheck"):
@@ -146,7 +157,7 @@ def test_summary_rows_are_written_as_steps_end(tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             text = (out / "summary.txt").read_text() if (out / "summary.txt").exists() else ""
-            if "triton-check" in [r[0] for r in rows(text)] and (out / "bench.txt").exists():
+            if "gpu-checks" in [r[0] for r in rows(text)] and (out / "bench.txt").exists():
                 break
             time.sleep(0.1)
         time.sleep(0.3)
@@ -163,19 +174,37 @@ def test_failures_do_not_stop_the_run_and_a_bad_triton_launch_is_avoided(tmp_pat
     """A failed build is a FAIL row and the run goes on; when the Triton one-launch kernel did not pass in the
     smoke step, the rest of the run uses the two-launch variant and the bench leaves the one-launch provider out."""
     proc, summary = dry_run(tmp_path / "out", GPU_CHECK_STANDIN_RC_BUILD=1,
-                            GPU_CHECK_STANDIN_SAY_SMOKE="smoke coop-graph: PASS ok\\nsmoke triton-one-launch: "
-                                                        "TIMEOUT no result within 60 s")
+                            GPU_CHECK_STANDIN_SAY_SMOKE="tests/gpu/test_checks.py::test_cuda_graph_replay[native] "
+                                                        "PASSED\\ntests/gpu/test_smoke.py::test_triton_one_launch_"
+                                                        "first_launch FAILED")
     assert proc.returncode != 0
     verdicts = {r[0]: r[1] for r in rows(summary)}
     assert verdicts["build"] == "FAIL" and re.search(r"^build\s+FAIL.*rc=1", summary, re.M)
     assert all(verdicts[s] == "PASS" for s in STEPS if s != "build"), summary
-    assert "    > smoke coop-graph: PASS ok" in summary and "    > smoke triton-one-launch: TIMEOUT" in summary
+    assert "    > tests/gpu/test_checks.py::test_cuda_graph_replay[native] PASSED" in summary
+    assert "    > tests/gpu/test_smoke.py::test_triton_one_launch_first_launch FAILED" in summary
     assert "FUSEDCLIP_TRITON_LAUNCH=two" in summary
     bench = (tmp_path / "out" / "bench.txt").read_text()
     assert "--providers torch,torch-loop,compile,native,triton-2,apex" in bench
     for log in ("checks.txt", "tests.txt"):  # every step after the smoke runs with the two-launch variant
         lines = [x for x in (tmp_path / "out" / log).read_text().splitlines() if x.startswith("standin")]
         assert lines and all("FUSEDCLIP_TRITON_LAUNCH=two" in x for x in lines)
+
+
+@pytest.mark.parametrize("line, fallback", [
+    ("PASSED", False),
+    ("SKIPPED (the triton backend is not available for cuda here (python -m fusedclip info says why))", False),
+    ("SKIPPED (deadline: 12 s left before FUSEDCLIP_GPU_DEADLINE, this test expects 30 s)", True),
+    ("FAILED", True),
+])
+def test_one_launch_kept_only_after_its_guarded_first_launch_passed(tmp_path, line, fallback):
+    """The rest of the run uses the one-launch Triton kernel only when its guarded first launch passed in the smoke
+    step (or Triton is not there at all): one that failed, or was not reached before the step's deadline, could
+    hang every step after it."""
+    say = f"tests/gpu/test_smoke.py::test_triton_one_launch_first_launch {line}"
+    proc, summary = dry_run(tmp_path / "out", GPU_CHECK_STANDIN_SAY_SMOKE=say)
+    assert proc.returncode == 0, summary
+    assert ("FUSEDCLIP_TRITON_LAUNCH=two" in summary) == fallback, summary
 
 
 def test_the_plan_fits_the_expected_timeline(tmp_path):
@@ -227,7 +256,7 @@ def test_a_step_killed_while_compiling_says_so(tmp_path, frame, label):
                             GPU_CHECK_STANDIN_SAY_GPU_CHECKS=dump, GPU_CHECK_STANDIN_SLEEP_GPU_CHECKS=5)
     line = next(x for x in summary.splitlines() if x.startswith("gpu-checks "))
     assert " TIMEOUT " in line and line.endswith(label), line
-    assert re.search(r"^triton-check\s+PASS", summary, re.M)
+    assert re.search(r"^bench\s+PASS", summary, re.M)
 
 
 # ---- the GPU-side scripts' own logic, as far as a CPU runs it ----------------------------------------------------
@@ -252,19 +281,6 @@ needs_native = pytest.mark.skipif(not _native_on_cpu(), reason="fusedclip's exte
 
 
 @needs_native
-def test_smoke_parts_run_on_cpu():
-    """gpu_smoke.py --device cpu: one line per part, in order; the CUDA-only parts say so."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_smoke.py"), "--device", "cpu", "--gib", "0.01",
-                           "--budget", "60"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("smoke ")]
-    assert [x.split(":")[0] for x in lines] == ["smoke coop-graph", "smoke defect5", "smoke bandwidth-fp32",
-                                               "smoke bandwidth-bf16", "smoke triton-one-launch"]
-    assert all(": PASS " in x for x in lines[1:4]) and all(": SKIP needs CUDA" in x for x in (lines[0], lines[4]))
-    assert "copy " in lines[2] and "% of copy" in lines[2]
-
-
-@needs_native
 def test_sanitizer_workload_checks_results(monkeypatch, capsys):
     """sanitize_clip.py runs every public function on real gradients and checks the results: it passes as it
     is, and fails when the scale and clamp kernels do nothing (the defect where clip_grads_with_norm_ saw
@@ -282,138 +298,92 @@ def test_sanitizer_workload_checks_results(monkeypatch, capsys):
     assert any("clip_value_" in f for f in script.FAILURES)
 
 
-@needs_native
-def test_gpu_checks_go_on_after_a_failure_and_respect_the_budget(monkeypatch, capsys):
-    checks = load_script("gpu_checks")
+# ---- tests/gpu: the GPU checks as pytest modules ----------------------------------------------------------------
 
-    def broken(device, backend):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(checks, "CHECKS", [(broken, False)] + [c for c in checks.CHECKS if c[0].__name__ ==
-                                                               "nonfinite"])
-    assert checks.main(["--device", "cpu", "--backends", "native"]) == 1
-    out = capsys.readouterr().out
-    assert re.search(r"native +broken +FAIL RuntimeError: boom", out)
-    assert re.search(r"native +nonfinite +PASS", out)  # the check after the failing one ran
-    assert "1 passed, 1 failed, 0 skipped" in out
-    assert checks.main(["--device", "cpu", "--backends", "native", "--budget", "0.01"]) == 0
-    assert "0 passed, 0 failed, 2 skipped" in capsys.readouterr().out
-
-
-def test_triton_check_sections_are_independent(monkeypatch, capsys):
-    tgc = load_script("triton_gpu_check")
-    assert [f.__name__ for f in tgc.SECTIONS][-1] == "cuda_graph"  # a failed capture can spoil what follows
-
-    def fine(check):
-        check(True, "fine")
-
-    def raises(check):
-        raise RuntimeError("capture failed")
-
-    def wrong(check):
-        check(False, "a wrong result")
-
-    monkeypatch.setattr(tgc, "SECTIONS", [fine, raises, wrong, fine])
-    assert tgc.child_checks(60) == 1
-    out = capsys.readouterr().out
-    assert [x.split(":")[1].split()[0] for x in out.splitlines() if x.startswith("section ")] == \
-        ["PASS", "FAIL", "FAIL", "PASS"]
-    assert "checks: 2 passed, 2 failed; sections 2 ok, 2 failed, 0 skipped" in out
-    assert tgc.child_checks(1) == 1  # no budget: every section SKIPPED, which is not a pass
-    assert "sections 0 ok, 0 failed, 4 skipped" in capsys.readouterr().out
+def test_every_gpu_module_runs_in_one_step_in_order():
+    """Each tests/gpu module is run by a step of the plan (none left out, the checks not run twice): the smoke
+    tests first, then what never ran (graph replay, streams, sync; ZClip, AGC; the Triton kernels; compile), the
+    parity at GPU sizes after the bench."""
+    modules = sorted(p.name for p in (ROOT / "tests" / "gpu").glob("test_*.py"))
+    named = " ".join(PYTEST_STEPS.values())
+    assert all(f"tests/gpu/{m}" in named for m in modules), (modules, named)
+    assert PYTEST_STEPS["smoke"].startswith("-m smoke ") and PYTEST_STEPS["gpu-checks"].startswith("-m not smoke ")
+    assert "tests/gpu/test_parity.py" in PYTEST_STEPS["pytest"] and "tests/gpu/test_smoke.py" not in \
+        PYTEST_STEPS["pytest"] + PYTEST_STEPS["gpu-checks"]
+    assert STEPS.index("smoke") < STEPS.index("gpu-checks") < STEPS.index("bench") < STEPS.index("pytest")
+    text = SCRIPT.read_text()
+    # `-m gpu` over tests/test_*.py, not tests/: tests/gpu's smoke and checks are not run a second time
+    assert re.search(r"^do_pytest\(\) \{ run_pytest -m gpu .*tests/gpu/test_parity\.py tests/test_\*\.py; \}", text,
+                     re.M)
 
 
-# ---- scripts/gpu_checks.py zclip: the expected state from the norms the GPU returned (defect 1, issue 25) ----
+def test_gpu_conftest_leaves_the_suites_conftest_alone():
+    """tests/gpu collected before a suite module that imports from tests/conftest.py (make test's order): its own
+    conftest must not take the module name "conftest" (tests/gpu is a package for that)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                           "tests/gpu/test_smoke.py", "tests/test_clip.py"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "tests/test_clip.py::" in proc.stdout and "tests/gpu/test_smoke.py::" in proc.stdout
 
-@needs_native
-@pytest.mark.parametrize("kwargs", [dict(warmup_steps=3, on_spike="skip"), dict(warmup_steps=1),
-                                    dict(warmup_steps=4, mode="percentile", max_grad_norm=None),
-                                    dict(warmup_steps=2, clip_option="mean", skip_update_on_spike=True,
-                                         on_nonfinite="skip")])
-def test_zclip_state_f64_is_the_kernels_rule(kwargs):
-    """zclip_state_f64, fed the norms a kernel returned, gives that kernel's state to the bit: through the
-    warm-up, spikes (skipped or clipped), a skipped non-finite step, every rule variant."""
+
+def _run_gpu_tests(args, env_extra, cwd=ROOT, timeout=240):
+    env = dict(os.environ, COLUMNS="250", **env_extra)  # gpu_check.sh's width: -v lines keep the skip reasons
+    return subprocess.run([sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the skips of a machine without a GPU")
+def test_gpu_tests_skip_without_a_gpu_and_before_the_deadline():
+    """Without a GPU every tests/gpu test skips with the reason "no CUDA GPU", except the checks' CPU logic; with a
+    deadline too close for a test's expected time, that test skips and says so (the deadline-aware conftest)."""
+    late = _run_gpu_tests(["tests/gpu"], {"FUSEDCLIP_GPU_DEADLINE": str(time.time() + 2)})
+    assert late.returncode == 0, late.stdout[-3000:] + late.stderr[-3000:]
+    results = re.findall(r"^tests/gpu/(\S+) (PASSED|FAILED|ERROR|SKIPPED) ?(.*)$", late.stdout, re.M)
+    assert len(results) >= 40, late.stdout[-3000:]
+    gpu = [r for r in results if "(no CUDA GPU)" in r[2]]
+    logic = [r for r in results if "(no CUDA GPU)" not in r[2]]
+    assert gpu and all(r[1] == "SKIPPED" for r in gpu)
+    assert logic and all(r[1] == "SKIPPED" for r in logic), logic  # the cpu_logic tests expect 5 s: not left
+    assert all(re.match(r"\(deadline: \d s left before FUSEDCLIP_GPU_DEADLINE, this test expects \d+ s\)", r[2])
+               for r in logic), logic
+
+
+def test_gpu_conftest_reports_each_result_with_its_notes(tmp_path):
+    """tests/gpu/conftest.py on a module of its own (copied with it): a test's notes printed under its result line;
+    the result lines as -v writes them; with a deadline, a test expecting more time than is left skipped while one
+    that fits runs; a test running past FUSEDCLIP_GPU_TEST_TIMEOUT has its stack dumped to the real stderr (not
+    pytest's capture, which a killed run never shows; gpu_check.sh reads the dump); without a GPU, a test that is
+    not cpu_logic skipped with the reason."""
+    import shutil
     import torch
-    import fusedclip
-    checks = load_script("gpu_checks")
-    clipper = fusedclip.ZClip(**kwargs, backend="native")
-    g = torch.Generator().manual_seed(5)
-    seen = []
-    for t in range(12):
-        scale = 40.0 if t in (5, 8) else 1.0 + 0.05 * t
-        params = [torch.nn.Parameter(torch.zeros(n)) for n in (1000, 77)]
-        for q in params:
-            q.grad = torch.randn(q.shape, generator=g) * scale
-        if t == 9 and kwargs.get("on_nonfinite") == "skip":
-            params[1].grad[3] = float("nan")
-        opt = torch.optim.AdamW(params, lr=0.0, fused=True)
-        seen.append(clipper.step(params, opt).double().item())
-        want = checks.zclip_state_f64(clipper._config, seen, clipper._state.numel() - 4)
-        assert clipper._state.tolist() == want, (t, clipper._state.tolist(), want)
-        assert checks.same_f64(clipper._state.tolist(), want)
-    assert clipper._state[0].item() >= 10 and not math.isnan(clipper._state[2].item())
-    assert not checks.same_f64([1.0, 2.0], [1.0, 2.0 + 2**-51]) and checks.same_f64([math.nan], [math.nan])
-
-
-@needs_native
-def test_zclip_check_takes_norms_from_another_summation_order(monkeypatch):
-    """The zclip check passes when the backend's fp32 norms differ in the last bits from the CPU kernel's (as
-    the GPU's do: another summation order), which moved the warm-up variance past the old rtol 1e-6 comparison
-    with the CPU kernel's state. Emulated with backend="torch" (torch's own fp32 norm, the rule in torch ops)."""
-    import torch
-    import fusedclip
-    checks = load_script("gpu_checks")
-    monkeypatch.setattr(checks, "ZCLIP_SHAPES", [(3000, 77), (50000,), (7,)])
-    monkeypatch.setattr(checks, "ZCLIP_DTYPES", [torch.float32])
-    # the premise: torch's norms are not the CPU kernel's bit for bit, and a 3.6e-7 relative change of one
-    # warm-up norm moves the state's variance by more than 1e-6 relative
-    norms = [1.0, 1.05, 1.1]
-    config = fusedclip.ZClip(warmup_steps=3)._config
-    a = checks.zclip_state_f64(config, norms, 3)
-    b = checks.zclip_state_f64(config, [norms[0] * (1 + 3.6e-7)] + norms[1:], 3)
-    assert abs(a[2] - b[2]) > 1e-6 * abs(a[2])
-    seen = []
-    real_step = fusedclip.ZClip.step
-
-    def step(self, *args, **kw):
-        n = real_step(self, *args, **kw)
-        seen.append((self.backend, n.item()))
-        return n
-    monkeypatch.setattr(fusedclip.ZClip, "step", step)
-    checks.zclip("cpu", "torch")
-    ours = [n for b, n in seen if b == "torch"]
-    cpu = [n for b, n in seen if b == "native"]
-    assert len(ours) == len(cpu) == 8 and ours != cpu, "the premise: different summation orders"
-
-
-def test_gpu_checks_order_puts_what_never_ran_first():
-    """Graph replay, two streams, ZClip, AGC and torch.compile before the long parity checks (issue 25: AGC,
-    ZClip and compile came last and were skipped when the budget ran out)."""
-    checks = load_script("gpu_checks")
-    assert checks.ORDER[:5] == ["cuda_graph_replay", "two_streams", "zclip", "agc", "compile_fullgraph"]
-    assert sorted(checks.ORDER) == sorted(f.__name__ for f, _ in checks.CHECKS)
-
-
-def test_triton_check_tells_compile_time_from_a_deadlock():
-    tgc = load_script("triton_gpu_check")
-    compiling = ('Thread 0x7f (most recent call first):\n  File "/v/site-packages/triton/backends/nvidia/compiler.py", '
-                 'line 400 in make_cubin\n  File "/v/site-packages/triton/compiler/compiler.py", line 300 in compile\n')
-    assert tgc.killed_where("noise\n" + compiling).startswith("still compiling, not a deadlock")
-    spinning = 'Thread 0x7f (most recent call first):\n  File "/r/scripts/triton_gpu_check.py", line 53 in child\n'
-    assert tgc.killed_where(compiling + spinning).startswith("grid-barrier deadlock? stuck in")  # the last dump
-    assert tgc.killed_where("") == "no traceback: grid-barrier deadlock?"
-
-
-def test_triton_check_residency_rule():
-    """The residency section's rule (issue 25, defect 9: the section read an attribute that no longer existed
-    and checked nothing): a grid-barrier launch whose programs per SM, doubled, do not fit is reported."""
-    tgc = load_script("triton_gpu_check")
-    sms = 132
-    assert tgc.residency_problems([("_one_launch_kernel", 2 * sms, 128, 8192)], sms) == []  # 4 fit a SM
-    (problem,) = tgc.residency_problems([("_one_launch_kernel", 2 * sms, 168, 8192)], sms)  # 2 fit: 2 x 2 > 2
-    assert "2 per SM" in problem and "168 registers" in problem
-    assert tgc.residency_problems([("_zclip_kernel", sms, 255, 0)], sms) == []  # 2 fit: one each
-    assert tgc.residency_problems([("_zclip_kernel", sms + 1, 255, 0)], sms) != []  # 2 on one SM: 4 > 2
+    shutil.copy(ROOT / "tests" / "gpu" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_notes.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.cpu_logic\n"
+        "def test_measures(record_property):\n"
+        "    record_property('note', 'copy 4000 GB/s')\n\n"
+        "@pytest.mark.cpu_logic\n"
+        "@pytest.mark.gpu_seconds(3600)\n"
+        "def test_long():\n"
+        "    raise AssertionError('must not start')\n\n"
+        "def test_on_the_gpu():\n"
+        "    assert torch_cuda_is_here()\n\n"
+        "@pytest.mark.cpu_logic\n"
+        "def test_slow():\n"
+        "    import time\n"
+        "    time.sleep(2.5)\n")
+    out = _run_gpu_tests([str(tmp_path)], {"FUSEDCLIP_GPU_DEADLINE": str(time.time() + 60),
+                                           "FUSEDCLIP_GPU_TEST_TIMEOUT": "1"}, cwd=tmp_path)
+    assert re.search(r"most recent call first\):\n +File .*test_notes\.py\", line \d+ in test_slow", out.stderr), \
+        out.stderr
+    lines = out.stdout.splitlines()
+    i = next(k for k, x in enumerate(lines) if x.startswith("test_notes.py::test_measures PASSED"))
+    assert lines[i + 1] == "    > copy 4000 GB/s", lines[i:i + 2]
+    assert re.search(r"^test_notes\.py::test_long SKIPPED \(deadline: \d+ s left before FUSEDCLIP_GPU_DEADLINE, "
+                     r"this test expects 3600 s\)", out.stdout, re.M), out.stdout
+    if not torch.cuda.is_available():
+        assert re.search(r"^test_notes\.py::test_on_the_gpu SKIPPED \(no CUDA GPU\)", out.stdout, re.M), out.stdout
 
 
 TRITON_MODULES = {"tb": "fusedclip.triton_backend", "tz": "fusedclip.triton_zclip", "ta": "fusedclip.triton_agc"}
@@ -437,13 +407,17 @@ def missing_attributes(source):
             if not hasattr(importlib.import_module(TRITON_MODULES[alias]), name)]
 
 
-@pytest.mark.parametrize("script", ["triton_gpu_check", "gpu_checks", "gpu_smoke", "sanitize_clip",
-                                    "triton_precompile", "triton_static"])
-def test_scripts_use_only_attributes_that_exist(script):
-    """Every attribute a GPU-side script reads of fusedclip's Triton modules exists: a renamed one makes a GPU
-    check silently check nothing (issue 25, defect 9: the residency section read tb._per_sm, long gone)."""
+GPU_SIDE = ["scripts/sanitize_clip.py", "scripts/triton_precompile.py", "scripts/triton_static.py"] + \
+    sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "gpu").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", GPU_SIDE)
+def test_gpu_side_code_uses_only_attributes_that_exist(path):
+    """Every attribute the GPU checks (tests/gpu) and GPU-side scripts read of fusedclip's Triton modules exists: a
+    renamed one makes a GPU check silently check nothing (issue 25, defect 9: the residency check read
+    tb._per_sm, long gone)."""
     pytest.importorskip("triton")
-    assert missing_attributes((ROOT / "scripts" / f"{script}.py").read_text()) == []
+    assert missing_attributes((ROOT / path).read_text()) == []
 
 
 def test_the_old_residency_read_is_caught():
