@@ -73,7 +73,7 @@ def step_rows(width=1024, depth=24, batch=64, rounds=15, max_norm=0.01):
 class torch_adagc:
     """AdaGC's post-warm-up rule (fusedclip.AdaGC's) in plain torch ops: the unfused baseline."""
 
-    def __init__(self, n, lambda_rel=1.05, beta=0.98, eps=1e-6):
+    def __init__(self, n, lambda_rel=1.04, beta=0.99, eps=1e-6):
         self.gamma = torch.full((n,), math.inf, dtype=torch.float64)
         self.lambda_rel, self.beta, self.eps = lambda_rel, beta, eps
 
