@@ -20,4 +20,9 @@ inline void check_scale_each(const GradTable& g, const at::Tensor& coefs) {
                     "), got shape ", coefs.sizes());
 }
 
+// grads[i] *= coefs[i] on a CPU table (coefs: one value per tensor, the coefficients as double), written only where
+// the factor in the tensor's opmath type is not 1; bumps the version counters (g.to_bump) when it writes. The
+// scale_each_ op's CPU kernel, and AdaGC's fast path (python_module.cpp).
+void scale_each_table_cpu(const GradTable& g, const double* coefs);
+
 }  // namespace fusedclip

@@ -236,7 +236,8 @@ def test_bench_rows_baseline_is_the_same_rule():
         for p, c in zip(params, copies):
             torch.testing.assert_close(p.grad, c, rtol=2e-6, atol=0)
     torch.testing.assert_close(fused.gamma, plain.gamma, rtol=1e-6, atol=0)
-    rows = adagc_rows.step_rows(width=16, depth=2, batch=2, rounds=1) + adagc_rows.adagc_rows(16, 2, rounds=1)
+    rows = adagc_rows.step_rows(width=16, depth=2, batch=2, rounds=1) + adagc_rows.adagc_rows(width=16, depth=2,
+                                                                                                rounds=1)
     assert [r["variant"] for r in rows] == list(adagc_rows.VARIANTS) + ["adagc-fused", "adagc-torch", "clip_"]
     assert all(r["cpu"] and (r.get("whole") or r.get("time"))["n"] == 1 for r in rows)
 
@@ -341,3 +342,51 @@ def test_fused_step_is_the_unfused_step(dtype, monkeypatch):
             if x is not None:
                 assert_bit_identical(x, y)
     assert_bit_identical(gamma_f, gamma_p)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float32, torch.bfloat16, torch.float16],
+                                    [torch.float64, torch.float32, torch.bfloat16]], ids=["fp32", "half", "with-fp64"])
+def test_cpu_fast_path_is_the_python_path(dtypes, monkeypatch):
+    """The compiled CPU step (csrc/python_module.cpp adagc_grads: norms, the rule in double, the scaling, in one
+    call) gives the Python path's gradients, thresholds and norms bit for bit, step by step, with a gradient missing
+    and spikes; and it is the path taken after the warm-up (counted)."""
+    from fusedclip import _ext, adagc
+
+    module = _ext._C
+    taken = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        @staticmethod
+        def adagc_grads(*args):
+            out = module.adagc_grads(*args)
+            taken.append(out is not None)
+            return out
+
+    runs = []
+    for fast in (True, False):
+        if fast:
+            monkeypatch.setattr(_ext, "_C", Counting())
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(adagc, "_fast_path", lambda backend: False)
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=dtypes[i % len(dtypes)])) for i, s in enumerate(SHAPES)]
+        clipper = fusedclip.AdaGC(params, lambda_abs=500.0, warmup_steps=3, backend="native")
+        seen = []
+        for _, grads in stream(10, seed=17, dtype=torch.float64):
+            for i, (p, g) in enumerate(zip(params, grads)):
+                p.grad = None if g is None else g.to(p.dtype)
+            norm = clipper.step()
+            seen.append((norm, [None if p.grad is None else p.grad.clone() for p in params], clipper.gamma.clone()))
+        runs.append(seen)
+    assert taken == [True] * 7  # the 7 steps after the 3 of the warm-up
+    for (nf, gf, cf), (np_, gp, cp) in zip(*runs):
+        assert_bit_identical(nf, np_)
+        assert_bit_identical(cf, cp)
+        for x, y in zip(gf, gp):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert_bit_identical(x, y)
