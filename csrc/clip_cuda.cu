@@ -232,13 +232,17 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t end = n_chunks * (blockIdx.x + 1) / gridDim.x;
   if (begin >= end) return;
   int64_t tensor = locate_chunk(t, end - 1).tensor;  // then stepped backwards: no search per chunk
-  for (int64_t c = end - 1; c >= begin; --c) {
-    const Chunk ch = step_to_chunk(t, tensor, c);
-    with_typed_ptr<kGpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor), [&](auto w, auto* p) {
+  for (int64_t i = 0; i < end - begin; ++i) {
+    const Chunk ch = step_to_chunk(t, tensor, end - 1 - i);
+    // copied out of the chunk before the typed call: a lambda holding the Chunk by reference gave the kernel an
+    // 8-byte stack frame (cuobjdump, sm_90)
+    const coef_t k = coefs[ch.tensor];
+    const int64_t offset = ch.offset, len = ch.len;
+    with_typed_ptr<kGpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor), [=](auto w, auto* p) {
       using T = std::remove_pointer_t<decltype(p)>;
       using op_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-      const op_t factor = static_cast<op_t>(coefs[ch.tensor]);
-      if (needs_scaling(factor)) scale_chunk<decltype(w)::value>(p + ch.offset, ch.len, threadIdx.x, kThreads, factor);
+      const op_t factor = static_cast<op_t>(k);
+      if (needs_scaling(factor)) scale_chunk<decltype(w)::value>(p + offset, len, threadIdx.x, kThreads, factor);
     });
   }
 }

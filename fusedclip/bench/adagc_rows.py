@@ -236,14 +236,14 @@ def main(models=MODELS, out=os.path.join("bench", "results", "local"), tag="", s
 
     meta = environment(torch.device("cpu"))
     meta["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-    try:
-        meta["load_average"] = os.getloadavg()  # the machine's load when the run started: timings scale with it
+    try:  # the machine's load when the run started (and ended): timings scale with it
+        meta["load_average"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
     meta["threads"] = torch.get_num_threads()
     rows = measure(models, size, batch, rounds)
     try:
-        meta["load_average_after"] = os.getloadavg()
+        meta["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         pass
     results = checks(rows)
