@@ -207,7 +207,7 @@ def main(argv=None):
         from . import adagc_rows
         models = adagc_rows.MODELS if ns.step == "all" else _csv(ns.step, set(adagc_rows.MODELS), "model")
         return adagc_rows.main(models, ns.out, ns.tag, size=0.02 if ns.quick else 1.0, batch=4 if ns.quick else 64,
-                               rounds=ns.rounds or (2 if ns.quick else 15))
+                               rounds=ns.rounds or (2 if ns.quick else 25))
     cfg = make_config(ns)
     t0 = time.perf_counter()
     print(f"fusedclip bench on {cfg.device}: sets {', '.join(cfg.sets)}; providers {', '.join(cfg.providers)}; "
