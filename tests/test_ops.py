@@ -122,7 +122,8 @@ SAMPLES = {
     ],
     "scale_each_": [
         ("mixed-fp32-coefs", lambda d: (grads(d, 29), coefs(d, 29))),
-        ("fp64-grads-fp64-coefs", lambda d: (grads(d, 30, [torch.float64, torch.float32]), coefs(d, 30, torch.float64))),
+        ("fp64-grads-fp64-coefs", lambda d: (grads(d, 30, [torch.float64, torch.float32]),
+                                             coefs(d, 30, torch.float64))),
     ],
     "clamp_": [
         ("mixed", lambda d: (grads(d, 14), 0.1)),
