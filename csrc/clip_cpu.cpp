@@ -17,6 +17,7 @@
 
 #include "cpu_simd.h"
 #include "grad_table.h"
+#include "scale_each.h"
 
 namespace fusedclip {
 namespace {
@@ -143,6 +144,41 @@ double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bo
 
 }  // namespace
 
+// Each tensor times its own coefficient (csrc/scale_each.h): a chunk's factor is its tensor's, converted to
+// the tensor's opmath type; chunks whose factor is exactly 1 are skipped (no write). Chunks walked in
+// reverse, as scale_all: the per-tensor norm pass just before read them forwards.
+void scale_each_table_cpu(const GradTable& g, const double* coefs) {
+  if (!g.n_chunks) return;
+  const TableView t = g.view();
+  std::vector<double> as_double(t.n);
+  std::vector<float> as_float(t.n);
+  bool any = false;
+  for (int64_t i = 0; i < t.n; ++i) {
+    as_double[i] = coefs[i];
+    as_float[i] = static_cast<float>(coefs[i]);
+    if (t.numel(i) > 0) any |= t.dtype(i) == kFloat64 ? needs_scaling(as_double[i]) : needs_scaling(as_float[i]);
+  }
+  if (!any) return;
+  g.bump_versions();
+  const CpuIsa isa = cpu_isa();
+  at::parallel_for(0, t.n_chunks(), chunk_grain(t), [&](int64_t begin, int64_t end) {
+    int64_t tensor = locate_chunk(t, end - 1).tensor;  // then stepped: no search per chunk
+    for (int64_t c = end - 1; c >= begin; --c) {
+      const Chunk ch = step_to_chunk(t, tensor, c);
+      with_typed_ptr<kCpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor), [&](auto w, auto* p) {
+        using T = std::remove_pointer_t<decltype(p)>;
+        using op_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+        const op_t factor = std::is_same_v<op_t, double> ? static_cast<op_t>(as_double[ch.tensor])
+                                                         : static_cast<op_t>(as_float[ch.tensor]);
+        if (!needs_scaling(factor)) return;
+        if (factor != factor) return fill_nan_factor(p + ch.offset, ch.len, factor);
+        ChunkLoops<decltype(w)::value, T>{}.scale(isa, p + ch.offset, ch.len, factor);
+      });
+    }
+  });
+  g.write_back();
+}
+
 at::Tensor norm_and_maybe_clip_cpu(const GradTable& g, double max_norm, double norm_type, bool clip,
                                    at::ScalarType out_dtype, const ClipExtras& x) {
   check_extras(g, x);
@@ -208,6 +244,15 @@ at::Tensor zclip_cpu(at::TensorList grads, at::Tensor& state, at::ArrayRef<doubl
   return norm_and_maybe_clip_cpu(g, 0.0, 2.0, true, g.acc_dtype(), x);
 }
 
+void scale_each_cpu(at::TensorList grads, const at::Tensor& coefs) {
+  const GradTable g = build_table(grads, "scale_each_", Access::kWrites);
+  check_scale_each(g, coefs);
+  if (!g.n_chunks) return;
+  // The coefficients are in CPU memory: reading them is no sync.
+  const at::Tensor c = coefs.to(at::kDouble).contiguous();  // float32 -> double is exact
+  scale_each_table_cpu(g, c.data_ptr<double>());
+}
+
 std::tuple<at::Tensor, int64_t, bool> table_cpu(at::TensorList tensors) {
   const GradTable g = build_dense_table(tensors);
   at::Tensor t = at::empty({static_cast<int64_t>(g.table.size())}, at::kLong);
@@ -261,6 +306,7 @@ TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
   m.impl("scale_", &scale_cpu);
   m.impl("clamp_", &clamp_cpu);
   m.impl("zclip_", &zclip_cpu);
+  m.impl("scale_each_", &scale_each_cpu);
 }
 
 }  // namespace fusedclip

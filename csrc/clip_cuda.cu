@@ -26,6 +26,7 @@
 
 #include "device_table_cuda.h"
 #include "grad_table.h"
+#include "scale_each.h"
 
 namespace cg = cooperative_groups;
 
@@ -220,6 +221,32 @@ __global__ void __launch_bounds__(kThreads)
   if (needs_scaling(coef)) scale_my_chunks_reversed(TableView{table, n_tensors}, coef);
 }
 
+// scale_each_ (csrc/scale_each.h): each chunk times its tensor's coefficient, in the tensor's opmath type; a
+// coefficient of exactly 1 skips the chunk (no write). The coefficients stay on the GPU: no sync.
+template <typename coef_t>
+__global__ void __launch_bounds__(kThreads)
+    scale_each_kernel(const int64_t* __restrict__ table, int64_t n_tensors, const coef_t* __restrict__ coefs) {
+  const TableView t{table, n_tensors};
+  const int64_t n_chunks = t.n_chunks();
+  const int64_t begin = n_chunks * blockIdx.x / gridDim.x;
+  const int64_t end = n_chunks * (blockIdx.x + 1) / gridDim.x;
+  if (begin >= end) return;
+  int64_t tensor = locate_chunk(t, end - 1).tensor;  // then stepped backwards: no search per chunk
+  for (int64_t i = 0; i < end - begin; ++i) {
+    const Chunk ch = step_to_chunk(t, tensor, end - 1 - i);
+    // copied out of the chunk before the typed call: a lambda holding the Chunk by reference gave the kernel an
+    // 8-byte stack frame (cuobjdump, sm_90)
+    const coef_t k = coefs[ch.tensor];
+    const int64_t offset = ch.offset, len = ch.len;
+    with_typed_ptr<kGpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor), [=](auto w, auto* p) {
+      using T = std::remove_pointer_t<decltype(p)>;
+      using op_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+      const op_t factor = static_cast<op_t>(k);
+      if (needs_scaling(factor)) scale_chunk<decltype(w)::value>(p + offset, len, threadIdx.x, kThreads, factor);
+    });
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) clamp_kernel(const int64_t* __restrict__ table, int64_t n_tensors,
                                                          double clip_value) {
   for_my_chunks(TableView{table, n_tensors}, [&](int64_t, auto w, auto* p, int64_t len) {
@@ -397,6 +424,25 @@ void scale_cuda(at::TensorList grads, double max_norm, const at::Tensor& total_n
   g.write_back();
 }
 
+void scale_each_cuda(at::TensorList grads, const at::Tensor& coefs) {
+  refuse_copies_under_capture(grads);
+  const GradTable g = build_table(grads, "scale_each_", Access::kWrites);
+  check_scale_each(g, coefs);
+  if (!g.n_chunks) return;
+  Launch l(g);
+  const at::Tensor c = coefs.contiguous();
+  auto launch = [&](auto* ptr) {
+    using coef_t = std::remove_const_t<std::remove_pointer_t<decltype(ptr)>>;
+    const void* kernel = reinterpret_cast<const void*>(scale_each_kernel<coef_t>);
+    scale_each_kernel<coef_t><<<l.grid(g.n_chunks, kernel), kThreads, 0, l.stream.stream()>>>(
+        l.table.data_ptr<int64_t>(), g.n_tensors, ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (c.scalar_type() == at::kDouble) launch(static_cast<const double*>(c.data_ptr<double>()));
+  else launch(static_cast<const float*>(c.data_ptr<float>()));
+  g.write_back();
+}
+
 void clamp_cuda(at::TensorList grads, double clip_value) {
   refuse_copies_under_capture(grads);
   const GradTable g = build_table(grads, "clip_value_", Access::kWrites);
@@ -436,6 +482,7 @@ TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
   m.impl("scale_", &scale_cuda);
   m.impl("clamp_", &clamp_cuda);
   m.impl("zclip_", &zclip_cuda);
+  m.impl("scale_each_", &scale_each_cuda);
 }
 
 }  // namespace fusedclip

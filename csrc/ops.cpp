@@ -65,6 +65,10 @@ TORCH_LIBRARY(fusedclip, m) {
   // tensor) is scaled by max / max(|g_unit|, 1e-6) unless |g_unit| < max = clip_factor * max(|w_unit|, eps).
   // weights[i] and grads[i]: same shape and dtype, not empty. Kernels in agc_cpu.cpp and agc_cuda.cu.
   m.def("agc_(Tensor[] weights, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type) -> ()");
+  // Each tensor multiplied in place by its own coefficient: grads[i] *= coefs[i] (coefs: 1-D float32/float64, one
+  // per tensor, on the tensors' device), in the tensor's opmath type (float, double for fp64), as torch's mul_
+  // on the CPU; a tensor whose coefficient is exactly 1 is not written. AdaGC's scaling pass (csrc/scale_each.h).
+  m.def("scale_each_(Tensor(a!)[] grads, Tensor coefs) -> ()");
   m.def("build_info() -> str", &build_info);
 }
 

@@ -48,6 +48,7 @@
 
 #include "cpu_simd.h"
 #include "grad_table.h"
+#include "scale_each.h"
 
 namespace fusedclip {
 namespace {
@@ -299,6 +300,120 @@ PyObject* scale_local(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// adagc_grads(params, gamma, [lambda_rel, beta, eps]): fusedclip.AdaGC.step past its warm-up on the CPU, in one
+// call: the per-tensor norms (the fused pass), AdaGC's rule for each tensor in double -- the same operations in
+// the same order as AdaGC._rule's float64 tensor ops, so the same bits -- with gamma (float64, one per parameter,
+// CPU: reading it is no sync) updated in place, then each gradient scaled by its coefficient rounded to the
+// accumulation dtype (scale_each_table_cpu, which skips the tensors whose coefficient is 1). For many small tensors
+// the Python path's per-tensor work (the list, the checks, a dozen small ops) cost ~10x the kernels. Returns the
+// total norm in the accumulation dtype, or None (touching nothing) for what the Python path must handle: not plain
+// CPU tensors, a gamma that is not a contiguous float64 CPU tensor of one value per parameter, an active mode.
+PyObject* adagc_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3, "adagc_grads(params, gamma, config) takes 3 arguments");
+  PyObject* items = args[0];
+  const at::Tensor* gamma_arg = plain_arg(args[1]);
+  double cfg[3];
+  if ((!PyList_Check(items) && !PyTuple_Check(items)) || !gamma_arg || !PyList_CheckExact(args[2]) ||
+      PyList_GET_SIZE(args[2]) != 3 || !plain_thread_state())
+    Py_RETURN_NONE;
+  for (int i = 0; i < 3; ++i)
+    if (!as_double(PyList_GET_ITEM(args[2], i), &cfg[i])) Py_RETURN_NONE;
+  const double lambda_rel = cfg[0], beta = cfg[1], eps = cfg[2];
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+  const at::Tensor gamma = *gamma_arg;  // owned (see the header), as everything below
+  if (!gamma.is_cpu() || gamma.scalar_type() != at::kDouble || !gamma.is_contiguous() || gamma.numel() != n)
+    Py_RETURN_NONE;
+  std::vector<at::Tensor> tensors;
+  std::vector<c10::Storage> storages;
+  std::vector<int64_t> slots;
+  PyObject** objects = PySequence_Fast_ITEMS(items);
+  tensors.reserve(n);
+  storages.reserve(n + 1);
+  slots.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_CheckExact(objects[i])) Py_RETURN_NONE;  // subclasses may override .grad or ops
+    const at::Tensor& t = THPVariable_Unpack(objects[i]).grad();
+    if (!t.defined()) continue;
+    if (!plain_tensor(t) || !t.is_cpu()) Py_RETURN_NONE;
+    tensors.push_back(t);
+    storages.push_back(t.storage());
+    slots.push_back(i);
+  }
+  if (tensors.empty()) Py_RETURN_NONE;
+  storages.push_back(gamma.storage());
+  GradTable g;
+  try {
+    g = build_table(tensors, "AdaGC.step", Access::kWrites);  // on the CPU: counters bumped only when written
+  } catch (const c10::Error&) {
+    Py_RETURN_NONE;
+  }
+  const at::ScalarType acc = g.acc_dtype();
+  at::Tensor per_tensor = at::empty({g.n_tensors}, at::TensorOptions().dtype(acc));
+  RECORD_FUNCTION("fusedclip::adagc", std::vector<c10::IValue>());
+  at::Tensor norm;
+  {
+    pybind11::gil_scoped_release no_gil;
+    norm = norm_and_maybe_clip_cpu(g, 0.0, 2.0, false, acc, ClipExtras{per_tensor, {}, {}});
+    double* gam = gamma.data_ptr<double>();
+    std::vector<double> coefs(g.n_tensors);
+    dispatch_acc(g.any_double, [&](auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const acc_t* norms = per_tensor.data_ptr<acc_t>();
+      for (int64_t k = 0; k < g.n_tensors; ++k) {
+        const double nk = static_cast<double>(norms[k]);
+        const double old = gam[slots[k]];
+        const double start = std::isinf(old) ? nk : old;  // first seen: its own norm
+        double c = lambda_rel * start / (nk + eps);
+        c = c > 1.0 ? 1.0 : c;  // clamp(max=1): NaN stays NaN
+        const double clipped = c * nk;
+        gam[slots[k]] = std::isfinite(clipped) ? beta * start + (1.0 - beta) * clipped : old;
+        coefs[k] = static_cast<double>(static_cast<acc_t>(c));
+      }
+    });
+    scale_each_table_cpu(g, coefs.data());
+  }
+  return THPVariable_Wrap(std::move(norm));
+  END_HANDLE_TH_ERRORS
+}
+
+// record_sq_norm(grad, partials, slot): ClipInBackward's post-accumulate-grad hook on the CPU in one call: the fused
+// kernel's unrounded (double) L2 norm of the one gradient, squared, stored in partials[slot] (float64, contiguous,
+// CPU) -- the bits of the Python hook's total_norm([grad], 2.0, None, float64), n * n, copy_. A hook runs once per
+// parameter inside backward: the Python hook's five small ops cost ~10 us each call (600 parameters: +25% on a
+// training step of small tensors). True, or None (touching nothing) for what the Python hook must handle.
+PyObject* record_sq_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3, "record_sq_norm(grad, partials, slot) takes 3 arguments");
+  const at::Tensor* grad_arg = plain_arg(args[0]);
+  const at::Tensor* partials_arg = plain_arg(args[1]);
+  if (!grad_arg || !partials_arg || !PyLong_CheckExact(args[2]) || !plain_thread_state()) Py_RETURN_NONE;
+  const int64_t slot = PyLong_AsLongLong(args[2]);
+  if (slot == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
+  const at::Tensor grad = *grad_arg, partials = *partials_arg;  // owned (see the header)
+  if (!grad.is_cpu() || !partials.is_cpu() || partials.scalar_type() != at::kDouble || !partials.is_contiguous() ||
+      slot < 0 || slot >= partials.numel())
+    Py_RETURN_NONE;
+  std::vector<at::Tensor> tensors{grad};
+  GradTable g;
+  try {
+    g = build_table(tensors, "total_norm", Access::kReads);
+  } catch (const c10::Error&) {
+    Py_RETURN_NONE;
+  }
+  const c10::Storage keep_grad = grad.storage(), keep_partials = partials.storage();
+  {
+    pybind11::gil_scoped_release no_gil;
+    const double n = norm_and_maybe_clip_cpu(g, 0.0, 2.0, false, at::kDouble, ClipExtras{}).item<double>();
+    partials.data_ptr<double>()[slot] = n * n;
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 // The CPU loops' instruction set (cpu_simd.h): cpu_isa() -> "avx2"; set_cpu_isa("baseline") for tests.
 PyObject* get_cpu_isa(PyObject*, PyObject*) {
   return Py_BuildValue("(ss)", cpu_isa_name(cpu_isa()), supported_cpu_isas().c_str());
@@ -319,6 +434,10 @@ PyMethodDef kMethods[] = {
     {"set_cpu_isa", &put_cpu_isa, METH_O, "set_cpu_isa(name): run the CPU loops as 'baseline' or 'avx2' (tests)"},
     {"clip_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&clip_grads)), METH_FASTCALL,
      "clip_grads(params, max_norm, norm_type): the fused clip of the params' grads, or None (take the op path)"},
+    {"adagc_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&adagc_grads)), METH_FASTCALL,
+     "adagc_grads(params, gamma, config) -> AdaGC's post-warm-up step on the CPU (the norm), or None"},
+    {"record_sq_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&record_sq_norm)), METH_FASTCALL,
+     "record_sq_norm(grad, partials, slot) -> ClipInBackward's hook on the CPU (True), or None"},
     {"zclip_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&zclip_grads)), METH_FASTCALL,
      "zclip_grads(params, state, config, found_inf): ZClip's fused step on the params' grads, or None"},
     {"total_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&total_norm)), METH_FASTCALL,

@@ -12,11 +12,13 @@ The rule, for each parameter tensor i at step t (counted from 1), with g_{t,i} i
       h_{t,i} = min(1, lambda_rel * gamma_{t-1,i} / (||g_{t,i}|| + eps)),   g_{t,i} <- h_{t,i} g_{t,i},
       gamma_{t,i} = beta * gamma_{t-1,i} + (1 - beta) * h_{t,i} ||g_{t,i}||   (an EMA of the clipped norms).
 
-Defaults: lambda_abs = 1.0, lambda_rel = 1.05, beta = 0.98, warmup_steps = 100, eps = 1e-6 (eps is not in the paper's
-formula; it is torch's and the authors' code's guard against a zero norm). The authors' released code (a Megatron-LM
-patch, github.com/lishuai-97/AdaGC; not installable as a package) runs the same rule with its own defaults
-clip_ratio = 1.04, beta = 0.99 and 100 warm-up steps; it feeds the EMA lambda_rel * gamma exactly where it clips (here
-h ||g||, the paper's ||g^||, which differs from it by the factor ||g|| / (||g|| + eps)).
+Defaults: lambda_abs = 1.0, lambda_rel = 1.04, beta = 0.99, warmup_steps = 100, eps = 1e-6: the authors' released
+code (a Megatron-LM patch, github.com/lishuai-97/AdaGC, commit 32c249f, megatron-gpt2.patch: the defaults of its
+--clip-ratio / --clip-beta arguments and of its AdaGC class, and the values its GPT-2 345M AdaGC run passes, with
+--clip-grad 1.0 and 100 warm-up steps). The paper's own text could not be read where this was built; the values
+stated there are not checked. eps is not in the paper's formula; it is torch's and the authors' code's guard
+against a zero norm. The authors' code feeds the EMA lambda_rel * gamma exactly where it clips (here h ||g||, the
+paper's ||g^||, which differs from it by the factor ||g|| / (||g|| + eps)).
 
 Choices where the paper says nothing, each for a reason:
 * A tensor first seen with a gradient after the warm-up starts from its own norm (gamma = ||g||: not clipped that step),
@@ -28,9 +30,11 @@ Choices where the paper says nothing, each for a reason:
 
 The state is one float64 tensor (gamma per tensor) on the gradients' device and the step count, a host int (it only
 counts calls: reading it is no sync). step(): the per-tensor norms come from the fused pass (with the global clip in
-the same pass during the warm-up), the coefficients and the state's update are device tensor ops, and the scaling is one
-torch._foreach_mul_ with per-tensor coefficient tensors (a second read and a write of every gradient, even those whose
-coefficient is 1: a fused per-tensor scale kernel is not written yet). No .item(), no host sync.
+the same pass during the warm-up), the coefficients and the state's update are device tensor ops on one value per
+tensor, and the native backend scales every gradient by its own coefficient in one more kernel
+(torch.ops.fusedclip.scale_each_, the coefficients read on the device) that writes only the tensors whose
+coefficient is not 1 -- clip_'s two passes, minus the writes of the tensors left alone. Other backends scale with
+torch._foreach_mul_. No .item(), no host sync.
 
 clip_param_(p): the same rule for one parameter, for a post-accumulate-grad hook: the optimizer step right after it
 sees the clipped gradient (torch's optimizer-in-backward recipe; examples/adagc_in_backward.py). The warm-up needs the
@@ -42,9 +46,10 @@ import numbers
 
 import torch
 
-from . import backends
+from . import _ext, backends
 from ._core import (_as_list, _by_device, _call, _check_tensors, _check_writable, _new_per_tensor, _per_tensor_norms,
                     _scale, _total_norm)
+from .clip import _fast_path
 from .ops import acc_dtype
 
 
@@ -55,6 +60,28 @@ def _norms(grads, be, fn):
         norms = _per_tensor_norms(grads, 2.0)
         return torch.linalg.vector_norm(norms), norms
     return _total_norm(grads, 2.0, be, fn, per_tensor=True)
+
+
+def _scale_each(grads, coefs, be, fn):
+    """grads[i] *= coefs[i] (coefs: a 1-D tensor in the accumulation dtype on the first gradient's device), each
+    product in the gradient's opmath type (float; double for fp64), as torch's mul_ on the CPU computes it.
+
+    The native backend does it in one kernel (torch.ops.fusedclip.scale_each_) that does not write a gradient whose
+    coefficient is 1 -- after the warm-up most tensors are not clipped on most steps, so most of the write traffic
+    goes. Other backends, and gradients on several devices, take torch._foreach_mul_ with one 0-dim coefficient
+    per gradient (every gradient read and written)."""
+    op = getattr(be, "scale_each", None)
+    if op is not None:
+        ok, _ = _call(op, grads, fn, coefs)
+        if ok:
+            return
+    groups = {}
+    for g, c in zip(grads, coefs.unbind()):
+        gs, cs = groups.setdefault(g.device, ([], []))
+        gs.append(g)
+        cs.append(c)
+    for device, (gs, cs) in groups.items():
+        torch._foreach_mul_(gs, [c.to(device) for c in cs])
 
 
 def _real(x, what, ok, must):
@@ -72,8 +99,8 @@ class AdaGC:
         params (torch.nn.Module or iterable of Tensors): the parameters, in a fixed order (each has its own threshold;
             state_dict follows this order).
         lambda_abs (float): the global clipping threshold of the warm-up; positive. Default 1.0.
-        lambda_rel (float): a tensor is clipped to lambda_rel times its EMA; positive, finite. Default 1.05.
-        beta (float): the EMA's smoothing factor, in [0, 1). Default 0.98.
+        lambda_rel (float): a tensor is clipped to lambda_rel times its EMA; positive, finite. Default 1.04.
+        beta (float): the EMA's smoothing factor, in [0, 1). Default 0.99.
         warmup_steps (int): steps of global clipping before the per-tensor rule; >= 0. Default 100.
         eps (float): added to the norm in the coefficient; positive, finite. Default 1e-6.
         backend (str): "auto" (default), "native", "triton" or "torch": whose norm pass is used.
@@ -82,7 +109,7 @@ class AdaGC:
         ValueError: for an argument out of its range, a parameter that is not a tensor, or a repeated parameter.
     """
 
-    def __init__(self, params, lambda_abs=1.0, lambda_rel=1.05, beta=0.98, warmup_steps=100, eps=1e-6, *,
+    def __init__(self, params, lambda_abs=1.0, lambda_rel=1.04, beta=0.99, warmup_steps=100, eps=1e-6, *,
                  backend="auto"):
         self.lambda_abs = _real(lambda_abs, "lambda_abs", lambda v: v > 0.0, "a positive number")
         self.lambda_rel = _real(lambda_rel, "lambda_rel", lambda v: 0.0 < v < math.inf, "a positive finite number")
@@ -150,6 +177,13 @@ class AdaGC:
         Returns:
             Tensor: the total (L2) norm before clipping.
         """
+        if not self.in_warmup and self._gamma is not None and self._gamma.device.type == "cpu" \
+                and _fast_path(self.backend):
+            # the whole step in one call (csrc/python_module.cpp adagc_grads), the same bits as below; None: declined
+            norm = _ext._C.adagc_grads(self.params, self._gamma, [self.lambda_rel, self.beta, self.eps])
+            if norm is not None:
+                self.steps += 1
+                return norm
         pairs = [(i, p.grad) for i, p in enumerate(self.params) if p.grad is not None]
         if not pairs:
             self.steps += 1
@@ -170,25 +204,13 @@ class AdaGC:
         else:
             norm, norms = _norms(grads, be, "AdaGC.step")
             coef, new = self._rule(old, norms.to(device, torch.float64))
-            coefs = coef.to(acc_dtype(grads)).unbind()
-            for cs, gs in self._by_device(grads, coefs):
-                torch._foreach_mul_(gs, cs)
+            _scale_each(grads, coef.to(acc_dtype(grads)), be, "AdaGC.step")
         if every:
             gamma.copy_(new)
         else:
             gamma.index_copy_(0, self._slots(slots, device), new)
         self.steps += 1
         return norm
-
-    @staticmethod
-    def _by_device(grads, coefs):
-        """[(coefficients, grads)] per device, the coefficients moved to their grads' device."""
-        groups = {}
-        for g, c in zip(grads, coefs):
-            gs, cs = groups.setdefault(g.device, ([], []))
-            gs.append(g)
-            cs.append(c)
-        return [(cs if dev == coefs[0].device else [c.to(dev) for c in cs], gs) for dev, (gs, cs) in groups.items()]
 
     def _global_clip(self, grads, be):
         """The warm-up's global clip (fusedclip.clip_(max_norm=lambda_abs)) with each gradient's norm before it, from
@@ -238,7 +260,7 @@ class AdaGC:
         gamma = self._gamma_on(grad.device)
         _, norms = _norms([grad], be, "AdaGC.clip_param_")
         coef, new = self._rule(gamma[slot:slot + 1], norms.to(grad.device, torch.float64))
-        torch._foreach_mul_([grad], list(coef.to(acc_dtype([grad])).unbind()))
+        _scale_each([grad], coef.to(acc_dtype([grad])), be, "AdaGC.clip_param_")
         gamma[slot:slot + 1].copy_(new)
 
     def _advance_after_backward(self):

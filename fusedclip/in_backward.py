@@ -30,7 +30,7 @@ import contextlib
 
 import torch
 
-from . import backends
+from . import _ext, backends
 from ._core import _as_list, _by_device, _check_tensors, _check_writable, _number, _scale
 from .amp import _fused_step_takes_grad_scale, _hand_over, _optimizer_params
 from .ops import acc_dtype, result_dtype
@@ -79,6 +79,9 @@ class ClipInBackward:
         self.optimizer = optimizer
         self._into = (optimizer is not None and _fused_step_takes_grad_scale(optimizer)
                       and {id(p) for p in _optimizer_params(optimizer)} == {id(p) for p in self.params})
+        # the compiled CPU hook: eager, the native backend, CPU parameters (tried per call; it declines what it
+        # cannot take, e.g. under a dispatch mode)
+        self._fast = device.type == "cpu" and self._be.name == "native" and _ext.LOADED
         self._recording = True
         self._handles = [p.register_post_accumulate_grad_hook(self._record) for p in self.params]
 
@@ -87,6 +90,9 @@ class ClipInBackward:
         if not self._recording:
             return
         grad = param.grad
+        if self._fast and not torch.compiler.is_compiling() and \
+                _ext._C.record_sq_norm(grad, self._partials, self._slot[param]):
+            return  # the CPU hook in one compiled call (csrc/python_module.cpp), the same bits as below
         if self._be.name == "torch":
             n = torch.linalg.vector_norm(grad, dtype=torch.float64)
         else:  # the fused kernel's norm of this one tensor, unrounded (float64 partials inside)

@@ -88,7 +88,7 @@ _NORM_KINDS = {"0": "L2", "1": "inf", "2": "-inf", "3": "p"}
 
 def short_name(mangled: str) -> str:
     """`_ZN9fusedclip..22fused_norm_clip_kernelILNS_8NormKindE0EfEEv...` -> `fused_norm_clip_kernel<L2, float>`."""
-    m = re.search(r"\d+(fused_norm_clip_kernel|scale_by_norm_kernel|clamp_kernel|agc_kernel)(I.*)?", mangled)
+    m = re.search(r"\d+(fused_norm_clip_kernel|scale_by_norm_kernel|scale_each_kernel|clamp_kernel|agc_kernel)(I.*)?", mangled)
     if not m:
         return mangled
     name, args = m.group(1), m.group(2) or ""

@@ -45,6 +45,10 @@ if _ext.LOADED:
     def _clamp_fake(grads, clip_value):
         return None
 
+    @torch.library.register_fake("fusedclip::scale_each_")
+    def _scale_each_fake(grads, coefs):
+        return None
+
     @torch.library.register_fake("fusedclip::agc_")
     def _agc_fake(weights, grads, clip_factor, eps, norm_type):
         return None
@@ -89,6 +93,12 @@ class NativeBackend:
     @staticmethod
     def scale(grads, max_norm, total_norm):
         torch.ops.fusedclip.scale_(grads, max_norm, total_norm)
+
+    @staticmethod
+    def scale_each(grads, coefs):
+        """grads[i] *= coefs[i] in place (coefs: 1-D float32/float64 on the grads' device, one per tensor), in each
+        tensor's opmath type (float; double for fp64) as torch's mul_ on the CPU; coefficient 1: not written."""
+        torch.ops.fusedclip.scale_each_(grads, coefs)
 
     @staticmethod
     def clamp(grads, clip_value):

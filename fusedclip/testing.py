@@ -404,7 +404,7 @@ class AdaGCReference:
     documents. step(grads) takes the gradients (None for a tensor without one), returns the clipped ones in float64
     and the coefficients (None where no gradient)."""
 
-    def __init__(self, n, lambda_abs=1.0, lambda_rel=1.05, beta=0.98, warmup_steps=100, eps=1e-6):
+    def __init__(self, n, lambda_abs=1.0, lambda_rel=1.04, beta=0.99, warmup_steps=100, eps=1e-6):
         self.gamma = [math.inf] * n
         self.t = 0
         self.lambda_abs, self.lambda_rel, self.beta, self.warmup_steps, self.eps = (

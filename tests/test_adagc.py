@@ -236,6 +236,165 @@ def test_bench_rows_baseline_is_the_same_rule():
         for p, c in zip(params, copies):
             torch.testing.assert_close(p.grad, c, rtol=2e-6, atol=0)
     torch.testing.assert_close(fused.gamma, plain.gamma, rtol=1e-6, atol=0)
-    rows = adagc_rows.step_rows(width=16, depth=2, batch=2, rounds=1) + adagc_rows.adagc_rows(16, 2, rounds=1)
+    rows = adagc_rows.step_rows(width=16, depth=2, batch=2, rounds=1) + adagc_rows.adagc_rows(width=16, depth=2,
+                                                                                                rounds=1)
     assert [r["variant"] for r in rows] == list(adagc_rows.VARIANTS) + ["adagc-fused", "adagc-torch", "clip_"]
     assert all(r["cpu"] and (r.get("whole") or r.get("time"))["n"] == 1 for r in rows)
+
+
+# ---- the fused scaling pass (torch.ops.fusedclip.scale_each_) ----------------------------------------------------
+
+NATIVE = "native" in fusedclip.available_backends("cpu")
+EACH_SHAPES = [(33, 17), (7,), (0,), (20000,), (3, 4, 5), (2_500_003,), (1,)]  # empty; > a chunk; > 8 MB (threads)
+
+
+def each_coefs(n, seed, dtype):
+    """log-uniform in [1e-4, 1), every third exactly 1 (a tensor left unwritten), one above 1 (not a clip)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.pow(10.0, -4.0 * torch.rand(n, generator=g, dtype=torch.float64))
+    c[::3] = 1.0
+    c[-1] = 1.7
+    return c.to(dtype)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.bfloat16], [torch.float16], [torch.float64],
+                                    [torch.float32, torch.bfloat16, torch.float16, torch.float64]],
+                         ids=["fp32", "bf16", "fp16", "fp64", "mixed"])
+def test_scale_each_is_mul_per_tensor(dtypes):
+    """scale_each_(grads, coefs) is `for g, c: g.mul_(c)` bit for bit (torch's CPU mul of a tensor by a 0-dim
+    coefficient of the accumulation dtype: the coefficient in the tensor's opmath type), on every dtype, a mixed
+    list (fp64 coefficients with fp32/bf16/fp16 tensors), a non-dense tensor, a tensor big enough for threads."""
+    from fusedclip.testing import make_grads
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    a = make_grads(EACH_SHAPES, dtypes, seed=11, scale="mixed")
+    a[0] = a[0].t()  # permuted (dense)
+    strided = make_grads([(40, 30)], dtypes[0], seed=12, scale="mixed")[0]
+    a.append(strided[:, ::3])  # not dense: through a copy written back
+    c = each_coefs(len(a), 13, acc)
+    want = [t.clone() for t in a]
+    for t, k in zip(want, c.unbind()):
+        t.mul_(k)
+    from fusedclip import _ext
+    current, supported = _ext._C.cpu_isa()
+    try:
+        for isa in supported.split(","):  # every instruction-set variant of the CPU loops (csrc/cpu_simd.h)
+            _ext._C.set_cpu_isa(isa)
+            b = [t.clone() for t in a]
+            b[-1] = strided.clone()[:, ::3]
+            torch.ops.fusedclip.scale_each_(b, c)
+            for x, y in zip(b, want):
+                assert_bit_identical(x, y)
+    finally:
+        _ext._C.set_cpu_isa(current)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+def test_scale_each_special_coefficients():
+    """A NaN coefficient makes its tensor NaN (as mul_ does), an inf one makes it +-inf, 0 makes it 0; the others
+    are untouched by them."""
+    from fusedclip.testing import make_grads
+    a = make_grads([(50,), (60,), (70,), (80,)], torch.float32, seed=14, scale="mixed")
+    b = [t.clone() for t in a]
+    c = torch.tensor([math.nan, math.inf, 0.0, 0.25])
+    torch.ops.fusedclip.scale_each_(a, c)
+    assert bool(a[0].isnan().all())
+    assert_bit_identical(a[1], b[1] * math.inf)
+    assert_bit_identical(a[2], b[2] * 0.0)
+    assert_bit_identical(a[3], b[3] * 0.25)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+@pytest.mark.parametrize("bad, match", [(torch.ones(3), "one value per tensor"),
+                                        (torch.ones(4, dtype=torch.int64), "float32 or float64"),
+                                        (torch.ones(2, 2), "one value per tensor"),
+                                        (torch.full((4,), 0.5, dtype=torch.float16), "float32 or float64")])
+def test_scale_each_bad_coefs(bad, match):
+    """Wrong coefficients raise a ValueError before any gradient is written."""
+    from fusedclip.testing import make_grads
+    a = make_grads([(5,), (6,), (7,), (8,)], torch.float32, seed=15, scale="mixed")
+    before = [t.clone() for t in a]
+    with pytest.raises(ValueError, match=match):
+        torch.ops.fusedclip.scale_each_(a, bad)
+    for x, y in zip(a, before):
+        assert_bit_identical(x, y)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fused_step_is_the_unfused_step(dtype, monkeypatch):
+    """AdaGC with the fused scaling pass clips bit for bit as with the unfused one it replaced (torch._foreach_mul_
+    with one coefficient per gradient), and keeps the same thresholds, through the warm-up, spikes and a missing
+    gradient."""
+    from fusedclip import adagc
+
+    def unfused(grads, coefs, be, fn):
+        torch._foreach_mul_(grads, list(coefs.unbind()))
+
+    runs = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(adagc, "_scale_each", unfused)
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in SHAPES]
+        clipper = fusedclip.AdaGC(params, lambda_abs=500.0, warmup_steps=3, backend="native")
+        grads_seen = []
+        for _, grads in stream(10, seed=16, dtype=dtype):
+            load(params, grads)
+            clipper.step()
+            grads_seen.append([None if p.grad is None else p.grad.clone() for p in params])
+        runs.append((grads_seen, clipper.gamma.clone()))
+    (fused, gamma_f), (plain, gamma_p) = runs
+    for step_f, step_p in zip(fused, plain):
+        for x, y in zip(step_f, step_p):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert_bit_identical(x, y)
+    assert_bit_identical(gamma_f, gamma_p)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native extension is not built")
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float32, torch.bfloat16, torch.float16],
+                                    [torch.float64, torch.float32, torch.bfloat16]], ids=["fp32", "half", "with-fp64"])
+def test_cpu_fast_path_is_the_python_path(dtypes, monkeypatch):
+    """The compiled CPU step (csrc/python_module.cpp adagc_grads: norms, the rule in double, the scaling, in one
+    call) gives the Python path's gradients, thresholds and norms bit for bit, step by step, with a gradient missing
+    and spikes; and it is the path taken after the warm-up (counted)."""
+    from fusedclip import _ext, adagc
+
+    module = _ext._C
+    taken = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        @staticmethod
+        def adagc_grads(*args):
+            out = module.adagc_grads(*args)
+            taken.append(out is not None)
+            return out
+
+    runs = []
+    for fast in (True, False):
+        if fast:
+            monkeypatch.setattr(_ext, "_C", Counting())
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(adagc, "_fast_path", lambda backend: False)
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=dtypes[i % len(dtypes)])) for i, s in enumerate(SHAPES)]
+        clipper = fusedclip.AdaGC(params, lambda_abs=500.0, warmup_steps=3, backend="native")
+        seen = []
+        for _, grads in stream(10, seed=17, dtype=torch.float64):
+            for i, (p, g) in enumerate(zip(params, grads)):
+                p.grad = None if g is None else g.to(p.dtype)
+            norm = clipper.step()
+            seen.append((norm, [None if p.grad is None else p.grad.clone() for p in params], clipper.gamma.clone()))
+        runs.append(seen)
+    assert taken == [True] * 7  # the 7 steps after the 3 of the warm-up
+    for (nf, gf, cf), (np_, gp, cp) in zip(*runs):
+        assert_bit_identical(nf, np_)
+        assert_bit_identical(cf, cp)
+        for x, y in zip(gf, gp):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert_bit_identical(x, y)

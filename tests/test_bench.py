@@ -433,3 +433,28 @@ def test_dtensor_rows_targets_and_table():
     table = dr.table(rows)
     assert "| 20,000 | 2 | 500.00 est. | 9.00 |" in table, table
     assert parse(["--dtensor"]).dtensor == "default" and parse(["--dtensor", "1000,2000"]).dtensor == "1000,2000"
+
+
+def test_step_rows(tmp_path):
+    """--step --quick: the issue-26 rows (a training step with no clipping, torch's clip, clip_, clip_into_ and
+    ClipInBackward; AdaGC against an unfused torch AdaGC and clip_) on tiny models, with the targets judged and the
+    machine, its load and the date written beside them."""
+    from fusedclip.bench import adagc_rows
+
+    bench.main(["--step", "mlp,many-small", "--quick", "--out", str(tmp_path), "--rounds", "1"])
+    (path,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    result = json.loads((tmp_path / path).read_text())
+    assert result["meta"]["load_average"] and result["meta"]["date_utc"] and result["meta"]["device_name"]
+    step = {(r["model"], r["variant"]) for r in result["rows"] if r["row"] == "step"}
+    assert step == {(m, v) for m in ("mlp", "many-small") for v in adagc_rows.VARIANTS}
+    ada = {(r["model"], r["variant"]) for r in result["rows"] if r["row"] == "adagc"}
+    assert ada == {(m, v) for m in ("mlp", "many-small") for v in ("adagc-fused", "adagc-torch", "clip_")}
+    for r in result["rows"]:
+        t = r.get("whole") or r["time"]
+        assert 0 < t["p20_s"] <= t["median_s"] <= t["p80_s"], r
+    whats = [c[0] for c in result["checks"]]
+    assert len(whats) == 6 and sum("AdaGC.step / clip_" in w for w in whats) == 2
+    md = next(f for f in os.listdir(tmp_path) if f.endswith(".md"))
+    assert "| many-small |" in (tmp_path / md).read_text()
+    with pytest.raises(SystemExit, match="unknown model"):
+        bench.main(["--step", "resnet", "--quick", "--out", str(tmp_path)])

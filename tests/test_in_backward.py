@@ -193,3 +193,43 @@ def test_cuda_twin_without_sync():
     assert_bit_identical(norm, fusedclip.clip_(b, 1.0))
     for pa, pb in zip(a, b):
         assert_bit_identical(pa.grad, pb.grad)
+
+
+def test_cpu_hook_fast_path_is_the_python_hook(monkeypatch):
+    """The compiled CPU hook (csrc/python_module.cpp record_sq_norm) records the Python hook's float64 partials bit
+    for bit, on gradients of mixed dtypes and scales, and is the path taken (counted)."""
+    from fusedclip import _ext
+
+    if not _ext.LOADED:
+        pytest.skip("the native extension is not built")
+    module = _ext._C
+    taken = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(module, name)
+
+        @staticmethod
+        def record_sq_norm(*args):
+            out = module.record_sq_norm(*args)
+            taken.append(out is True)
+            return out
+
+    parts = []
+    for fast in (True, False):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(33, 20), torch.nn.Linear(20, 7).to(torch.bfloat16).float(),
+                                    torch.nn.Linear(7, 5).double())
+        model[2].weight.data.mul_(300.0)  # mixed scales
+        clipper = fusedclip.ClipInBackward(model, 0.01, backend="native")
+        if fast:
+            monkeypatch.setattr(_ext, "_C", Counting())
+        else:
+            monkeypatch.undo()
+            clipper._fast = False
+        x = torch.randn(9, 33, generator=torch.Generator().manual_seed(4))
+        model[2](model[1](model[0](x)).double()).pow(2).sum().backward()
+        parts.append(clipper.partials.clone())
+        assert bool((clipper.partials > 0).all())
+    assert taken == [True] * 6
+    assert_bit_identical(parts[0], parts[1])

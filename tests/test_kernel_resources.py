@@ -13,6 +13,7 @@ pytestmark = pytest.mark.skipif(not _ext.HAS_CUDA_KERNELS, reason="this build ha
 KINDS = ["L2", "inf", "-inf", "p"]
 EXPECTED = ([f"fused_norm_clip_kernel<{k}, {acc}>" for k in KINDS for acc in ("float", "double")]
             + ["scale_by_norm_kernel<float>", "scale_by_norm_kernel<double>", "clamp_kernel"]
+            + ["scale_each_kernel<float>", "scale_each_kernel<double>"]
             + [f"agc_kernel<{k}>" for k in KINDS])
 
 

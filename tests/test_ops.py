@@ -85,6 +85,14 @@ def agc_args(device, seed, dtypes, norm_type):
     return (weights, make_grads(shapes, dtypes, device=device, seed=seed + 1, scale="mixed"), 0.01, 1e-3, norm_type)
 
 
+def coefs(device, seed, dtype=torch.float32, n=len(SHAPES)):
+    """Per-tensor coefficients for scale_each_: log-uniform in [1e-3, 1), every other one exactly 1 (not written)."""
+    g = torch.Generator().manual_seed(seed)
+    c = torch.pow(10.0, -3.0 * torch.rand(n, generator=g, dtype=torch.float64))
+    c[1::2] = 1.0
+    return c.to(device=device, dtype=dtype)
+
+
 def scalar(x, device, dtype=torch.float32):
     return torch.tensor(x, dtype=dtype, device=device)
 
@@ -111,6 +119,11 @@ SAMPLES = {
         ("clipping", lambda d: (grads(d, 11), 1.0, scalar(123.0, d))),
         ("not-clipping", lambda d: (grads(d, 12), 1.0, scalar(0.25, d))),
         ("fp64-norm", lambda d: (grads(d, 13, [torch.float64]), 0.5, scalar(3.0, d, torch.float64))),
+    ],
+    "scale_each_": [
+        ("mixed-fp32-coefs", lambda d: (grads(d, 29), coefs(d, 29))),
+        ("fp64-grads-fp64-coefs", lambda d: (grads(d, 30, [torch.float64, torch.float32]),
+                                             coefs(d, 30, torch.float64))),
     ],
     "clamp_": [
         ("mixed", lambda d: (grads(d, 14), 0.1)),

@@ -86,6 +86,11 @@ def parse(argv):
                     help="only the DTensor rows: N Shard(0) DTensor gradients on Gloo ranks on the CPU, torch vs "
                          "fusedclip, host time per tensor (comma-separated N; bare --dtensor: "
                          f"{','.join(str(n) for n in DTENSOR_NS)}); see bench/dtensor_rows.py")
+    ap.add_argument("--step", nargs="?", const="all", default=None,
+                    help="only the issue-26 rows: a CPU training step (forward, backward, clip, fused AdamW) with no "
+                         "clipping, torch's clip, clip_, clip_into_ and ClipInBackward, and AdaGC against an unfused "
+                         "torch AdaGC and clip_, for the models mlp, transformer, many-small (comma-separated; bare "
+                         "--step: all); --quick: tiny models; see bench/adagc_rows.py")
     ap.add_argument("--dtensor-world", type=int, default=2, help="ranks of the --dtensor rows (default 2)")
     ap.add_argument("--list", action="store_true", help="list the sets and providers and exit")
     return ap.parse_args(argv)
@@ -198,6 +203,11 @@ def main(argv=None):
         except ValueError:
             raise SystemExit(f"fusedclip bench: --dtensor takes integers, got {ns.dtensor!r}") from None
         return dtensor_rows.main(counts, ns.dtensor_world, ns.out, ns.tag)
+    if ns.step is not None:
+        from . import adagc_rows
+        models = adagc_rows.MODELS if ns.step == "all" else _csv(ns.step, set(adagc_rows.MODELS), "model")
+        return adagc_rows.main(models, ns.out, ns.tag, size=0.02 if ns.quick else 1.0, batch=4 if ns.quick else 64,
+                               rounds=ns.rounds or (2 if ns.quick else 25))
     cfg = make_config(ns)
     t0 = time.perf_counter()
     print(f"fusedclip bench on {cfg.device}: sets {', '.join(cfg.sets)}; providers {', '.join(cfg.providers)}; "
