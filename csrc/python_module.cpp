@@ -33,17 +33,21 @@
 // valid dtypes. For anything else it returns None having touched nothing, and
 // the caller takes the op path, which handles the rest and raises the errors.
 #include <Python.h>
+#include <structmember.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
+#include <memory>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -414,6 +418,287 @@ PyObject* record_sq_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// DTensor gradients (fusedclip/distributed.py, _fast_norm): the local shards and specs read straight out of the
+// DTensors' slots, the per-spec plan looked up in C++, and the unrounded norm of each rank set's counted shards,
+// in one call; the scale pass later takes the tensors read here (dtensor_scale, on the returned handle), so a call
+// reads the Python objects once. The ~2 us a DTensor of Python (a .grad read through __torch_function__, two
+// attribute reads, a dict lookup, a list per pass) becomes tens of ns.
+//
+// Ownership, as above: the local tensors (and their storages) are owned by the handle from the moment they are
+// read, with the GIL held; each gradient and spec is owned (a reference) for the call, since `classify`, Python,
+// runs between reading the specs and using them and may let another thread drop the gradient that held one.
+
+// Where a slot (__slots__ entry) of a type lives: DTensor's _local_tensor and _spec. Found once per type.
+struct DTensorSlots {
+  PyObject* type = nullptr;  // owned: the offsets are valid for this type only
+  Py_ssize_t local = -1, spec = -1;
+};
+
+Py_ssize_t slot_offset(PyObject* type, const char* name) {
+  PyObject* d = PyObject_GetAttrString(type, name);
+  if (!d) {
+    PyErr_Clear();
+    return -1;
+  }
+  Py_ssize_t off = -1;
+  if (Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+    const PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+    if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) off = m->offset;
+  }
+  Py_DECREF(d);
+  return off;
+}
+
+// The slots of `type` (a DTensor class), or null when it does not keep them as plain object slots (a torch whose
+// DTensor is laid out otherwise: the Python path then runs).
+const DTensorSlots* dtensor_slots(PyObject* type) {
+  static DTensorSlots slots;
+  if (slots.type != type) {
+    DTensorSlots s;
+    s.local = slot_offset(type, "_local_tensor");
+    s.spec = slot_offset(type, "_spec");
+    if (s.local < 0 || s.spec < 0) return nullptr;
+    Py_INCREF(type);
+    Py_XDECREF(slots.type);
+    s.type = type;
+    slots = s;
+  }
+  return &slots;
+}
+
+// What a rank does with a gradient of a spec (distributed.py, _classify): its rank set's key, whether this rank
+// counts its shard, whether it is Partial (the Python path reduces those).
+struct DKind {
+  int64_t bucket = 0;
+  bool counted = false;
+  bool partial = false;
+};
+
+// spec -> kind, holding a reference to each spec (so an address is never reused while it is a key); emptied
+// when it outgrows kMaxSpecs (specs made anew every step just miss it). Never destroyed: no Python at exit.
+// Only touched with the GIL held, and never across a call into Python.
+constexpr size_t kMaxSpecs = size_t(1) << 17;
+std::unordered_map<PyObject*, DKind>& spec_kinds() {
+  static auto* m = new std::unordered_map<PyObject*, DKind>();
+  return *m;
+}
+
+// The last call's specs (owned) and their kinds: a training loop passes the same specs every step, so a call
+// compares pointers and looks nothing up.
+struct LastSpecs {
+  std::vector<PyObject*> specs;
+  std::vector<DKind> kinds;
+};
+LastSpecs& last_specs() {
+  static auto* l = new LastSpecs();
+  return *l;
+}
+
+void drop_refs(std::vector<PyObject*>& objects) {
+  std::vector<PyObject*> old;
+  old.swap(objects);  // decrefs may run Python (a spec freed): never on a vector still in use
+  for (PyObject* o : old) Py_DECREF(o);
+}
+
+struct OwnedRefs {
+  std::vector<PyObject*> refs;
+  ~OwnedRefs() { drop_refs(refs); }
+};
+
+bool kind_of(PyObject* spec, PyObject* classify, PyObject* fn, DKind* out) {
+  auto& map = spec_kinds();
+  const auto it = map.find(spec);
+  if (it != map.end()) {
+    *out = it->second;
+    return true;
+  }
+  PyObject* r = PyObject_CallFunctionObjArgs(classify, spec, fn, nullptr);  // may raise: the mesh lacks this rank
+  if (!r) return false;
+  DKind k;
+  const bool ok = PyTuple_Check(r) && PyTuple_GET_SIZE(r) == 3;
+  if (ok) {
+    k.bucket = PyLong_AsLongLong(PyTuple_GET_ITEM(r, 0));
+    k.counted = PyObject_IsTrue(PyTuple_GET_ITEM(r, 1)) == 1;
+    k.partial = PyObject_IsTrue(PyTuple_GET_ITEM(r, 2)) == 1;
+  }
+  Py_DECREF(r);
+  if (!ok || PyErr_Occurred()) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "fusedclip: classify must return (int, bool, bool)");
+    return false;
+  }
+  if (map.size() >= kMaxSpecs) {
+    std::vector<PyObject*> keys;
+    keys.reserve(map.size());
+    for (const auto& kv : map) keys.push_back(kv.first);
+    map.clear();
+    drop_refs(keys);
+  }
+  if (map.emplace(spec, k).second) Py_INCREF(spec);
+  *out = k;
+  return true;
+}
+
+// What the handle owns: the local tensors (all of them, to scale) and their storages.
+struct DTensorCall {
+  std::vector<at::Tensor> tensors;
+  std::vector<c10::Storage> storages;
+};
+
+constexpr const char* kHandleName = "fusedclip.dtensor_call";
+
+void free_handle(PyObject* capsule) {
+  delete static_cast<DTensorCall*>(PyCapsule_GetPointer(capsule, kHandleName));
+}
+
+// dtensor_norm(items, of_grads, norm_type, dtensor_type, classify, fn): for DTensors (of_grads: parameters of
+// type dtensor_type, their .grad; None grads skipped) of one type, plain dense local shards on one device, no
+// Partial spec, and norm_type > 0: ([(rank set key, this rank's unrounded float64 norm of its counted shards or
+// None)] in order of first appearance, the first local tensor, the handle, the promoted dtype, whether any is
+// float64, the first spec). None, having written nothing, for anything else: the Python path then runs.
+PyObject* dtensor_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 6, "dtensor_norm(items, of_grads, norm_type, dtensor_type, classify, fn) takes 6 arguments");
+  PyObject* items = args[0];
+  const bool of_grads = PyObject_IsTrue(args[1]) == 1;
+  PyObject* type = args[3];
+  double norm_type = 0.0;
+  if (!PyList_Check(items) && !PyTuple_Check(items)) Py_RETURN_NONE;
+  if (!as_double(args[2], &norm_type) || !(norm_type > 0.0) || !PyType_Check(type) || !plain_thread_state())
+    Py_RETURN_NONE;  // norm_type 0, negative or NaN: Python's
+  const DTensorSlots* slots = dtensor_slots(type);
+  if (!slots) Py_RETURN_NONE;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+  PyObject** objects = PySequence_Fast_ITEMS(items);
+  auto call = std::make_unique<DTensorCall>();
+  OwnedRefs specs, grads;
+  if (of_grads) grads.refs.reserve(n);
+  call->tensors.reserve(n);
+  call->storages.reserve(n);
+  specs.refs.reserve(n);
+  // 1. read: no Python code runs here, so the borrowed items and gradients stay put
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = objects[i];
+    if (Py_TYPE(obj) != reinterpret_cast<PyTypeObject*>(type)) Py_RETURN_NONE;  // subclasses may override
+    if (of_grads) {
+      const at::Tensor& grad = THPVariable_Unpack(obj).grad();
+      if (!grad.defined()) continue;
+      PyObject* g = THPVariable_Wrap(grad);  // the gradient's Python object (a new reference, held for the call)
+      if (!g) return nullptr;
+      grads.refs.push_back(g);
+      if (Py_TYPE(g) != reinterpret_cast<PyTypeObject*>(type)) Py_RETURN_NONE;  // a plain gradient: Python's
+      obj = g;
+    }
+    PyObject* local = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(obj) + slots->local);
+    PyObject* spec = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(obj) + slots->spec);
+    if (!local || !spec || !THPVariable_CheckExact(local)) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(local);
+    if (!plain_tensor(t) || (!call->tensors.empty() && t.device() != call->tensors.front().device()))
+      Py_RETURN_NONE;
+    call->tensors.push_back(t);
+    call->storages.push_back(t.storage());
+    Py_INCREF(spec);
+    specs.refs.push_back(spec);
+  }
+  if (call->tensors.empty()) Py_RETURN_NONE;
+  // 2. the kinds: the last call's when the specs are the same objects, else looked up (maybe calling classify)
+  LastSpecs& last = last_specs();
+  std::vector<DKind> kinds;
+  if (last.specs == specs.refs) {
+    kinds = last.kinds;
+  } else {
+    kinds.resize(specs.refs.size());
+    for (size_t i = 0; i < specs.refs.size(); ++i)
+      if (!kind_of(specs.refs[i], args[4], args[5], &kinds[i])) return nullptr;
+    std::vector<PyObject*> keep(specs.refs);
+    for (PyObject* o : keep) Py_INCREF(o);
+    std::vector<PyObject*> old;
+    old.swap(last.specs);
+    last.specs = std::move(keep);
+    last.kinds = kinds;
+    drop_refs(old);
+  }
+  // 3. the buckets (rank sets) in order of first appearance, each with the shards this rank counts
+  std::vector<int64_t> keys;
+  std::vector<std::vector<at::Tensor>> counted;
+  bool any_double = false;
+  at::ScalarType result = call->tensors.front().scalar_type();
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    const DKind& k = kinds[i];
+    if (k.partial) Py_RETURN_NONE;  // reduced over its mesh first: Python's
+    const at::ScalarType st = call->tensors[i].scalar_type();
+    if (st != at::kFloat && st != at::kDouble && st != at::kHalf && st != at::kBFloat16)
+      Py_RETURN_NONE;  // the op path explains
+    any_double |= st == at::kDouble;
+    if (st != result) result = c10::promoteTypes(result, st);
+    size_t b = 0;
+    while (b < keys.size() && keys[b] != k.bucket) ++b;
+    if (b == keys.size()) {
+      keys.push_back(k.bucket);
+      counted.emplace_back();
+    }
+    if (k.counted) counted[b].push_back(call->tensors[i]);
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedclip::total_norm", "")
+                       .typed<at::Tensor(at::TensorList, double, const std::optional<at::Tensor>&,
+                                         std::optional<at::ScalarType>)>();
+  std::vector<at::Tensor> norms(keys.size());
+  {
+    pybind11::gil_scoped_release no_gil;
+    const c10::DispatchKeySet ks = backend_keys(call->tensors.front());
+    for (size_t b = 0; b < keys.size(); ++b)
+      if (!counted[b].empty()) norms[b] = op.redispatch(ks, counted[b], norm_type, std::nullopt, at::kDouble);
+  }
+  PyObject* buckets = PyList_New(static_cast<Py_ssize_t>(keys.size()));
+  if (!buckets) return nullptr;
+  for (size_t b = 0; b < keys.size(); ++b) {
+    PyObject* norm = norms[b].defined() ? THPVariable_Wrap(std::move(norms[b])) : (Py_INCREF(Py_None), Py_None);
+    PyObject* pair = norm ? Py_BuildValue("(LN)", static_cast<long long>(keys[b]), norm) : nullptr;
+    if (!pair) {
+      Py_DECREF(buckets);
+      return nullptr;
+    }
+    PyList_SET_ITEM(buckets, static_cast<Py_ssize_t>(b), pair);
+  }
+  PyObject* first = THPVariable_Wrap(call->tensors.front());
+  PyObject* handle = first ? PyCapsule_New(call.get(), kHandleName, &free_handle) : nullptr;
+  if (!handle) {
+    Py_DECREF(buckets);
+    Py_XDECREF(first);
+    return nullptr;
+  }
+  call.release();  // the capsule owns it
+  PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(result));
+  Py_INCREF(dtype);
+  return Py_BuildValue("(NNNNOO)", buckets, first, handle, dtype, any_double ? Py_True : Py_False,
+                       specs.refs.front());
+  END_HANDLE_TH_ERRORS
+}
+
+// dtensor_scale(handle, max_norm, total_norm): the op scale_ on every local tensor dtensor_norm read (checked
+// there: plain dense tensors on one device, no mode active); True.
+PyObject* dtensor_scale(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3, "dtensor_scale(handle, max_norm, total_norm) takes 3 arguments");
+  auto* call = static_cast<DTensorCall*>(PyCapsule_GetPointer(args[0], kHandleName));
+  if (!call) return nullptr;
+  double max_norm = 0.0;
+  const at::Tensor* norm = plain_arg(args[2]);
+  TORCH_CHECK_TYPE(norm && as_double(args[1], &max_norm),
+                   "dtensor_scale: max_norm must be a number and total_norm a plain dense tensor");
+  const at::Tensor total = *norm;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedclip::scale_", "")
+                       .typed<void(at::TensorList, double, const at::Tensor&)>();
+  {
+    // the handle (an argument of this call, so alive) owns the tensors and storages
+    pybind11::gil_scoped_release no_gil;
+    op.redispatch(backend_keys(call->tensors.front()), call->tensors, max_norm, total);
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 // The CPU loops' instruction set (cpu_simd.h): cpu_isa() -> "avx2"; set_cpu_isa("baseline") for tests.
 PyObject* get_cpu_isa(PyObject*, PyObject*) {
   return Py_BuildValue("(ss)", cpu_isa_name(cpu_isa()), supported_cpu_isas().c_str());
@@ -446,6 +731,12 @@ PyMethodDef kMethods[] = {
      "local_norm(tensors, norm_type): the op total_norm's unrounded (float64) norm of plain tensors, or None"},
     {"scale_local", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&scale_local)), METH_FASTCALL,
      "scale_local(tensors, max_norm, total_norm): the op scale_ on plain tensors; True, or None (take the op path)"},
+    {"dtensor_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&dtensor_norm)), METH_FASTCALL,
+     "dtensor_norm(items, of_grads, norm_type, dtensor_type, classify, fn): DTensors' local norms per rank set, "
+     "or None"},
+    {"dtensor_scale", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&dtensor_scale)), METH_FASTCALL,
+     "dtensor_scale(handle, max_norm, total_norm): the op scale_ on the local tensors dtensor_norm read; True, or "
+     "None"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

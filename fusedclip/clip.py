@@ -74,9 +74,10 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     if on_nonfinite != "clip":
         return _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_tensor, process_group,
                              on_nonfinite, optimizer, plain_group)
-    if not (per_tensor or error_if_nonfinite or process_group is not None or plain_group is not None) \
-            and _fast_path(backend):
-        norm = _ext._C.clip_grads(params, max_norm, norm_type)
+    if not (per_tensor or error_if_nonfinite or plain_group is not None) and _fast_path(backend):
+        norm = _ext._C.clip_grads(params, max_norm, norm_type) if process_group is None else None
+        if norm is None:  # DTensor parameters (FSDP2, TP): their gradients read in C++ too, or None
+            norm = _distributed.fast_clip(params, max_norm, norm_type, process_group)
         if norm is not None:
             return norm
     grads = _grads(params, "clip_")

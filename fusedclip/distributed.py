@@ -32,6 +32,8 @@ from .ops import acc_dtype, result_dtype
 _INF = math.inf
 # the extension's entries for the two passes over local tensors (absent from a build older than this module)
 _FAST_LOCAL = _ext.LOADED and hasattr(_ext._C, "local_norm")
+# and for DTensors read in C++ (dtensor_norm / dtensor_scale: _fast_norm below)
+_FAST_DTENSOR = _ext.LOADED and hasattr(_ext._C, "dtensor_norm")
 
 
 def is_dtensor(t):
@@ -176,11 +178,12 @@ def _group_norm(grads, p, process_group, be, fn):
 
 def _mesh_groups(mesh):
     """Groups (as functional collectives name them) that together reduce over every rank of the mesh: one when
-    possible."""
+    possible. A mesh of the whole world reduces over the default group whatever its shape, so every rank picks
+    the same group for a world-spanning rank set whichever of its meshes it saw first."""
+    if mesh.size() == dist.get_world_size():
+        return [dist.group.WORLD]
     if mesh.ndim == 1:
         return [mesh]
-    if mesh.size() == dist.get_world_size():
-        return [dist.group.WORLD]  # the mesh is the whole world: the default group
     return [(mesh, d) for d in range(mesh.ndim)]
 
 
@@ -384,6 +387,81 @@ def _traced_plan(plan, grads, fn, DTensor):
     return plan
 
 
+# The C++ path (csrc/python_module.cpp, dtensor_norm): it keeps its own spec -> kind table, filled by _classify, and
+# groups the gradients by rank set under the keys below (the same for every spec of a rank set).
+_RANK_SETS = []       # key -> (ranks, the mesh to reduce over)
+_RANK_SET_KEYS = {}   # ranks -> key
+
+
+def _classify(spec, fn):
+    """(rank set key, whether this rank counts such a shard, whether it is Partial) of a spec the C++ path has not
+    seen; raises as _kind does (a mesh without this rank)."""
+    kind = _KINDS[_kind(spec.mesh, spec.placements, fn)]
+    key = _RANK_SET_KEYS.get(kind.ranks)
+    if key is None:
+        with _TABLE_LOCK:
+            key = _RANK_SET_KEYS.get(kind.ranks)
+            if key is None:
+                _RANK_SETS.append((kind.ranks, kind.mesh))
+                key = _RANK_SET_KEYS[kind.ranks] = len(_RANK_SETS) - 1
+    ranks, mesh = _RANK_SETS[key]
+    if len(_mesh_groups(kind.mesh)) < len(_mesh_groups(mesh)):  # as _sorted_plan: the fewest collectives
+        _RANK_SETS[key] = (ranks, kind.mesh)
+    return key, kind.counted, kind.partial
+
+
+class _FastPlan:
+    """What _fast_norm read: the handle owning the local tensors (for dtensor_scale), their promoted dtype, whether
+    any is float64, the first DTensor's mesh."""
+    __slots__ = ("handle", "dtype", "any_double", "meshes")
+
+
+def _fast_norm(items, of_grads, p, fn, process_group=None):
+    """(global norm in float64, _FastPlan) of DTensors (or, of_grads, of the .grad of DTensor parameters) read in
+    C++: one read of the Python objects, per rank set one fused pass over the shards this rank counts and one
+    all_reduce, then over process_group; or None (nothing read or written) for what the plan path handles: a
+    mix with plain tensors, Partial specs, non-dense shards, several devices, p <= 0, a mode, torch.compile."""
+    if not _FAST_DTENSOR or torch.compiler.is_compiling():
+        return None
+    mod = sys.modules.get("torch.distributed.tensor")
+    if mod is None:
+        return None
+    r = _ext._C.dtensor_norm(items, of_grads, p, mod.DTensor, _classify, fn)
+    if r is None:
+        return None
+    buckets, first, handle, dtype, any_double, spec = r
+    device, op = first.device, _op(p)
+    if len(buckets) > 1:
+        buckets.sort(key=lambda b: _bucket_order(_RANK_SETS[b[0]]))
+    total = None
+    for key, local in buckets:
+        t = _all_reduce(_pack(local, True, p, device)[0], op, _mesh_groups(_RANK_SETS[key][1]))
+        total = t if total is None else _combine(total, t, op)
+    if process_group is not None:
+        total = _all_reduce(total, op, [process_group])
+    plan = _FastPlan()
+    plan.handle, plan.dtype, plan.any_double, plan.meshes = handle, dtype, any_double, [spec.mesh]
+    return _unpack(total, p), plan
+
+
+def _fast_scale(plan, max_norm, norm):
+    """Scales the local tensors of a _FastPlan by the global norm (the coefficient in their accumulation dtype)."""
+    _ext._C.dtensor_scale(plan.handle, max_norm, norm.to(torch.float64 if plan.any_double else torch.float32))
+
+
+def fast_clip(params, max_norm, norm_type, process_group=None):
+    """clip_ of DTensor parameters' gradients on the C++ path (clip.py tries it for the default arguments before
+    reading the gradients in Python): the global norm as clip_ returns it, or None when the plan path must run."""
+    if type(max_norm) not in (float, int) or type(norm_type) not in (float, int):
+        return None  # strings, tensors, bools: validated (or refused) on the plan path
+    r = _fast_norm(params, True, float(norm_type), "clip_", process_group)
+    if r is None:
+        return None
+    norm, plan = r
+    _fast_scale(plan, float(max_norm), norm)
+    return _as_dtensor(norm.to(plan.dtype), plan.meshes)
+
+
 def _bucket_norm(tensors, p, be, fn):
     """(this rank's unrounded norm of a bucket's counted local shards, or None; whether they have elements). One
     device (a mesh's), so the backend is called directly: no per-tensor checks in Python."""
@@ -503,6 +581,10 @@ def _norm(grads, p, process_group, plain_group, be, fn, foreach, torch_fn):
     if be.name == "torch" and process_group is None and plain_group is None and not any(
             type(g) is torch.Tensor for g in grads):
         return torch_fn(), None, None  # DTensors alone: torch handles them itself
+    if plain_group is None and _fast_local(be):
+        r = _fast_norm(grads, False, p, fn, process_group)
+        if r is not None:
+            return r[0], r[1], r[1].meshes
     if not dtensors:  # plain tensors only, shards of plain_group (then maybe over process_group)
         plan = _Plan()
         plan.scale, plan.buckets, plan.plain, plan.meshes = grads, [], grads, []
@@ -521,6 +603,9 @@ def clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, for
         return norm
     if error_if_nonfinite:
         _core._check_finite(norm, p)  # the same global norm on every rank: all raise, before any scaling
+    if isinstance(plan, _FastPlan):
+        _fast_scale(plan, max_norm, norm)
+        return _as_dtensor(norm.to(plan.dtype), meshes)
     if isinstance(plan, _Plan):
         _scale_plan(plan, max_norm, norm, be, "clip_")
         return _as_dtensor(_result(norm, plan.scale, plan.dtypes()), meshes)
@@ -536,6 +621,8 @@ def total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach=None, 
         return norm
     if error_if_nonfinite:
         _core._check_finite(norm, p)
+    if isinstance(plan, _FastPlan):
+        return _as_dtensor(norm.to(plan.dtype), meshes)
     if isinstance(plan, _Plan):
         return _as_dtensor(_result(norm, plan.scale, plan.dtypes()), meshes)
     return _result(norm, plan)

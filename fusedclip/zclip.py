@@ -119,7 +119,8 @@ class ZClip:
         on_spike (str): "clip" (default, zclip's behaviour) or "skip" (leave the gradients and skip the
             optimizer's next step).
         on_nonfinite (str): the same choice for an inf/NaN norm. Default "clip".
-        process_group (ProcessGroup, optional): the gradients are this rank's shards.
+        process_group (ProcessGroup, optional): the gradients are this rank's shards; with DTensor gradients
+            (any of them, first or not), the pipeline stages' group, as in fusedclip.clip_.
         backend (str): "auto" (default), "native", "triton" or "torch".
 
     Raises:
@@ -428,7 +429,9 @@ class ZClip:
                 "fusedclip.ZClip: on_spike / on_nonfinite 'skip' with a GradScaler is not supported: a skipped step "
                 "would count as an overflow for scaler.update() and lower the loss scale. Use 'clip' with a scaler "
                 "(scaler.step already skips steps whose gradients are inf/NaN)")
-        sharded = self.process_group is not None or (grads and _distributed.is_dtensor(grads[0]))
+        # any DTensor makes the step sharded (a mix with plain gradients too: those are replicated, or with
+        # process_group the pipeline stage's), not only a DTensor first
+        sharded = self.process_group is not None or _distributed.has_dtensor(grads)
         if amp and (sharded or not grads):
             scaler.unscale_(optimizer)
             amp = False
@@ -487,7 +490,7 @@ class ZClip:
         grads = [p.grad for p in params if p.grad is not None]
         be = backends.resolve(self.backend, grads[0].device.type if grads else "cpu")
         if (not guard.is_fused(optimizer) or not grads or len({g.device for g in grads}) > 1
-                or self.process_group is not None or _distributed.is_dtensor(grads[0]) or be.name == "torch"
+                or self.process_group is not None or _distributed.has_dtensor(grads) or be.name == "torch"
                 or getattr(be, "zclip", None) is None):
             return self.step(params, optimizer if self._skips else None)
         device = grads[0].device
@@ -543,8 +546,8 @@ class ZClip:
 
     def _global_norm(self, grads, be):
         """(the norm of all ranks' shards in the accumulation dtype, this rank's local tensors to scale)."""
-        if self.process_group is None:
-            norm, local, _ = _distributed._dtensor_norm(grads, 2.0, be, "ZClip.step")
+        if _distributed.has_dtensor(grads):  # with process_group: the pipeline stages' group, as in clip_
+            norm, local, _ = _distributed._dtensor_norm(grads, 2.0, be, "ZClip.step", self.process_group)
         else:
             norm, local = _distributed._group_norm(grads, 2.0, self.process_group, be, "ZClip.step"), grads
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in local) else torch.float32

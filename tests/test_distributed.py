@@ -658,6 +658,98 @@ def compiled_sharded(rank, world, group):
     close(n_c, fusedclip.get_total_norm(mine, process_group=group), rtol=0, atol=0)
 
 
+class SpyDTensorNorm:
+    """Wraps the extension's dtensor_norm (the C++ DTensor path): counts the calls it took and declined."""
+
+    def __init__(self):
+        from fusedclip import _ext
+        self.ext, self.real, self.taken, self.declined = _ext._C, _ext._C.dtensor_norm, 0, 0
+
+    def __call__(self, *args):
+        r = self.real(*args)
+        self.taken += r is not None
+        self.declined += r is None
+        return r
+
+    def __enter__(self):
+        self.ext.dtensor_norm = self
+        return self
+
+    def __exit__(self, *exc):
+        self.ext.dtensor_norm = self.real
+
+
+@case
+def dtensor_fast_path(rank, world, group):
+    """The C++ DTensor path (DTensors only, read without dispatch) against the plan path on the same gradients: the
+    same norm and the same clipped shards, bit for bit, for fp32/bf16/fp16/fp64 Shard(0) and Shard(1) gradients with
+    uneven and empty shards on the world mesh, Replicate ones (counted once), and at 4 ranks gradients on the tp
+    rows of a (dp, tp) mesh (another rank set); p = 2, inf, 1, 3, clipping and not; parameters without gradients
+    skipped; every call on new spec objects as well as on the same ones (its spec cache). It is taken for these
+    (a spy counts it) and declined, nothing written, for a mix with plain tensors, a Partial gradient, and p = 0
+    or -inf. The clipped shards' version counters move only when they are written."""
+    import fusedclip.distributed as fd
+    from fusedclip.testing import same_bits
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    full = [t.to(dtypes[i % 4]) for i, t in enumerate(mix_grads(seed=110, n=12, scale=3.0))]
+    layouts = [[Shard(0)], [Shard(0)], [Replicate()], [Shard(1)]]
+    tp_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))["tp"] if world == 4 else None
+    tp = [torch.randn(6, 5, generator=torch.Generator().manual_seed(111))] if tp_mesh is not None else []
+
+    def dts(fresh_specs):
+        out = []
+        for i, t in enumerate(full):
+            lay = layouts[i % 4] if t.dim() > 1 or i % 4 != 3 else [Shard(0)]
+            d = distribute_tensor(t.clone(), mesh, lay)
+            out.append(d)
+        out += [distribute_tensor(t.clone(), tp_mesh, [Shard(0)]) for t in tp]
+        if not fresh_specs:  # the same spec objects as the last call's list
+            out = [DTensor(d._local_tensor, spec, requires_grad=False) for d, spec in zip(out, dts.specs)]
+        dts.specs = [d._spec for d in out]
+        return out
+
+    dts.specs = None
+    for p in [2.0, INF, 1.0, 3.0]:
+        for max_norm in [0.5, 1e9]:
+            for fresh in [True, False]:
+                results = []
+                for fast in [True, False]:
+                    fd._FAST_DTENSOR = fast
+                    try:
+                        with SpyDTensorNorm() as spy:
+                            grads = dts(fresh)
+                            params = params_with(grads)
+                            params.insert(3, torch.nn.Parameter(torch.zeros_like(grads[0])))  # no gradient
+                            before = [g._local_tensor._version for g in grads]
+                            n = fusedclip.clip_(params, max_norm, p)
+                            n2 = fusedclip.get_total_norm(grads, p)
+                    finally:
+                        fd._FAST_DTENSOR = True
+                    assert spy.taken == (2 if fast else 0) and spy.declined == 0, (spy.taken, spy.declined)
+                    bumped = [g._local_tensor._version > b for g, b in zip(grads, before)]
+                    assert all(bumped) if max_norm == 0.5 else not any(bumped), (max_norm, bumped)
+                    results.append((n, n2, [g._local_tensor for g in grads]))
+                (a, a2, ga), (b, b2, gb) = results
+                assert isinstance(a, DTensor) and a.placements == b.placements and a.device_mesh is b.device_mesh
+                assert same_bits(a.to_local(), b.to_local()) and same_bits(a2.to_local(), b2.to_local()), (p, a, b)
+                assert all(same_bits(x, y) for x, y in zip(ga, gb)), p
+                # and right: against the unsharded float64 norm
+                full_a = [t.double() for t in full + tp]
+                close(a.full_tensor(), ref_norm(full_a, p), rtol=1e-3 if p != INF else 0, atol=1e-6)
+    # declined, nothing written: then the plan path clips as before
+    with SpyDTensorNorm() as spy:
+        grads = dts(True)
+        mixed = grads + [torch.randn(3, generator=torch.Generator().manual_seed(112))]
+        part = DTensor.from_local(torch.ones(4) * (rank + 1), mesh, [Partial()], run_check=False)
+        for gs, p in [(mixed, 2.0), (grads + [part], 2.0), (grads, 0.0), (grads, -INF)]:
+            fusedclip.get_total_norm(gs, p)
+        assert spy.taken == 0 and spy.declined == 4, (spy.taken, spy.declined)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The spawn
 # ---------------------------------------------------------------------------------------------------------
@@ -673,6 +765,7 @@ def zclip_sharded(rank, world, group):
     mesh = init_device_mesh("cpu", (world,))
     kw = dict(warmup_steps=3, max_grad_norm=2.0, on_spike="clip")
     ref, pg, dt = fusedclip.ZClip(**kw), fusedclip.ZClip(**kw, process_group=group), fusedclip.ZClip(**kw)
+    ref_mixed, mixed = fusedclip.ZClip(**kw), fusedclip.ZClip(**kw)
     changed = []
     for t in range(10):
         full = full_grads(seed=20 + t, scale=(12.0 if t in (5, 8) else 0.01 * (1 + t / 10)))
@@ -688,10 +781,21 @@ def zclip_sharded(rank, world, group):
         dts = [distribute_tensor(g.clone(), mesh, [Shard(0)]) for g in big]
         n_dt = dt.step(params_with(dts))
         close(n_dt, ref_norm(big, 2.0), rtol=1e-5, atol=0)
+        # a plain (replicated) gradient first, then DTensors: sharded all the same (issue 24: grads[0] alone
+        # decided), the norm and the clipped values of the unsharded list
+        plain = full[0].clone()
+        unsharded = [plain.clone()] + [g.clone() for g in big]
+        n_ref_mixed = ref_mixed.step(params_with(unsharded))
+        dts = [distribute_tensor(g.clone(), mesh, [Shard(0)]) for g in big]
+        n_mixed = mixed.step(params_with([plain] + dts))
+        close(n_mixed, n_ref_mixed, rtol=1e-5, atol=0)
+        close(plain, unsharded[0], rtol=1e-5, atol=1e-9)
+        for d, u in zip(dts, unsharded[1:]):
+            close(d.full_tensor(), u, rtol=1e-5, atol=1e-9)
         changed.append(not all(torch.equal(a, b) for a, b in zip(expected, full)))
     assert changed[5] and changed[8] and not all(changed), changed
     # every rank holds the same state
-    for clipper in (pg, dt):
+    for clipper in (pg, dt, mixed):
         sd = clipper.state_dict()
         state = torch.stack([sd["mean"], sd["var"], torch.tensor(float(sd["steps"]), dtype=torch.float64)])
         gathered = [torch.empty_like(state) for _ in range(world)]
