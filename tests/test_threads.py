@@ -53,3 +53,59 @@ def test_triton_interpreted_survives_grads_replaced_by_other_threads():
     slow, so fewer and smaller parameters)."""
     pytest.importorskip("triton")
     race("--backend", "triton", "--params", "64", "--numel", "300", env=dict(os.environ, TRITON_INTERPRET="1"))
+
+
+_BUSY_POOL = r"""
+import time, torch, fusedclip
+from fusedclip.testing import ref_norm
+torch.set_num_interop_threads(1)
+torch.set_num_threads(2)
+
+@torch.jit.script
+def busy(x: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        x = torch.sin(x)
+    return x
+
+@torch.jit.script
+def start(x: torch.Tensor, n: int) -> torch.jit.Future[torch.Tensor]:
+    return torch.jit.fork(busy, x, n)  # from TorchScript: a task on the inter-op pool (from Python: inline)
+
+
+g = torch.Generator().manual_seed(0)
+grads = [torch.randn(4_000_000, generator=g) * s for s in (1e-3, 1.0, 10.0, 3e2)]
+fusedclip.get_total_norm(grads, 2.0)  # warm: the pool and the helper path
+params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+for p, x in zip(params, grads):
+    p.grad = x.clone()
+future = start(torch.randn(1000), 30_000)  # the only inter-op thread, for a second or more
+time.sleep(0.05)
+start = time.perf_counter()
+norm = fusedclip.get_total_norm(grads, 2.0)
+fusedclip.clip_(params, 1.0)
+elapsed = time.perf_counter() - start
+pool_was_busy = not future.done()
+future.wait()  # then our helper tasks queued behind it run (and find nothing left to do); exiting first crashes
+ref = float(ref_norm(grads, 2.0))
+scaled = float(ref_norm([p.grad for p in params], 2.0))
+print(f"elapsed {elapsed:.3f} s, pool busy {pool_was_busy}, norm {float(norm)!r} ref {ref!r}, after {scaled!r}")
+assert pool_was_busy, "inconclusive: the busy task ended first"
+assert abs(float(norm) - ref) <= 2 * abs(float(torch.tensor(ref, dtype=torch.float32).nextafter(torch.tensor(0.0))) - ref)
+assert abs(scaled - 1.0) < 1e-5, scaled
+assert elapsed < 1.0, f"waited for the busy inter-op pool: {elapsed:.3f} s"
+"""
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="the extension did not load")
+def test_cpu_kernel_never_waits_for_a_helper_that_has_not_started(tmp_path):
+    """The CPU kernel's helpers come from torch's inter-op pool (csrc/clip_cpu.cpp, for_each_chunk) and the caller
+    waits only for chunk ranges a helper claimed: with the pool's only thread busy for seconds (a forked
+    TorchScript task), a 64 MB norm and clip still finish at once, and exact. (With at::parallel_for, a helper
+    not yet scheduled on a busy machine held the call a time slice: 8 ms for a 16 MB norm.)"""
+    script = tmp_path / "busy_pool.py"  # a file: torch.jit.script reads the function's source
+    script.write_text(_BUSY_POOL)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    out = subprocess.run([sys.executable, "-W", "ignore::FutureWarning", str(script)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr[-4000:]
