@@ -199,21 +199,19 @@ void scale_each_table_cpu(const GradTable& g, const double* coefs) {
   if (!any) return;
   g.bump_versions();
   const CpuIsa isa = cpu_isa();
-  at::parallel_for(0, t.n_chunks(), chunk_grain(t), [&](int64_t begin, int64_t end) {
-    int64_t tensor = locate_chunk(t, end - 1).tensor;  // then stepped: no search per chunk
-    for (int64_t c = end - 1; c >= begin; --c) {
-      const Chunk ch = step_to_chunk(t, tensor, c);
-      with_typed_ptr<kCpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor), [&](auto w, auto* p) {
+  for_each_chunk(
+      t,
+      [&](int64_t c, auto loops, auto* p, int64_t len) {
         using T = std::remove_pointer_t<decltype(p)>;
         using op_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-        const op_t factor = std::is_same_v<op_t, double> ? static_cast<op_t>(as_double[ch.tensor])
-                                                         : static_cast<op_t>(as_float[ch.tensor]);
+        const int64_t i = locate_chunk(t, c).tensor;
+        const op_t factor = std::is_same_v<op_t, double> ? static_cast<op_t>(as_double[i])
+                                                         : static_cast<op_t>(as_float[i]);
         if (!needs_scaling(factor)) return;
-        if (factor != factor) return fill_nan_factor(p + ch.offset, ch.len, factor);
-        ChunkLoops<decltype(w)::value, T>{}.scale(isa, p + ch.offset, ch.len, factor);
-      });
-    }
-  });
+        if (factor != factor) return fill_nan_factor(p, len, factor);
+        loops.scale(isa, p, len, factor);
+      },
+      /*reversed=*/true);
   g.write_back();
 }
 
