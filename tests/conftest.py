@@ -24,6 +24,8 @@ BACKENDS = fused_backends("cpu") + [b for b in fused_backends("cuda") if b not i
 def _only_backends_that_run_on_the_device(request):
     """BACKENDS spans devices (Triton may run on CUDA but not on CPU): drop the pairs that cannot run."""
     params = getattr(getattr(request.node, "callspec", None), "params", {})
-    device, backend = params.get("device", "cpu"), params.get("backend")
+    # a GPU test without a device parameter runs on CUDA: judged on "cpu", its Triton case was skipped on a GPU
+    default = "cuda" if request.node.get_closest_marker("gpu") else "cpu"
+    device, backend = params.get("device", default), params.get("backend")
     if backend is not None and backend != "torch" and backend not in fusedclip.available_backends(device):
         pytest.skip(f"backend {backend!r} does not run on {device} here")
