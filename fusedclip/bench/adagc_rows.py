@@ -19,10 +19,8 @@ Targets (issue #26 item 4): ClipInBackward adds <= 1% to the whole step and <= 1
 clipping; AdaGC.step within 1.15x of clip_.
 """
 import argparse
-import json
 import math
 import os
-import re
 import time
 
 import torch
@@ -30,6 +28,7 @@ import torch
 import fusedclip
 
 from .machine import cpu_name
+from .report import write_side_report
 from .timing import summarize
 
 VARIANTS = ("none", "torch", "clip_", "clip_into_", "in_backward")
@@ -268,14 +267,7 @@ def main(models=MODELS, out=os.path.join("bench", "results", "local"), tag="", s
                       f"- {'ok' if ok else 'MISSED'}: {what}: {value:.2f}x (target <= {target:.2f}x)"
                       for what, value, target, ok in results])
     print(text)
-    os.makedirs(out, exist_ok=True)
-    name = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device_name", "cpu")).lower()).strip("-")
-    stem = os.path.join(out, f"{name}_{time.strftime('%Y-%m-%dT%H%M')}_step{tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "checks": results}, f, indent=1, default=str)
-    with open(stem + ".md", "w") as f:
-        f.write(text + "\n")
-    print(f"wrote {stem}.json, {stem}.md")
+    write_side_report(out, meta, rows, results, text, "step", tag)
     return 0 if all(ok for *_, ok in results) else 1
 
 

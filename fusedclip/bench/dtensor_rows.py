@@ -23,12 +23,13 @@ import functools
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
 
 import torch
+
+from fusedclip.bench.report import write_side_report
 
 DEFAULT_NS = [200, 1000, 4000, 20000]
 SHAPE = (16, 8)  # the unsharded gradient of each parameter
@@ -247,14 +248,7 @@ def main(ns, world, out, tag="", reps=30):
                       "", about, "", table(rows), ""]
                      + [("- ok: " if ok else "- MISSED: ") + what for what, ok in results])
     print(text)
-    os.makedirs(out, exist_ok=True)
-    name = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device_name", "cpu")).lower()).strip("-")
-    stem = os.path.join(out, f"{name}_{time.strftime('%Y-%m-%dT%H%M')}_dtensor{tag}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "checks": results}, f, indent=1, default=str)
-    with open(stem + ".md", "w") as f:
-        f.write(text + "\n")
-    print(f"wrote {stem}.json, {stem}.md")
+    write_side_report(out, meta, rows, results, text, "dtensor", tag)
     return 0 if all(ok for _, ok in results) else 1
 
 

@@ -253,3 +253,16 @@ def write_outputs(result, cfg):
         paths["png"] = os.path.join(cfg.out, stem + ".png")
         plot(result, paths["png"])
     return paths
+
+
+def write_side_report(out, meta, rows, checks, text, kind, tag=""):
+    """A side benchmark's files (--step, --dtensor): <device>_<date>_<kind><tag>.json (meta, rows, checks) and
+    .md (text)."""
+    os.makedirs(out, exist_ok=True)
+    name = re.sub(r"[^a-z0-9]+", "-", str(meta.get("device_name", "cpu")).lower()).strip("-")
+    stem = os.path.join(out, f"{name}_{time.strftime('%Y-%m-%dT%H%M')}_{kind}{tag}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows, "checks": checks}, f, indent=1, default=str)
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {stem}.json, {stem}.md")
