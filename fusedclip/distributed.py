@@ -310,7 +310,8 @@ def _plan(grads, fn):
             kind = _KINDS[kinds[0]]
             if not kind.partial:
                 plan.scale, plan.plain, plan.meshes = locals_, [], [kind.mesh]
-                plan.buckets = [(kind.ranks, kind.mesh, locals_ if kind.counted else [], locals_)]
+                mesh = _RANK_SETS[_rank_set(kind)][1]
+                plan.buckets = [(kind.ranks, mesh, locals_ if kind.counted else [], locals_)]
                 return plan
         return _sorted_plan(plan, grads, locals_, kinds, DTensor)
     if torch.compiler.is_compiling():
@@ -345,9 +346,12 @@ def _sorted_plan(plan, grads, locals_, kinds, DTensor):
         if kind.counted:
             b[1].append(local)
     plan.scale, plan.plain, plan.meshes = locals_, plain, meshes
-    # meshes of the same ranks: reduce over the one that needs the fewest collectives
-    plan.buckets = sorted(((ranks, min((_KINDS[k].mesh for k in ks), key=lambda m: len(_mesh_groups(m))), counted,
-                            all_) for ranks, (ks, counted, all_) in buckets.items()), key=_bucket_order)
+    # meshes of the same ranks: reduce over the one _rank_set chooses (the C++ path's choice too)
+    for ks, _, _ in buckets.values():
+        for k in ks:
+            _rank_set(_KINDS[k])
+    plan.buckets = sorted(((ranks, _RANK_SETS[_RANK_SET_KEYS[ranks]][1], counted, all_)
+                           for ranks, (ks, counted, all_) in buckets.items()), key=_bucket_order)
     return plan
 
 
@@ -393,10 +397,11 @@ _RANK_SETS = []       # key -> (ranks, the mesh to reduce over)
 _RANK_SET_KEYS = {}   # ranks -> key
 
 
-def _classify(spec, fn):
-    """(rank set key, whether this rank counts such a shard, whether it is Partial) of a spec the C++ path has not
-    seen; raises as _kind does (a mesh without this rank)."""
-    kind = _KINDS[_kind(spec.mesh, spec.placements, fn)]
+def _rank_set(kind):
+    """The key of a kind's rank set, registering its mesh: a rank set reduces over the registered mesh that needs
+    the fewest collectives, the first registered among equals. Both paths (the C++ one and the plan) choose it here,
+    from meshes registered in the order the calls first show them, so every rank picks the same groups, whichever
+    path each takes (a rank whose local shard is not dense takes the plan path while the others take the C++ one)."""
     key = _RANK_SET_KEYS.get(kind.ranks)
     if key is None:
         with _TABLE_LOCK:
@@ -405,9 +410,19 @@ def _classify(spec, fn):
                 _RANK_SETS.append((kind.ranks, kind.mesh))
                 key = _RANK_SET_KEYS[kind.ranks] = len(_RANK_SETS) - 1
     ranks, mesh = _RANK_SETS[key]
-    if len(_mesh_groups(kind.mesh)) < len(_mesh_groups(mesh)):  # as _sorted_plan: the fewest collectives
-        _RANK_SETS[key] = (ranks, kind.mesh)
-    return key, kind.counted, kind.partial
+    if mesh is not kind.mesh and len(_mesh_groups(kind.mesh)) < len(_mesh_groups(mesh)):
+        with _TABLE_LOCK:
+            ranks, mesh = _RANK_SETS[key]
+            if len(_mesh_groups(kind.mesh)) < len(_mesh_groups(mesh)):
+                _RANK_SETS[key] = (ranks, kind.mesh)
+    return key
+
+
+def _classify(spec, fn):
+    """(rank set key, whether this rank counts such a shard, whether it is Partial) of a spec the C++ path has not
+    seen; raises as _kind does (a mesh without this rank)."""
+    kind = _KINDS[_kind(spec.mesh, spec.placements, fn)]
+    return _rank_set(kind), kind.counted, kind.partial
 
 
 class _FastPlan:
