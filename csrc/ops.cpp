@@ -7,6 +7,7 @@
 
 #include "agc_table.h"
 #include "grad_table.h"
+#include "zclip_rule.h"
 
 // Set by the build (scripts/build_config.py), for `python -m fusedclip info`.
 #ifndef FUSEDCLIP_CUDA_ARCHS
@@ -26,7 +27,9 @@ std::string build_info() {
   const std::string cuda = "0";
 #endif
   std::string info = "cuda=" + cuda + ";cuda_archs=" + FUSEDCLIP_CUDA_ARCHS + ";torch=" + FUSEDCLIP_TORCH_VERSION +
-                     ";chunk_elems=" + std::to_string(kChunkElems);
+                     ";chunk_elems=" + std::to_string(kChunkElems) +
+                     // ZClip's layouts (zclip_rule.h), which fusedclip/ops.py checks its own against
+                     ";zclip_config_len=" + std::to_string(kZConfigLen) + ";zclip_buffer=" + std::to_string(kZBuffer);
 #ifdef FUSEDCLIP_WITH_CUDA
   info += ";" + cuda_launch_info() + ";" + agc_cuda_launch_info();
 #endif

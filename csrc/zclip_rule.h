@@ -1,6 +1,6 @@
 // ZClip's rule (Kumar et al., 2025; the rules of the zclip 1.0.0 package), as scalar code the CPU kernel and
 // the CUDA kernel both run after the norm: the clipping coefficient from the state, then the next state.
-// fusedclip/zclip.py documents the rule; fusedclip/triton_zclip.py has the same in Triton, and
+// fusedclip/zclip.py documents the rule; fusedclip/backends/triton/zclip.py has the same in Triton, and
 // fusedclip/zclip.py's torch path the same in torch ops.
 //
 // Every operation is one correctly rounded float64 operation in the order zclip's Python evaluates it, so the

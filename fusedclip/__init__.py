@@ -21,26 +21,7 @@ from .zclip import ZClip
 
 from . import backends as _backends
 
-
-def _load_triton_backend():
-    """backend="triton": registered whole (clip, ZClip and AGC kernels) or not at all, with the reason kept for
-    `python -m fusedclip info` and for the error a call asking for it gets. Never an import error: every CUDA
-    build of torch installs some Triton, and an old or broken one must not stop `import fusedclip`."""
-    try:
-        import triton
-    except ImportError:
-        _backends.mark_unavailable("triton", "Triton is not installed")
-        return
-    try:
-        from . import triton_agc, triton_backend, triton_zclip  # noqa: F401  (their ops are defined on import)
-    except Exception as e:  # noqa: BLE001  (any failure of an old or broken Triton disables this backend only)
-        _backends.mark_unavailable("triton", f"its kernels failed to load with Triton {triton.__version__} "
-                                             f"({type(e).__name__}: {e})")
-        return
-    _backends.register(triton_backend.TritonBackend)
-
-
-_load_triton_backend()
+_backends.load_triton()
 
 __version__ = "0.1.0"
 

@@ -143,7 +143,7 @@ def _check_kernel_inputs(tensors, fn):
 
 def _new_per_tensor(grads, be):
     """The output buffer for per-tensor norms when the backend fills it in its own pass, else None."""
-    if getattr(be, "fused_extras", False):
+    if be.fused_extras:
         return torch.empty(len(grads), dtype=acc_dtype(grads), device=grads[0].device)
     return None
 
@@ -203,7 +203,7 @@ def _check_finite(norm, p):
 def _scale_with_norm(params, grads, max_norm, total_norm, be, foreach, fn):
     """clip_grads_with_norm_ on plain tensors: `params` a list, `grads` their gradients, max_norm a float,
     total_norm a tensor or a number."""
-    if be.name == "torch":
+    if be.delegates_to_torch:
         return _torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
     if not grads:
         return None

@@ -56,7 +56,7 @@ from .ops import acc_dtype
 def _norms(grads, be, fn):
     """(total norm, per-tensor norms) in the accumulation dtype: the backend's fused pass, or for backend="torch"
     torch's own definition (the norm of the per-tensor norms, torch.linalg.vector_norm)."""
-    if be.name == "torch":
+    if be.delegates_to_torch:
         norms = _per_tensor_norms(grads, 2.0)
         return torch.linalg.vector_norm(norms), norms
     return _total_norm(grads, 2.0, be, fn, per_tensor=True)
@@ -70,7 +70,7 @@ def _scale_each(grads, coefs, be, fn):
     coefficient is 1 -- after the warm-up most tensors are not clipped on most steps, so most of the write traffic
     goes. Other backends, and gradients on several devices, take torch._foreach_mul_ with one 0-dim coefficient
     per gradient (every gradient read and written)."""
-    op = getattr(be, "scale_each", None)
+    op = be.scale_each if be.fused_scale_each else None
     if op is not None:
         ok, _ = _call(op, grads, fn, coefs)
         if ok:
@@ -215,13 +215,13 @@ class AdaGC:
     def _global_clip(self, grads, be):
         """The warm-up's global clip (fusedclip.clip_(max_norm=lambda_abs)) with each gradient's norm before it, from
         the same pass where the backend fuses them. Returns (total norm, per-tensor norms)."""
-        out = _new_per_tensor(grads, be) if be.name != "torch" else None
+        out = _new_per_tensor(grads, be) if not be.delegates_to_torch else None
         if out is not None:
             ok, norm = _call(be.clip, grads, "AdaGC.step", self.lambda_abs, 2.0, out)
             if ok:
                 return norm, out
         norm, norms = _norms(grads, be, "AdaGC.step")
-        if be.name == "torch":  # torch's clip: coefficient clamped to 1, multiplied in (as clip_grads_with_norm_)
+        if be.delegates_to_torch:  # torch's clip: coefficient clamped to 1, multiplied in (as clip_grads_with_norm_)
             coef = (self.lambda_abs / (norm + 1e-6)).clamp(max=1.0)
             for device, group in _by_device(grads).items():
                 torch._foreach_mul_(group, coef.to(device))

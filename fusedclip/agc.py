@@ -112,6 +112,6 @@ def clip_agc_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, backend=
 
 def _runner(backend, device_type, p):
     be = backends.resolve(backend, device_type)
-    if be.name == "torch" or p == 0.0 or not hasattr(be, "agc"):
+    if be.delegates_to_torch or p == 0.0 or not be.fused_agc:
         return _TorchAgc
     return be

@@ -43,7 +43,7 @@ def unscale_clip_(scaler, optimizer, max_norm, norm_type=2.0, *, error_if_nonfin
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
     p = _norm_type(norm_type, "unscale_clip_")
     max_norm = _number(max_norm, "unscale_clip_", "max_norm")
-    if error_if_nonfinite or not grads or p == 0.0 or not getattr(be, "fused_extras", False):
+    if error_if_nonfinite or not grads or p == 0.0 or not be.fused_extras:
         scaler.unscale_(optimizer)
         return clip_(params, max_norm, p, error_if_nonfinite, backend=backend)
 
@@ -132,7 +132,7 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
         return torch.tensor(0.0)
     device = grads[0].device
     be = backends.resolve(backend, device.type)
-    if be.name == "torch":
+    if be.delegates_to_torch:
         norm = get_total_norm(grads, p, backend="torch").to(device, acc_dtype(grads))
     else:  # the norm in the accumulation dtype (not rounded to bf16/fp16), so the coef is fp32-accurate
         norm = _total_norm(grads, p, be, "clip_into_").to(device)

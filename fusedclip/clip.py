@@ -89,7 +89,7 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
         _no_per_tensor_when_sharded(per_tensor, "clip_")
         return _distributed.clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach,
                                   plain_group)
-    if be.name == "torch":
+    if be.delegates_to_torch:
         norms = _per_tensor_norms(grads, p) if per_tensor and grads else torch.empty(0)
         norm = _torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
         return (norm, norms) if per_tensor else norm
@@ -172,7 +172,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     if process_group is not None or plain_group is not None or _distributed.has_dtensor(tensors):
         _no_per_tensor_when_sharded(per_tensor, "get_total_norm")
         return _distributed.total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach, plain_group)
-    if be.name == "torch":
+    if be.delegates_to_torch:
         norms = _per_tensor_norms(tensors, p) if per_tensor and tensors else torch.empty(0)
         norm = _torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
         return (norm, norms) if per_tensor else norm
@@ -233,7 +233,7 @@ def clip_value_(parameters, clip_value, foreach=None, *, backend="auto"):
     grads = _grads(params, "clip_value_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
     clip_value = _number(clip_value, "clip_value_", "clip_value")
-    if be.name == "torch":
+    if be.delegates_to_torch:
         return _torch_clip_grad_value_(params, clip_value, foreach)
     _check_writable(grads, "clip_value_")  # before anything is written, torch's clamp below included
     if math.isnan(clip_value):

@@ -106,7 +106,7 @@ def _local_norm(tensors, p, be, fn):
         if norm is not None:
             return norm, p > 0 or any(map(torch.Tensor.numel, tensors))  # for p > 0 no elements is a norm of 0
     has = any(t.numel() for t in tensors)
-    if be.name != "torch":
+    if not be.delegates_to_torch:
         # in float64 as the kernel computed it: a norm rounded to fp32, raised to p and summed over ranks,
         # would cost the global norm up to an ulp
         return _core._total_norm(tensors, p, be, fn, unrounded=True), has
@@ -136,7 +136,7 @@ def _scale_local(tensors, max_norm, norm, be, fn):
     norm = norm.to(torch.float64 if torch.float64 in _dtypes(tensors) else torch.float32)
     if _fast_local(be) and _ext._C.scale_local(tensors, max_norm, norm.to(tensors[0].device)):
         return  # dense tensors on one device (checked in C++; an expanded one takes the op path, which raises)
-    if be.name != "torch":
+    if not be.delegates_to_torch:
         _core._scale(tensors, max_norm, norm, be, fn)
         return
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -482,7 +482,7 @@ def _bucket_norm(tensors, p, be, fn):
     device (a mesh's), so the backend is called directly: no per-tensor checks in Python."""
     if not tensors:
         return None, False
-    if be.name == "torch" or torch.compiler.is_compiling():
+    if be.delegates_to_torch or torch.compiler.is_compiling():
         return _local_norm(tensors, p, be, fn)
     has = p > 0 or any(map(torch.Tensor.numel, tensors))  # for p > 0 an empty list's norm is 0 anyway
     if _fast_local(be):
@@ -537,7 +537,7 @@ def _scale_plan(plan, max_norm, norm, be, fn):
     tensors = plan.scale
     if not tensors:
         return
-    if be.name == "torch" or torch.compiler.is_compiling() or plan.plain:
+    if be.delegates_to_torch or torch.compiler.is_compiling() or plan.plain:
         _scale_local(tensors, max_norm, norm, be, fn)
         return
     # DTensors' local shards only: one device, each writable unless expanded (checked when not contiguous)
@@ -593,7 +593,7 @@ def _norm(grads, p, process_group, plain_group, be, fn, foreach, torch_fn):
     dtensors = has_dtensor(grads)
     if not dtensors and plain_group is None:
         return _group_norm(grads, p, process_group, be, fn), grads, []
-    if be.name == "torch" and process_group is None and plain_group is None and not any(
+    if be.delegates_to_torch and process_group is None and plain_group is None and not any(
             type(g) is torch.Tensor for g in grads):
         return torch_fn(), None, None  # DTensors alone: torch handles them itself
     if plain_group is None and _fast_local(be):
@@ -646,7 +646,7 @@ def total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach=None, 
 def scale_(params, grads, max_norm, total_norm, be, foreach=None):
     """clip_grads_with_norm_ for DTensor gradients, alone or mixed with plain ones: scales each local shard (no
     communication). total_norm may be a DTensor (as clip_/get_total_norm return), a tensor or a number."""
-    if be.name == "torch" and not any(type(g) is torch.Tensor for g in grads):
+    if be.delegates_to_torch and not any(type(g) is torch.Tensor for g in grads):
         return _core._torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
     if is_dtensor(total_norm):
         replicated = all(pl.is_replicate() for pl in total_norm.placements)
@@ -693,7 +693,7 @@ class DDPNormState:
         if buffer.numel():
             be = backends.resolve(self.backend, buffer.device.type)
             # unrounded: the buckets' norms combine in float64, then round once (as the fused pass's chunks)
-            norm = (be.total_norm([buffer], 2.0, None, torch.float64) if be.name != "torch"
+            norm = (be.total_norm([buffer], 2.0, None, torch.float64) if not be.delegates_to_torch
                     else torch.linalg.vector_norm(buffer, dtype=dtype))
         else:
             norm = torch.zeros((), dtype=dtype, device=buffer.device)

@@ -93,7 +93,7 @@ class ClipInBackward:
         if self._fast and not torch.compiler.is_compiling() and \
                 _ext._C.record_sq_norm(grad, self._partials, self._slot[param]):
             return  # the CPU hook in one compiled call (csrc/python_module.cpp), the same bits as below
-        if self._be.name == "torch":
+        if self._be.delegates_to_torch:
             n = torch.linalg.vector_norm(grad, dtype=torch.float64)
         else:  # the fused kernel's norm of this one tensor, unrounded (float64 partials inside)
             n = self._be.total_norm([grad], 2.0, None, torch.float64)
@@ -133,7 +133,7 @@ class ClipInBackward:
         if self._into:
             coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
             _hand_over(self.optimizer, coef.reciprocal().float())  # the fused step divides by it
-        elif self._be.name == "torch":  # torch's clip_grads_with_norm_: coefficient clamped to 1, multiplied in
+        elif self._be.delegates_to_torch:  # torch's clip_grads_with_norm_: coefficient clamped to 1, multiplied in
             coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
             for device, group in _by_device(grads).items():
                 torch._foreach_mul_(group, coef.to(device))

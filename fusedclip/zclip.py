@@ -18,7 +18,7 @@ The rules are those of the `zclip` package, version 1.0.0, step for step:
 
 The state (step count, EMA mean and variance, skipped steps, the warm-up norms) is one float64 tensor on the
 gradients' device. With the native and Triton backends one kernel pass does everything (csrc/zclip_rule.h,
-fusedclip/triton_zclip.py): the norm, the coefficient from the state, the scaling only when it is not 1 and the
+fusedclip/backends/triton/zclip.py): the norm, the coefficient from the state, the scaling only when it is not 1 and the
 state's update, with no host sync, so step() can be captured in a CUDA graph (after a warm-up call) and traced
 by torch.compile(fullgraph=True). backend="torch" (and gradients on several devices) runs the same rule in
 torch ops, which reads the step count on the host. Every operation of the rule is one correctly rounded
@@ -67,13 +67,16 @@ from . import distributed as _distributed
 from ._core import _as_list, _by_device, _check_writable, _total_norm
 from .amp import _begin_unscale, _hand_over, _optimizer_params
 from .clip import _fast_path, clip_grads_with_norm_, get_total_norm
-from .ops import acc_dtype
+from .ops import ZCLIP_CONFIG, ZCLIP_STATE, acc_dtype, zclip_layout_mismatch
 
 _MODES = ("zscore", "percentile")
 _CLIP_OPTIONS = ("adaptive_scaling", "mean")
 _ON = ("clip", "skip")
-# The state's slots (csrc/zclip_rule.h ZSlot), then the warm-up norms.
-STEPS, MEAN, VAR, SKIPPED, BUFFER = 0, 1, 2, 3, 4
+# The state's slots (ops.ZCLIP_STATE), then the warm-up norms.
+STEPS, MEAN, VAR, SKIPPED = map(ZCLIP_STATE.index, ("steps", "mean", "var", "skipped"))
+BUFFER = len(ZCLIP_STATE)
+# Once: a stale extension whose kernels read another layout must not run (ZClip refuses to be made; see __init__).
+_LAYOUT_MISMATCH = zclip_layout_mismatch() if _ext.LOADED else None
 _UNIT_NORMS = {}  # dtype -> _unit_norm(dtype)
 
 
@@ -164,6 +167,8 @@ class ZClip:
         self.on_spike = _choice(on_spike, "on_spike", _ON)
         self.on_nonfinite = _choice(on_nonfinite, "on_nonfinite", _ON)
         backends.check_name(backend, "ZClip")
+        if _LAYOUT_MISMATCH and backend != "torch":
+            raise RuntimeError(f"fusedclip.ZClip: {_LAYOUT_MISMATCH}; backend='torch' runs without the extension")
         self.backend = backend
         self.process_group = process_group
         # zclip appends the norm before testing len(buffer) >= warmup_steps, so 0 warm-up steps behave as 1.
@@ -181,11 +186,13 @@ class ZClip:
         self._stale = 0
 
     def _kernel_config(self):
-        """The kernels' config (csrc/zclip_rule.h ZConfigSlot), in that order."""
-        return [self.alpha, self.z_thresh, self.max_grad_norm or 0.0, float(self.max_grad_norm is not None),
-                self.eps, float(self._n_warmup), float(self.mode == "percentile"), float(self.clip_option == "mean"),
-                self.clip_factor, float(self.skip_update_on_spike), float(self.on_spike == "skip"),
-                float(self.on_nonfinite == "skip")]
+        """The kernels' config: ops.ZCLIP_CONFIG's values, in that order."""
+        values = dict(alpha=self.alpha, z_thresh=self.z_thresh, cap=self.max_grad_norm or 0.0,
+                      has_cap=float(self.max_grad_norm is not None), eps=self.eps, warmup=float(self._n_warmup),
+                      percentile=float(self.mode == "percentile"), clip_to_mean=float(self.clip_option == "mean"),
+                      clip_factor=self.clip_factor, skip_update_on_spike=float(self.skip_update_on_spike),
+                      skip_spikes=float(self.on_spike == "skip"), skip_nonfinite=float(self.on_nonfinite == "skip"))
+        return [values[name] for name in ZCLIP_CONFIG]
 
     # zclip reads its hyper-parameters at every step, so code may change them between steps (a schedule for
     # alpha or z_thresh): assigning one here is checked as at construction and reaches the next step's kernel
@@ -439,7 +446,7 @@ class ZClip:
         be = backends.resolve(self.backend, device.type if device is not None else "cpu")
         # len(grads) > 0, not bool(grads): torch 2.6 and 2.11 cannot trace bool() of a list
         one_device = len(grads) > 0 and len({g.device for g in grads}) == 1
-        fused = getattr(be, "zclip", None) is not None and one_device and be.name != "torch"
+        fused = be.fused_zclip and one_device and not be.delegates_to_torch
         if amp and not fused:
             scaler.unscale_(optimizer)
             amp = False
@@ -490,8 +497,8 @@ class ZClip:
         grads = [p.grad for p in params if p.grad is not None]
         be = backends.resolve(self.backend, grads[0].device.type if grads else "cpu")
         if (not guard.is_fused(optimizer) or not grads or len({g.device for g in grads}) > 1
-                or self.process_group is not None or _distributed.has_dtensor(grads) or be.name == "torch"
-                or getattr(be, "zclip", None) is None):
+                or self.process_group is not None or _distributed.has_dtensor(grads) or be.delegates_to_torch
+                or not be.fused_zclip):
             return self.step(params, optimizer if self._skips else None)
         device = grads[0].device
         found = self._found_on(device) if self._skips else None
@@ -520,7 +527,7 @@ class ZClip:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
-        if backends.resolve(self.backend, grads[0].device.type).name == "torch":
+        if backends.resolve(self.backend, grads[0].device.type).delegates_to_torch:
             for g in grads:  # zclip's own op (torch._foreach_mul_ rounds the scalar to fp16/bf16 first)
                 g.mul_(coef)
             return
@@ -540,7 +547,7 @@ class ZClip:
             return torch.zeros((), device=device if device is not None else "cpu")
         # The norm in the accumulation dtype (fp32; fp64 for fp64 grads), never rounded to fp16/bf16 before
         # the EMA sees it; backend="torch" is torch's own norm (in the gradients' dtype), as everywhere.
-        if be.name == "torch":
+        if be.delegates_to_torch:
             return get_total_norm(grads, 2.0, backend="torch")
         return _total_norm(grads, 2.0, be, "ZClip.step")
 

@@ -287,9 +287,9 @@ def main():
         if backend == "native":
             variants.append(("native", None))
         elif backend == "triton":
-            from fusedclip import triton_backend as tb
+            from fusedclip.backends.triton import launcher as tlauncher
             # both Triton variants, unless gpu_check.sh fell back to two launches (the one-launch kernel hung)
-            variants += [("triton", mode) for mode in ("one", "two") if mode == "two" or tb.LAUNCH != "two"]
+            variants += [("triton", mode) for mode in ("one", "two") if mode == "two" or tlauncher.LAUNCH != "two"]
     budget = float(os.environ.get("STEP_LIMIT", 0)) or math.inf
     skipped = 0
     for backend, launch in variants:
@@ -299,8 +299,8 @@ def main():
             print(f"sanitize_clip: {tag} SKIPPED ({time.monotonic() - START:.0f} s of {budget:.0f} s spent)")
             continue
         if launch:
-            from fusedclip import triton_backend as tb
-            tb.LAUNCH = launch  # read at each call: the public functions use this variant
+            from fusedclip.backends.triton import launcher as tlauncher
+            tlauncher.LAUNCH = launch  # read at each call: the public functions use this variant
         before = len(FAILURES)
         run(device, backend, tag, START + 0.85 * budget)
         parts = sum(x.startswith(f"{tag} ") for x in SKIPPED)

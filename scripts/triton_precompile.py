@@ -34,9 +34,9 @@ NORMS = (2.0, math.inf, -math.inf, 1.0, 3.0)
 def calls(device):
     """[(name, call)]: the public Triton calls whose launches a check run makes."""
     import torch
-    from fusedclip import triton_agc as ta
-    from fusedclip import triton_backend as tb
-    from fusedclip import triton_zclip as tz
+    from fusedclip.backends.triton import agc as ta
+    from fusedclip.backends.triton import clip as tclip
+    from fusedclip.backends.triton import zclip as tz
 
     def grads(names, seed=0):
         g = torch.Generator(device=device).manual_seed(seed)
@@ -50,12 +50,12 @@ def calls(device):
             for p in NORMS:
                 for max_norm in (1e-3, 1e30):  # clipping and not
                     out.append((f"clip {launch} {set_name} p={p} max_norm={max_norm}",
-                                lambda n=names, p=p, m=max_norm, l=launch: tb.clip(grads(n), m, p, launch=l)))
+                                lambda n=names, p=p, m=max_norm, l=launch: tclip.clip(grads(n), m, p, launch=l)))
             out.append((f"total_norm {launch} {set_name}",
-                        lambda n=names, l=launch: tb.total_norm(grads(n), 2.0, launch=l)))
+                        lambda n=names, l=launch: tclip.total_norm(grads(n), 2.0, launch=l)))
         for p in (2.0, math.inf):
             mixed = DTYPE_SETS["mixed"]
-            out.append((f"clip {launch} mixed p={p} AMP per-tensor", lambda p=p, l=launch: tb.clip(
+            out.append((f"clip {launch} mixed p={p} AMP per-tensor", lambda p=p, l=launch: tclip.clip(
                 grads(mixed), 1.0, p, per_tensor=torch.empty(4, device=device),
                 inv_scale=torch.full((), 0.5, device=device), found_inf=torch.zeros((), device=device), launch=l)))
         for skip in (False, True):
@@ -67,10 +67,10 @@ def calls(device):
                                                        found_inf=torch.zeros((), device=device) if s else None,
                                                        launch=l)))
     for set_name in ("mixed", "mixed64"):
-        out.append((f"scale {set_name}", lambda n=DTYPE_SETS[set_name]: tb.scale(
+        out.append((f"scale {set_name}", lambda n=DTYPE_SETS[set_name]: tclip.scale(
             grads(n), 1.0, torch.full((), 10.0, device=device, dtype=torch.float64 if "64" in set_name
                                       else torch.float32))))
-        out.append((f"clamp {set_name}", lambda n=DTYPE_SETS[set_name]: tb.clamp(grads(n), 0.5)))
+        out.append((f"clamp {set_name}", lambda n=DTYPE_SETS[set_name]: tclip.clamp(grads(n), 0.5)))
     for p in (2.0, math.inf, 1.0, 3.0):
         for names in (["float32", "bfloat16"], ["float64"]):
             out.append((f"agc p={p} {'+'.join(names)}", lambda n=names, p=p: ta.agc(

@@ -1,7 +1,7 @@
 """Static proof of the Triton kernels for a GPU, on a machine without one (tests/test_triton_static.py).
 
 Triton's compiler takes a GPU target without a GPU: this compiles the kernel variants the launchers of
-fusedclip/triton_backend.py would launch on an H100/H200 (sm_90) and reports, per variant, registers, spills,
+fusedclip/backends/triton would launch on an H100/H200 (sm_90) and reports, per variant, registers, spills,
 shared memory, 128-bit global loads in the PTX, and the one-launch programs per SM that follow.
 
 The arguments are the launchers' own: the public entry points run on CPU tensors with the launch replaced by a
@@ -25,9 +25,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from fusedclip import triton_agc as ta
-from fusedclip import triton_backend as tb
-from fusedclip import triton_zclip as tz
+from fusedclip.backends.triton import agc as ta
+from fusedclip.backends.triton import clip as tclip, kernels as tk, launcher as tlauncher
+from fusedclip.backends.triton import zclip as tz
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100/H200
 
@@ -41,29 +41,29 @@ BAR_SYNC = re.compile(r"\b(?:bar|barrier)\.sync\b")
 def record_launches(call):
     """[(kernel, args, constexprs)] of what call() would launch; nothing is launched or compiled."""
     launches = []
-    saved = tb._launch, tb._programs, tb._one_launch_variant, tb._two_launch_options
-    tb._launch = lambda kernel, programs, *args, options=None, **constexprs: launches.append(
+    saved = tlauncher._launch, tlauncher._programs, tlauncher._one_launch_variant, tlauncher._two_launch_options
+    tlauncher._launch = lambda kernel, programs, *args, options=None, **constexprs: launches.append(
         (kernel, args, constexprs))
-    tb._programs = lambda *a: 1
-    tb._one_launch_variant = lambda *a, **k: (None, 1)
-    tb._two_launch_options = lambda *a, **k: None
+    tlauncher._programs = lambda *a: 1
+    tlauncher._one_launch_variant = lambda *a, **k: (None, 1)
+    tlauncher._two_launch_options = lambda *a, **k: None
     try:
         call()
     finally:
-        tb._launch, tb._programs, tb._one_launch_variant, tb._two_launch_options = saved
+        tlauncher._launch, tlauncher._programs, tlauncher._one_launch_variant, tlauncher._two_launch_options = saved
     return launches
 
 
 def candidate_options(kernel, constexprs):
     """The compile options the launchers try for this kernel, best first."""
-    if kernel is tb._one_launch_kernel:
-        return tb.one_launch_options(constexprs)
+    if kernel is tk._one_launch_kernel:
+        return tlauncher.one_launch_options(constexprs)
     if kernel is tz._zclip_kernel:
-        options = tb.one_launch_options(constexprs) if constexprs["ONE_LAUNCH"] else tb.two_launch_options(constexprs)
+        options = tlauncher.one_launch_options(constexprs) if constexprs["ONE_LAUNCH"] else tlauncher.two_launch_options(constexprs)
         return [dict(o, **tz._OPTIONS) for o in options]
-    if kernel in (tb._finish_kernel, tb._clamp_kernel):
-        return tb.two_launch_options(constexprs)
-    return [dict(num_warps=tb.NUM_WARPS)]
+    if kernel in (tk._finish_kernel, tk._clamp_kernel):
+        return tlauncher.two_launch_options(constexprs)
+    return [dict(num_warps=tk.NUM_WARPS)]
 
 
 def specialization(kernel, args, constexprs, options=None, target=TARGET):
@@ -121,7 +121,7 @@ def variants():
     """name -> (kernel, args, constexprs, expected 128-bit data loads): the variants that matter. Expected: one
     per 16 bytes a thread loads from a full block, per dtype path (fp32, fp16, bf16, and fp64 where the
     accumulation is fp64), per pass that reads the grads (the norm; the scaling, which rereads)."""
-    per_thread = tb.BLOCK_GPU // (32 * tb.NUM_WARPS)
+    per_thread = tk.BLOCK_GPU // (32 * tk.NUM_WARPS)
     v4 = {torch.float32: per_thread * 4 // 16, torch.float16: per_thread * 2 // 16,
           torch.bfloat16: per_thread * 2 // 16, torch.float64: per_thread * 8 // 16}
     low = v4[torch.float32] + v4[torch.float16] + v4[torch.bfloat16]
@@ -132,15 +132,15 @@ def variants():
         (launch,) = record_launches(call)
         out[name] = launch + (passes * loads,)
 
-    one("one-launch L2 fp32-acc", lambda: tb.clip(_grads(MIXED), 1.0, 2.0, launch="one"), 2, low)
-    one("one-launch L2 fp64-acc", lambda: tb.clip(_grads(MIXED64), 1.0, 2.0, launch="one"), 2, wide)
+    one("one-launch L2 fp32-acc", lambda: tclip.clip(_grads(MIXED), 1.0, 2.0, launch="one"), 2, low)
+    one("one-launch L2 fp64-acc", lambda: tclip.clip(_grads(MIXED64), 1.0, 2.0, launch="one"), 2, wide)
     one("one-launch inf fp32-acc AMP per-tensor",
-        lambda: tb.clip(_grads(MIXED), 1.0, float("inf"), per_tensor=torch.empty(4), inv_scale=torch.ones(()),
+        lambda: tclip.clip(_grads(MIXED), 1.0, float("inf"), per_tensor=torch.empty(4), inv_scale=torch.ones(()),
                         found_inf=torch.zeros(()), launch="one"), 2, low)
-    partials, finish = record_launches(lambda: tb.clip(_grads(MIXED), 1.0, 2.0, launch="two"))
+    partials, finish = record_launches(lambda: tclip.clip(_grads(MIXED), 1.0, 2.0, launch="two"))
     out["partials L2 fp32-acc"] = partials + (low,)
     out["finish L2 fp32-acc"] = finish + (low,)
-    (clamp,) = record_launches(lambda: tb.clamp(_grads(MIXED64), 0.5))
+    (clamp,) = record_launches(lambda: tclip.clamp(_grads(MIXED64), 0.5))
     out["clamp"] = clamp + (wide,)
     # ZClip: the norm pass and the scaling (one launch), or the scaling only (after the partials kernel)
     config = [0.97, 2.5, 1.0, 1.0, 1e-6, 25.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
@@ -149,15 +149,15 @@ def variants():
                                                       launch="one"), 2, low)
     _, zfinish = record_launches(lambda: tz.zclip(_grads(MIXED), state, config, launch="two"))
     out["zclip finish fp32-acc"] = zfinish + (low,)
-    # AGC (fusedclip/triton_agc.py): its addresses are cast from the table's int64s with no alignment hint
+    # AGC (fusedclip/backends/triton/agc.py): its addresses are cast from the table's int64s with no alignment hint
     # and its rows start at any multiple of their length, so no 128-bit loads are expected (issue 25, defect 10)
-    saved = tb._sm_count
-    tb._sm_count = lambda device: 132
+    saved = tlauncher._sm_count
+    tlauncher._sm_count = lambda device: 132
     try:
         (agc,) = record_launches(lambda: ta.agc([w.clone() for w in _grads([torch.float32] * 4, 1)],
                                                 _grads([torch.float32] * 4, 2), 0.01, 1e-3, 2.0))
     finally:
-        tb._sm_count = saved
+        tlauncher._sm_count = saved
     out["agc L2 fp32"] = agc + (0,)
     return out
 
@@ -186,9 +186,9 @@ def report():
                    barrier_before_atomic=barrier_before_first_atomic(compiled.asm["ttir"]),
                    bar_syncs=len(BAR_SYNC.findall(ptx)),
                    compile_s=round(time.time() - t, 1))
-        if kernel is tb._one_launch_kernel or (kernel is tz._zclip_kernel and constexprs["ONE_LAUNCH"]):
-            row["resident_per_sm"] = tb.resident_per_sm(regs, compiled.metadata.shared)
-            row["one_launch_per_sm"] = tb.one_launch_per_sm(regs, compiled.metadata.shared)
+        if kernel is tk._one_launch_kernel or (kernel is tz._zclip_kernel and constexprs["ONE_LAUNCH"]):
+            row["resident_per_sm"] = tlauncher.resident_per_sm(regs, compiled.metadata.shared)
+            row["one_launch_per_sm"] = tlauncher.one_launch_per_sm(regs, compiled.metadata.shared)
         rows.append(row)
     return rows
 

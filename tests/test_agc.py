@@ -319,8 +319,8 @@ TRITON_CHILD = textwrap.dedent("""
     assert "triton" in fusedclip.available_backends("cpu")
     assert fusedclip.backends.BACKENDS["triton"].agc is not None  # its own kernel, not the torch fallback
     calls = []
-    real = fusedclip.triton_agc._launch_group
-    fusedclip.triton_agc._launch_group = lambda *a: (calls.append(1), real(*a))
+    real = fusedclip.backends.triton.agc._launch_group
+    fusedclip.backends.triton.agc._launch_group = lambda *a: (calls.append(1), real(*a))
     for dtype, p in [(torch.float32, 2.0), (torch.bfloat16, math.inf), (torch.float64, 2.0), (torch.float16, 1.0)]:
         params = t.make_pairs(t.SHAPES, dtype, p, seed=100 + t.DTYPES.index(dtype))
         orig = t.clone(params)
@@ -343,27 +343,27 @@ def test_triton_kernel_compiles_for_sm90():
     """Without a GPU: the kernel the launcher would launch on CUDA tensors, compiled for sm_90 by the installed
     Triton (scripts/triton_static.py's binder path), for fp32 and fp64 accumulation: no spills."""
     triton = pytest.importorskip("triton")
-    from fusedclip import triton_backend as tb
+    from fusedclip.backends.triton import kernels as tk, launcher as tlauncher
 
-    if tb.INTERPRET:
+    if tlauncher.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1: interpreted, not compiled")
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
         pytest.skip(f"scripts/triton_static.py is written for the compile internals of Triton 3.6 and 3.8; this "
                     f"is Triton {triton.__version__}")
-    from fusedclip import triton_agc
+    from fusedclip.backends.triton import agc as triton_agc
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     import triton_static as ts
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(tb, "_sm_count", lambda device: 132)
+    mp.setattr(tlauncher, "_sm_count", lambda device: 132)
     try:
         for dtype in (torch.float32, torch.float64):
             params = make_pairs([(6, 50), (3000,), (4, 2000)], dtype, 2.0, seed=1)
             (launch,) = ts.record_launches(lambda: triton_agc.agc([q.detach() for q in params],
                                                                   [q.grad for q in params], 0.01, 1e-3, 2.0))
             kernel, args, constexprs = launch
-            regs, stack, local = ts.resources(ts.compile_for(kernel, args, constexprs, dict(num_warps=tb.NUM_WARPS)))
+            regs, stack, local = ts.resources(ts.compile_for(kernel, args, constexprs, dict(num_warps=tk.NUM_WARPS)))
             assert stack == local == 0 and regs <= 255, (dtype, regs, stack, local)
     finally:
         mp.undo()
@@ -394,13 +394,13 @@ def test_triton_agc_refuses_a_cuda_graph_capture(monkeypatch):
     """backend='triton' copies its table from the host on every call: under a CUDA-graph capture it raises a
     clear error before anything is done (it used to fail inside the capture with CUDA's own error). The capture
     is simulated (no GPU here): the check is the launcher's own."""
-    triton_agc = pytest.importorskip("fusedclip.triton_agc")
+    triton_agc = pytest.importorskip("fusedclip.backends.triton.agc")
     w = [torch.randn(64, 32), torch.randn(7)]
     g = [torch.randn(64, 32) * 10, torch.randn(7) * 10]
     before = [x.clone() for x in g]
     launched = []
-    monkeypatch.setattr(triton_agc.tb, "_launch", lambda *a, **k: launched.append(a))
-    monkeypatch.setattr(triton_agc.tb, "INTERPRET", True)  # CPU tensors: the interpreter's sizing, no device query
+    monkeypatch.setattr(triton_agc.launcher, "_launch", lambda *a, **k: launched.append(a))
+    monkeypatch.setattr(triton_agc.launcher, "INTERPRET", True)  # CPU tensors: the interpreter's sizing, no device query
     monkeypatch.setattr(triton_agc, "_capturing", lambda device: True)
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
         triton_agc.agc(w, g, 0.01, 1e-3, 2.0)

@@ -8,7 +8,7 @@ import torch
 
 import fusedclip
 from fusedclip import backends
-from fusedclip.ops import NativeBackend
+from fusedclip.backends.native import NativeBackend
 from fusedclip.testing import make_params
 
 ONCE = re.compile(r"^fusedclip\.(?!fusedclip\.)[A-Za-z_][A-Za-z_.]*: ")
@@ -22,7 +22,7 @@ class _NoFusedZClip(NativeBackend):
     """The native kernels without a fused ZClip step: ZClip runs its rule in torch ops over the backend's norm
     (the path of gradients on several devices and of backends that declare no ZClip kernel)."""
     name = "native-no-zclip"
-    zclip = None
+    fused_zclip = False
 
 
 @pytest.fixture
@@ -92,3 +92,22 @@ def test_public_entry_points_prefix_once(name):
     with pytest.raises((TypeError, ValueError, RuntimeError, NotImplementedError)) as e:
         _bad_calls()[name]()
     assert ONCE.match(message(e)), message(e)
+
+
+def test_zclip_layout_is_checked_against_the_built_module(monkeypatch):
+    """ZClip's config and state layouts (fusedclip/ops.py ZCLIP_CONFIG / ZCLIP_STATE) match the built kernels'
+    (csrc/zclip_rule.h, through build_info); a stale build with another layout makes ZClip refuse to be made
+    (backend='torch' still runs), rather than its kernels reading the settings from the wrong slots."""
+    from fusedclip import _ext, ops
+    from fusedclip import zclip as zclip_module
+    if not _ext.LOADED:
+        pytest.skip("the extension did not load")
+    assert ops.zclip_layout_mismatch() is None
+    info = _ext.build_info()
+    monkeypatch.setattr(_ext, "build_info", lambda: dict(info, zclip_config_len="11"))
+    why = ops.zclip_layout_mismatch()
+    assert why and "config of 11 values" in why and "rebuild" in why, why
+    monkeypatch.setattr(zclip_module, "_LAYOUT_MISMATCH", why)
+    with pytest.raises(RuntimeError, match="ZClip layout"):
+        fusedclip.ZClip()
+    fusedclip.ZClip(backend="torch")

@@ -244,8 +244,8 @@ def test_a_plan_that_does_not_fit_says_so(tmp_path):
      "(killed compiling: /v/lib/python3.12/site-packages/triton/compiler/compiler.py:300 compile)"),
     ('/v/lib/python3.12/site-packages/torch/_inductor/codecache.py", line 9 in load',
      "(killed compiling: /v/lib/python3.12/site-packages/torch/_inductor/codecache.py:9 load)"),
-    ('/repo/fusedclip/triton_backend.py", line 460 in _grid_barrier',
-     "(killed in /repo/fusedclip/triton_backend.py:460 _grid_barrier)"),
+    ('/repo/fusedclip/backends/triton/kernels.py", line 460 in _grid_barrier',
+     "(killed in /repo/fusedclip/backends/triton/kernels.py:460 _grid_barrier)"),
 ])
 def test_a_step_killed_while_compiling_says_so(tmp_path, frame, label):
     """A step killed at its limit is labelled from the last traceback its scripts dumped (faulthandler, most
@@ -386,11 +386,14 @@ def test_gpu_conftest_reports_each_result_with_its_notes(tmp_path):
         assert re.search(r"^test_notes\.py::test_on_the_gpu SKIPPED \(no CUDA GPU\)", out.stdout, re.M), out.stdout
 
 
-TRITON_MODULES = {"tb": "fusedclip.triton_backend", "tz": "fusedclip.triton_zclip", "ta": "fusedclip.triton_agc"}
+TRITON_MODULES = {alias: f"fusedclip.backends.triton.{name}" for alias, name in [
+    ("tk", "kernels"), ("tlauncher", "launcher"), ("tclip", "clip"), ("tbackend", "backend"), ("tz", "zclip"),
+    ("ta", "agc")]}
 
 
 def missing_attributes(source):
-    """The attributes `source` reads of fusedclip's Triton modules (tb.X, tz.X, ta.X, getattr / hasattr(tb, "X"))
+    """The attributes `source` reads of fusedclip's Triton modules (tclip.X, tz.X, ...,
+    getattr / hasattr(tlauncher, "X"))
     that do not exist."""
     import ast
     import importlib
@@ -422,8 +425,8 @@ def test_gpu_side_code_uses_only_attributes_that_exist(path):
 
 def test_the_old_residency_read_is_caught():
     pytest.importorskip("triton")
-    old = 'used = max(getattr(tb, "_per_sm", {}).values(), default=1)\nfit = tb.resident_per_sm(1, 2)'
-    assert missing_attributes(old) == ["tb._per_sm"]
+    old = 'used = max(getattr(tlauncher, "_per_sm", {}).values(), default=1)\nfit = tlauncher.resident_per_sm(1, 2)'
+    assert missing_attributes(old) == ["tlauncher._per_sm"]
 
 
 @pytest.mark.skipif(not _native_on_cpu(), reason="fusedclip's extension is not built")
@@ -432,8 +435,8 @@ def test_precompile_lists_the_variants_the_run_launches():
     two launches, every norm kind, the extras, ZClip, scale and clamp; AGC needs the GPU's SM count), without
     duplicates, the options the launchers try first ahead of the fallbacks."""
     pytest.importorskip("triton")
-    from fusedclip import triton_backend as tb
-    if tb.INTERPRET:
+    from fusedclip.backends.triton import launcher as tlauncher
+    if tlauncher.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1: nothing is compiled")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "triton_precompile.py"), "--list", "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

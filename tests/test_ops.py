@@ -156,7 +156,7 @@ SAMPLES = {
 }
 
 # Samples that only one namespace takes: the native schemas have defaults for the optional tensors, the Triton
-# ops none (torch 2.6's custom_op wrapper; fusedclip/triton_backend.py says why).
+# ops none (torch 2.6's custom_op wrapper; fusedclip/backends/triton/clip.py says why).
 NATIVE_ONLY_SAMPLES = {
     "total_norm": [("defaults", lambda d: (grads(d, 26), 2.0))],
     "clip_": [("defaults", lambda d: (grads(d, 27), 0.5, 2.0))],

@@ -1,4 +1,4 @@
-"""The Triton backend (fusedclip/triton_backend.py) on the native backend's parity cases.
+"""The Triton backend (fusedclip/backends/triton/) on the native backend's parity cases.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors. TRITON_INTERPRET=1 must be set before
 Triton is imported, and conftest has imported fusedclip (and Triton) by the time this module loads; so when
@@ -21,33 +21,33 @@ import torch
 pytest.importorskip("triton")
 
 import fusedclip  # noqa: E402
-from fusedclip import triton_backend as tb  # noqa: E402
+from fusedclip.backends.triton import backend as tbackend, clip as tclip, launcher as tlauncher  # noqa: E402
 
 from fusedclip.testing import (DTYPE_SETS, NORMS, SHAPES, assert_bit_identical,  # noqa: E402
                                check_against_reference, clip_parity_case, clone_params, grads_of, low_precision_tol,
                                make_params, no_write_case, ref_norm, rel_err)
 from fusedclip.testing import params_with as _params_with  # noqa: E402
 
-DEVICE = "cpu" if tb.INTERPRET else "cuda"
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tb.INTERPRET,
+DEVICE = "cpu" if tlauncher.INTERPRET else "cuda"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tlauncher.INTERPRET,
                                reason="needs a CUDA GPU and the compiled Triton kernels")
 
 LAUNCHES = ["one", "two"]
 
 
 def test_availability_here():
-    if tb.INTERPRET:
-        assert tb.TritonBackend.available("cpu") == (True, "")
-        ok, why = tb.TritonBackend.available("cuda")
+    if tlauncher.INTERPRET:
+        assert tbackend.TritonBackend.available("cpu") == (True, "")
+        ok, why = tbackend.TritonBackend.available("cuda")
         assert not ok and "TRITON_INTERPRET" in why
         assert "triton" in fusedclip.available_backends("cpu")
-        assert not tb.one_launch()  # the interpreter's default: two launches
+        assert not tlauncher.one_launch()  # the interpreter's default: two launches
     else:
-        assert tb.TritonBackend.available("cuda") == (True, "")
-        assert tb.one_launch()
+        assert tbackend.TritonBackend.available("cuda") == (True, "")
+        assert tlauncher.one_launch()
     assert fusedclip.backends.AUTO_ORDER.index("triton") < fusedclip.backends.AUTO_ORDER.index("torch")
     with pytest.raises(ValueError, match="'auto', 'one' or 'two'"):
-        tb.one_launch("three")
+        tlauncher.one_launch("three")
 
 
 def test_unavailable_for_cpu_without_the_interpreter():
@@ -78,7 +78,7 @@ def test_a_triton_that_fails_to_load_disables_the_backend_whole(how):
                         "(_ for _ in ()).throw(ValueError('infer_schema')) if name.startswith('fusedclip_triton') "
                         "else orig(name, *a, **k)",
         # one of the three modules missing
-        "module-missing": "sys.modules['fusedclip.triton_agc'] = None",
+        "module-missing": "sys.modules['fusedclip.backends.triton.agc'] = None",
     }[how]
     code = textwrap.dedent(f"""
         import sys, torch
@@ -115,7 +115,7 @@ def test_clip_parity(dtypes, p, clipping):
 @pytest.mark.parametrize("p", [2.0, math.inf, -math.inf, 1.0, 3.0, 0.5, -2.0], ids=str)
 def test_total_norm(launch, p):
     tensors = grads_of(make_params(SHAPES, [torch.float32, torch.float64], device=DEVICE, seed=3))
-    norm = tb.total_norm(tensors, p, launch=launch)
+    norm = tclip.total_norm(tensors, p, launch=launch)
     assert norm.dtype == torch.float64 and norm.shape == ()
     assert rel_err(norm, ref_norm(tensors, p)) <= 1e-12
     public = fusedclip.get_total_norm(tensors, p, backend="triton")
@@ -123,8 +123,8 @@ def test_total_norm(launch, p):
     torch.testing.assert_close(public, torch.nn.utils.get_total_norm(nonempty, p), rtol=1e-5, atol=0)
     # fp32 tensors only: fp32 accumulation
     fp32 = [t.float() for t in tensors]
-    assert tb.total_norm(fp32, p, launch=launch).dtype == torch.float32
-    assert rel_err(tb.total_norm(fp32, p, launch=launch), ref_norm(fp32, p)) <= 2e-6
+    assert tclip.total_norm(fp32, p, launch=launch).dtype == torch.float32
+    assert rel_err(tclip.total_norm(fp32, p, launch=launch), ref_norm(fp32, p)) <= 2e-6
 
 
 @pytest.mark.parametrize("dtypes", [[torch.float32, torch.bfloat16, torch.float16], [torch.bfloat16]], ids=str)
@@ -132,7 +132,7 @@ def test_norm_accumulated_in_fp32_across_low_precision_tensors(dtypes):
     tensors = grads_of(make_params([(1000 + 37 * i,) for i in range(60)], dtypes, device=DEVICE, seed=5,
                                    noncontig=False))
     ref = ref_norm(tensors, 2)
-    ours = tb.total_norm(tensors, 2.0)
+    ours = tclip.total_norm(tensors, 2.0)
     assert ours.dtype == torch.float32 and rel_err(ours, ref) < 2e-6
     torch_err = rel_err(torch.nn.utils.get_total_norm(tensors), ref)
     assert rel_err(fusedclip.get_total_norm(tensors, backend="triton").float(), ref) <= max(torch_err, 2e-6)
@@ -164,7 +164,7 @@ def test_empty_tensors(p):
 @pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("p", [2.0, math.inf, 1.0], ids=str)
 def test_no_write_when_coef_is_one(launch, p):
-    no_write_case(DEVICE, lambda params, max_norm, q: tb.clip(grads_of(params), max_norm, q, launch=launch), p)
+    no_write_case(DEVICE, lambda params, max_norm, q: tclip.clip(grads_of(params), max_norm, q, launch=launch), p)
 
 
 @pytest.mark.parametrize("p", [2.0, math.inf, -math.inf, 3.0], ids=str)
@@ -178,14 +178,14 @@ def test_one_launch_equals_two_launches_bitwise(p, clipping):
     results = []
     for launch in ("one", "two", "one", "two"):
         q = clone_params(params)
-        results.append((tb.clip(grads_of(q), max_norm, p, launch=launch), grads_of(q)))
+        results.append((tclip.clip(grads_of(q), max_norm, p, launch=launch), grads_of(q)))
     for norm, grads in results[1:]:
         assert_bit_identical(norm, results[0][0])
         for a, b in zip(grads, results[0][1]):
             assert_bit_identical(a, b)
     if clipping:
         assert not torch.equal(results[0][1][0], grads_of(params)[0])
-    ws = tb._WORKSPACES.get(torch.device(DEVICE) if DEVICE == "cpu" else torch.device("cuda", 0))
+    ws = tlauncher._WORKSPACES.get(torch.device(DEVICE) if DEVICE == "cpu" else torch.device("cuda", 0))
     assert ws.tolist() == [0, 0]
 
 
@@ -208,7 +208,7 @@ def test_nan_anywhere_gives_nan_for_inf_norms():
         g = torch.randn(20000, device=DEVICE)
         g[pos] = float("nan")
         for p in (math.inf, -math.inf):
-            assert math.isnan(float(tb.total_norm([g], p))), (pos, p)
+            assert math.isnan(float(tclip.total_norm([g], p))), (pos, p)
 
 
 def test_max_norm_zero_and_negative():
@@ -237,7 +237,7 @@ def test_clip_grads_with_norm(norm_dtype):
         if b.grad is not None:
             assert_bit_identical(a.grad, b.grad)
     with pytest.raises(ValueError, match="one-element tensor"):
-        tb.scale(grads_of(params), 1.0, torch.ones(2, device=DEVICE))
+        tclip.scale(grads_of(params), 1.0, torch.ones(2, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -281,7 +281,7 @@ def test_bad_input_raises_before_writing():
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         fusedclip.clip_(params + [cplx], 1e-3, backend="triton")
     with pytest.raises(ValueError, match="NaN"):
-        tb.clip(grads_of(params), 1.0, float("nan"))
+        tclip.clip(grads_of(params), 1.0, float("nan"))
     for a, b in zip(params, orig):
         assert_bit_identical(a.grad, b.grad)
 
@@ -293,7 +293,7 @@ def test_opcheck():
         return grads_of(make_params([(7,), (33, 5), (0,), (20000,)], [torch.float32, torch.bfloat16],
                                     device=DEVICE, seed=30, noncontig=False))
 
-    # The optional tensors are passed as None: the Triton ops declare no defaults (fusedclip/triton_backend.py).
+    # The optional tensors are passed as None: the Triton ops declare no defaults (fusedclip/backends/triton/clip.py).
     torch.library.opcheck(ops.total_norm.default, (sample(), 2.0, None))
     torch.library.opcheck(ops.clip_.default, (sample(), 0.5, 2.0, None, None, None))
     torch.library.opcheck(ops.clip_.default, (sample(), 0.5, float("inf"), None, None, None))
@@ -360,12 +360,12 @@ def test_per_tensor_norms(dtypes, p):
     for launch in LAUNCHES:
         grads = [g.clone() for g in grads0]
         norms = torch.randn(len(grads), dtype=acc, device=DEVICE)  # every entry must be written
-        runs.append((tb.clip(grads, max_norm, p, per_tensor=norms, launch=launch), norms, grads))
+        runs.append((tclip.clip(grads, max_norm, p, per_tensor=norms, launch=launch), norms, grads))
     for total, norms, grads in runs[1:]:
         assert_bit_identical(total, runs[0][0])
         assert_bit_identical(norms, runs[0][1])
     plain = [g.clone() for g in grads0]
-    assert_bit_identical(tb.clip(plain, max_norm, p), runs[0][0])
+    assert_bit_identical(tclip.clip(plain, max_norm, p), runs[0][0])
     for a, b in zip(runs[0][2], plain):
         assert_bit_identical(a, b)
 
@@ -388,12 +388,12 @@ def test_per_tensor_empty_and_single(launch):
     empty = [torch.randn(0, device=DEVICE), torch.randn(0, 3, device=DEVICE, dtype=torch.float64)]
     for p in (2.0, -math.inf):
         norms = torch.randn(2, dtype=torch.float64, device=DEVICE)
-        assert float(tb.clip(empty, 1.0, p, per_tensor=norms, launch=launch)) == 0.0
+        assert float(tclip.clip(empty, 1.0, p, per_tensor=norms, launch=launch)) == 0.0
         assert norms.tolist() == [0.0, 0.0]
     g = [torch.randn(50000, device=DEVICE) * 3]
     for p in (2.0, -math.inf):
         norms = torch.randn(1, device=DEVICE)
-        total = tb.total_norm(g, p, per_tensor=norms, launch=launch)
+        total = tclip.total_norm(g, p, per_tensor=norms, launch=launch)
         assert_bit_identical(norms[0], total)
         assert rel_err(total, ref_norm(g, p)) <= 2e-6
 
@@ -420,7 +420,7 @@ def test_amp_unscale_in_the_same_pass(dtypes, clipping):
     runs = []
     for launch in LAUNCHES:
         grads, found = [g.clone() for g in grads0], torch.zeros((), device=DEVICE)
-        runs.append((tb.clip(grads, max_norm, 2.0, inv_scale=inv, found_inf=found, launch=launch), grads, found))
+        runs.append((tclip.clip(grads, max_norm, 2.0, inv_scale=inv, found_inf=found, launch=launch), grads, found))
     for norm, grads, found in runs[1:]:
         assert_bit_identical(norm, runs[0][0])
         for a, b in zip(grads, runs[0][1]):
@@ -443,7 +443,7 @@ def test_amp_unscale_in_the_same_pass(dtypes, clipping):
         torch.testing.assert_close(a, b, rtol=2 * max(rtol, 1e-5), atol=atol)
     # coef 1 and inv_scale 1: nothing written
     same = [g.clone() for g in grads0]
-    tb.clip(same, 1e30, 2.0, inv_scale=torch.ones((), device=DEVICE), found_inf=torch.zeros((), device=DEVICE))
+    tclip.clip(same, 1e30, 2.0, inv_scale=torch.ones((), device=DEVICE), found_inf=torch.zeros((), device=DEVICE))
     for a, b in zip(same, grads0):
         assert_bit_identical(a, b)
 
@@ -464,7 +464,7 @@ def test_amp_found_inf(bad, p, where):
     assert float(their_found) == 1.0
     for launch in LAUNCHES:
         grads, found = [g.clone() for g in grads0], torch.zeros((), device=DEVICE)
-        norm = tb.clip(grads, 1.0, p, inv_scale=inv, found_inf=found, launch=launch)
+        norm = tclip.clip(grads, 1.0, p, inv_scale=inv, found_inf=found, launch=launch)
         assert float(found) == 1.0, launch
         torch.testing.assert_close(norm, torch_norm, rtol=1e-5, atol=0, equal_nan=True)
         for a, b in zip(grads, theirs):
@@ -477,14 +477,14 @@ def test_amp_found_inf_is_only_ever_set(launch):
     already 1 (from another device or optimizer) stays 1: the kernel never clears it."""
     huge = [torch.randn(20000, device=DEVICE) * 1e30, torch.randn(70, device=DEVICE)]
     found = torch.zeros((), device=DEVICE)
-    norm = tb.clip([g.clone() for g in huge], 1.0, 2.0, inv_scale=torch.ones((), device=DEVICE), found_inf=found,
+    norm = tclip.clip([g.clone() for g in huge], 1.0, 2.0, inv_scale=torch.ones((), device=DEVICE), found_inf=found,
                    launch=launch)
     their_found = torch.zeros((), device=DEVICE)
     torch._amp_foreach_non_finite_check_and_unscale_([g.clone() for g in huge], their_found,
                                                      torch.ones((), device=DEVICE))
     assert math.isinf(float(norm)) and float(found) == 0.0 == float(their_found)
     found = torch.ones((), device=DEVICE)
-    tb.clip([torch.randn(300, device=DEVICE)], 1.0, 2.0, inv_scale=torch.tensor(0.5, device=DEVICE),
+    tclip.clip([torch.randn(300, device=DEVICE)], 1.0, 2.0, inv_scale=torch.tensor(0.5, device=DEVICE),
             found_inf=found, launch=launch)
     assert float(found) == 1.0
 
@@ -510,8 +510,8 @@ def test_unscale_clip_is_one_fused_pass(monkeypatch, bad):
     norm_b = torch.nn.utils.clip_grad_norm_(model_b.parameters(), 0.5)
 
     launched = []
-    real_launch = tb._launch
-    monkeypatch.setattr(tb, "_launch", lambda kernel, *a, **k: (launched.append(kernel.__name__),
+    real_launch = tlauncher._launch
+    monkeypatch.setattr(tlauncher, "_launch", lambda kernel, *a, **k: (launched.append(kernel.__name__),
                                                                 real_launch(kernel, *a, **k))[1])
 
     def unfused(*args, **kwargs):
@@ -519,7 +519,7 @@ def test_unscale_clip_is_one_fused_pass(monkeypatch, bad):
 
     monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", unfused)
     norm_a = fusedclip.unscale_clip_(scaler_a, opt_a, 0.5, backend="triton")
-    assert launched == (["_one_launch_kernel"] if tb.one_launch() else ["_partials_kernel", "_finish_kernel"])
+    assert launched == (["_one_launch_kernel"] if tlauncher.one_launch() else ["_partials_kernel", "_finish_kernel"])
     monkeypatch.undo()
 
     torch.testing.assert_close(norm_a, norm_b, rtol=1e-5, atol=0, equal_nan=True)
@@ -549,8 +549,8 @@ def test_gpu_one_launch_equals_two_launches(p, dtypes, clipping):
                          device="cuda", seed=40)
     max_norm = float(ref_norm(grads_of(params), p)) * (0.5 if clipping else 2.0)
     a, b = clone_params(params), clone_params(params)
-    na = tb.clip(grads_of(a), max_norm, p, launch="one")
-    nb = tb.clip(grads_of(b), max_norm, p, launch="two")
+    na = tclip.clip(grads_of(a), max_norm, p, launch="one")
+    nb = tclip.clip(grads_of(b), max_norm, p, launch="two")
     assert_bit_identical(na, nb)
     for x, y in zip(grads_of(a), grads_of(b)):
         assert_bit_identical(x, y)
@@ -561,7 +561,7 @@ def test_gpu_one_launch_equals_two_launches(p, dtypes, clipping):
 
 # ---- no GPU and no interpreter in this process: run this module in a child that has the interpreter ----
 
-if not (tb.INTERPRET or torch.cuda.is_available()):
+if not (tlauncher.INTERPRET or torch.cuda.is_available()):
     for _name in [name for name in globals() if name.startswith("test_")]:
         del globals()[_name]  # collected in the child instead
 

@@ -23,14 +23,14 @@ if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
                 f"(scripts/triton_static.py); this is Triton {triton.__version__}", allow_module_level=True)
 
 from fusedclip import _ext  # noqa: E402
-from fusedclip import triton_backend as tb  # noqa: E402
+from fusedclip.backends.triton import clip as tclip, kernels as tk, launcher as tlauncher  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import triton_static as ts  # noqa: E402
 
 pytestmark = [
-    pytest.mark.skipif(tb.INTERPRET, reason="TRITON_INTERPRET=1: the kernels are interpreted, not compiled"),
+    pytest.mark.skipif(tlauncher.INTERPRET, reason="TRITON_INTERPRET=1: the kernels are interpreted, not compiled"),
     pytest.mark.skipif(not _ext.LOADED, reason="the launchers need the extension's table op"),
 ]
 
@@ -83,7 +83,7 @@ def _check(rows, version):
             if "fp32-acc" in name and not (version.startswith("3.6") and "AMP" in name):
                 # two programs per SM: 32 KB in flight per SM for fp32 and (two blocks a step) 16-bit grads
                 assert r["one_launch_per_sm"] >= 2, r
-                assert r["maxnreg"] == tb.ONE_LAUNCH_MAXNREG, r
+                assert r["maxnreg"] == tk.ONE_LAUNCH_MAXNREG, r
     by_name = {r["variant"]: r for r in rows}
     assert by_name["zclip finish fp32-acc"]["barrier_before_atomic"] is True
     assert by_name["one-launch L2 fp32-acc"]["barrier_before_atomic"] is True
@@ -101,12 +101,12 @@ def _check(rows, version):
     # Two-launch ZClip with 3.6 spills 8 bytes at 128 even with its rule recomputed after the scaling, so the
     # launchers' rule (the first candidate without spills) takes it free: 168 registers, 3 of 4 programs at once.
     for r in (finish, clamp) + ((zfinish,) if not version.startswith("3.6") else ()):
-        assert r["maxnreg"] == tb.TWO_LAUNCH_MAXNREG and r["registers"] <= tb.TWO_LAUNCH_MAXNREG, r
-    assert tb.resident_per_sm(tb.TWO_LAUNCH_MAXNREG, finish["shared"]) >= tb.TWO_LAUNCH_PROGRAMS_PER_SM
+        assert r["maxnreg"] == tk.TWO_LAUNCH_MAXNREG and r["registers"] <= tk.TWO_LAUNCH_MAXNREG, r
+    assert tlauncher.resident_per_sm(tk.TWO_LAUNCH_MAXNREG, finish["shared"]) >= tk.TWO_LAUNCH_PROGRAMS_PER_SM
     if version.startswith("3.6"):
         assert zfinish["maxnreg"] is None and zfinish["registers"] <= 168, zfinish
-    # issue 25, defect 10: the low-occupancy variants as documented (fusedclip/triton_backend.py and
-    # triton_agc.py docstrings); a change either way shows here and the documentation follows it
+    # issue 25, defect 10: the low-occupancy variants as documented (fusedclip/backends/triton/kernels.py and
+    # agc.py docstrings); a change either way shows here and the documentation follows it
     amp, wide, agc = (by_name[n] for n in ("one-launch inf fp32-acc AMP per-tensor", "one-launch L2 fp64-acc",
                                           "agc L2 fp32"))
     if version.startswith("3.6"):
@@ -140,7 +140,7 @@ def test_kernels_compiled_for_sm90_with_triton_36(triton36):
 
 def _one_launch_call(grads, max_norm=1.0, **extras):
     """(kernel, args, constexprs) of the one-launch clip the launcher would make."""
-    (launch,) = ts.record_launches(lambda: tb.clip(grads, max_norm, 2.0, launch="one", **extras))
+    (launch,) = ts.record_launches(lambda: tclip.clip(grads, max_norm, 2.0, launch="one", **extras))
     return launch
 
 
@@ -164,7 +164,7 @@ def _unaligned(like):
 
 
 def test_every_barrier_slot_is_aligned_and_gives_the_same_kernel():
-    ws = tb._Workspaces()
+    ws = tlauncher._Workspaces()
     device = torch.device("cpu")
     slots = [ws.get(device)] + list(ws._free[device])
     assert len(slots) == ws.ARENA
@@ -187,7 +187,7 @@ def test_no_argument_that_may_change_between_warm_up_and_capture_changes_the_key
     kernel, args, constexprs = _one_launch_call(grads)
     base = _key(kernel, args, constexprs)
     for changes in (dict(n=1), dict(n=16), dict(n_chunks=1), dict(n_chunks=32), dict(n_chunks=33),
-                    dict(max_norm_bits=0), dict(max_norm_bits=1), dict(p_bits=tb._bits(-1.0)),
+                    dict(max_norm_bits=0), dict(max_norm_bits=1), dict(p_bits=tlauncher._bits(-1.0)),
                     dict(ws=_unaligned(args[kernel.arg_names.index("ws")])),
                     dict(norm_out=_unaligned(args[kernel.arg_names.index("norm_out")])),
                     dict(table=torch.zeros(9, dtype=torch.int64)[1:])):
@@ -210,13 +210,13 @@ def test_clip_grads_with_norm_and_clip_value_keys_do_not_depend_on_their_scalars
     """scale(): the given norm also stands in for the partials (specialized on alignment): an unaligned one is
     copied, so a norm taken from a stacked tensor gives the same kernel as a fresh one."""
     grads = ts._grads(ts.MIXED)
-    (k, a, c), = ts.record_launches(lambda: tb.scale(grads, 1.0, torch.tensor(3.0)))
+    (k, a, c), = ts.record_launches(lambda: tclip.scale(grads, 1.0, torch.tensor(3.0)))
     stacked = torch.tensor([1.0, 3.0, 2.0])[1]
     assert stacked.data_ptr() % 16
-    (_, a2, _), = ts.record_launches(lambda: tb.scale(grads, 0.0, stacked))
+    (_, a2, _), = ts.record_launches(lambda: tclip.scale(grads, 0.0, stacked))
     assert _key(k, a, c) == _key(k, a2, c)
-    (k, a, c), = ts.record_launches(lambda: tb.clamp(grads, 0.5))
-    (_, a2, _), = ts.record_launches(lambda: tb.clamp(grads[:1], 0.0))
+    (k, a, c), = ts.record_launches(lambda: tclip.clamp(grads, 0.5))
+    (_, a2, _), = ts.record_launches(lambda: tclip.clamp(grads[:1], 0.0))
     assert _key(k, a, c) == _key(k, a2, c)
 
 
@@ -225,14 +225,14 @@ def test_clip_grads_with_norm_and_clip_value_keys_do_not_depend_on_their_scalars
 def test_one_launch_takes_at_most_half_an_sm_whatever_the_registers():
     for regs in range(16, 256):
         for shared in (0, 4096, 16384, 60000):
-            resident = tb.resident_per_sm(regs, shared)
-            per_sm = tb.one_launch_per_sm(regs, shared)
+            resident = tlauncher.resident_per_sm(regs, shared)
+            per_sm = tlauncher.one_launch_per_sm(regs, shared)
             assert resident >= 2, (regs, shared)  # 4 warps: even 255 registers leave room for two programs
-            assert 1 <= per_sm <= tb.ONE_LAUNCH_PROGRAMS_PER_SM and 2 * per_sm <= resident, (regs, shared)
+            assert 1 <= per_sm <= tk.ONE_LAUNCH_PROGRAMS_PER_SM and 2 * per_sm <= resident, (regs, shared)
     # the numbers sm_90 gives: 65536 registers, 2048 threads, 228 KB shared memory per SM
-    assert [tb.resident_per_sm(r, 4096) for r in (64, 80, 96, 128, 168, 255)] == [8, 6, 5, 4, 3, 2]
-    assert [tb.one_launch_per_sm(r, 4096) for r in (64, 80, 96, 128, 168, 255)] == [4, 3, 2, 2, 1, 1]
-    assert tb.resident_per_sm(32, 100_000) == 2  # shared memory can be the limit too
+    assert [tlauncher.resident_per_sm(r, 4096) for r in (64, 80, 96, 128, 168, 255)] == [8, 6, 5, 4, 3, 2]
+    assert [tlauncher.one_launch_per_sm(r, 4096) for r in (64, 80, 96, 128, 168, 255)] == [4, 3, 2, 2, 1, 1]
+    assert tlauncher.resident_per_sm(32, 100_000) == 2  # shared memory can be the limit too
 
 
 class _FakeKernel:
@@ -259,27 +259,27 @@ def test_one_launch_variant_choice(monkeypatch, spills, picked):
 
     props = type("P", (), {"multi_processor_count": 132, "max_threads_per_multi_processor": 2048,
                            "shared_memory_per_multiprocessor": 233472, "regs_per_multiprocessor": 65536})()
-    monkeypatch.setattr(tb._one_launch_kernel, "warmup", warmup)
+    monkeypatch.setattr(tk._one_launch_kernel, "warmup", warmup)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(tb, "_variants", {})
-    monkeypatch.setattr(tb, "_sm_counts", {})
+    monkeypatch.setattr(tlauncher, "_variants", {})
+    monkeypatch.setattr(tlauncher, "_sm_counts", {})
     device = torch.device("cuda", 0)
-    constexprs = dict(CLIP=True, AMP=False, PER_TENSOR=False, NORM=0, ACC=tb.tl.float32, BLOCK=tb.BLOCK_GPU,
-                      PBLOCK=tb.PBLOCK, EXACT_POW=True)
-    options, programs = tb._one_launch_variant(device, 10**6, (), constexprs)
-    assert compiled == [tb.ONE_LAUNCH_MAXNREG, None][:1 if spills[0] == 0 else 2]
-    assert options == tb.one_launch_options(constexprs)[picked]
-    assert programs == 132 * tb.one_launch_per_sm(regs[picked], 4096)
-    assert tb._one_launch_variant(device, 7, (), constexprs) == (options, 7)  # cached: no compile
+    constexprs = dict(CLIP=True, AMP=False, PER_TENSOR=False, NORM=0, ACC=tk.tl.float32, BLOCK=tk.BLOCK_GPU,
+                      PBLOCK=tk.PBLOCK, EXACT_POW=True)
+    options, programs = tlauncher._one_launch_variant(device, 10**6, (), constexprs)
+    assert compiled == [tk.ONE_LAUNCH_MAXNREG, None][:1 if spills[0] == 0 else 2]
+    assert options == tlauncher.one_launch_options(constexprs)[picked]
+    assert programs == 132 * tlauncher.one_launch_per_sm(regs[picked], 4096)
+    assert tlauncher._one_launch_variant(device, 7, (), constexprs) == (options, 7)  # cached: no compile
     assert len(compiled) == (1 if spills[0] == 0 else 2)
     # fp64 accumulation: one candidate, not capped
-    assert tb.one_launch_options(dict(constexprs, ACC=tb.tl.float64)) == [dict(num_warps=tb.NUM_WARPS)]
+    assert tlauncher.one_launch_options(dict(constexprs, ACC=tk.tl.float64)) == [dict(num_warps=tk.NUM_WARPS)]
     # a variant first met inside a capture: a clear error, not a compile that breaks the capture
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="warm-up"):
-        tb._one_launch_variant(device, 7, (), dict(constexprs, AMP=True))
-    assert tb._one_launch_variant(device, 7, (), constexprs) == (options, 7)  # known variants still work
+        tlauncher._one_launch_variant(device, 7, (), dict(constexprs, AMP=True))
+    assert tlauncher._one_launch_variant(device, 7, (), constexprs) == (options, 7)  # known variants still work
 
 
 @pytest.mark.parametrize("spills, picked", [((0, 0), 0), ((48, 0), 1), ((8, 24), 0)],
@@ -293,22 +293,22 @@ def test_two_launch_options_choice(monkeypatch, spills, picked):
         compiled.append(kwargs.get("maxnreg"))
         return _FakeKernel((128, 168)[len(compiled) - 1], spills[len(compiled) - 1])
 
-    monkeypatch.setattr(tb._finish_kernel, "warmup", warmup)
+    monkeypatch.setattr(tk._finish_kernel, "warmup", warmup)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(tb, "_variants", {})
+    monkeypatch.setattr(tlauncher, "_variants", {})
     device = torch.device("cuda", 0)
     constexprs = dict(FROM_PARTIALS=True, WRITE_NORM=True, CLIP=True, AMP=False, PER_TENSOR=False, NORM=0,
-                      ACC=tb.tl.float32, BLOCK=tb.BLOCK_GPU, PBLOCK=tb.PBLOCK, EXACT_POW=True)
-    options = tb._two_launch_options(device, (), constexprs, tb._finish_kernel)
-    assert options == tb.two_launch_options(constexprs)[picked]
-    assert compiled == [tb.TWO_LAUNCH_MAXNREG, None][:1 if spills[0] == 0 else 2]
-    assert tb._two_launch_options(device, (), constexprs, tb._finish_kernel) == options  # cached: no compile
+                      ACC=tk.tl.float32, BLOCK=tk.BLOCK_GPU, PBLOCK=tk.PBLOCK, EXACT_POW=True)
+    options = tlauncher._two_launch_options(device, (), constexprs, tk._finish_kernel)
+    assert options == tlauncher.two_launch_options(constexprs)[picked]
+    assert compiled == [tk.TWO_LAUNCH_MAXNREG, None][:1 if spills[0] == 0 else 2]
+    assert tlauncher._two_launch_options(device, (), constexprs, tk._finish_kernel) == options  # cached: no compile
     assert len(compiled) == (1 if spills[0] == 0 else 2)
-    assert tb.two_launch_options(dict(constexprs, ACC=tb.tl.float64)) == [dict(num_warps=tb.NUM_WARPS)]
-    assert tb.two_launch_options(dict(BLOCK=tb.BLOCK_GPU))[0]["maxnreg"] == tb.TWO_LAUNCH_MAXNREG  # the clamp
+    assert tlauncher.two_launch_options(dict(constexprs, ACC=tk.tl.float64)) == [dict(num_warps=tk.NUM_WARPS)]
+    assert tlauncher.two_launch_options(dict(BLOCK=tk.BLOCK_GPU))[0]["maxnreg"] == tk.TWO_LAUNCH_MAXNREG  # the clamp
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="warm-up"):
-        tb._two_launch_options(device, (), dict(constexprs, AMP=True), tb._finish_kernel)
+        tlauncher._two_launch_options(device, (), dict(constexprs, AMP=True), tk._finish_kernel)
 
 
 # ---- defect 3: fixtures ----

@@ -1,4 +1,4 @@
-"""ZClip's fused step (csrc/zclip_rule.h, fusedclip/triton_zclip.py) on every backend: parity with zclip 1.0.0,
+"""ZClip's fused step (csrc/zclip_rule.h, fusedclip/backends/triton/zclip.py) on every backend: parity with zclip 1.0.0,
 the spike guard (on_spike / on_nonfinite "skip") with fused and unfused optimizers, AMP in the same pass,
 torch.compile, the no-write path, and (GPU) CUDA-graph replay. tests/test_zclip.py covers the rules in depth
 on the default backend."""
@@ -346,14 +346,14 @@ def test_step_into_a_fused_optimizer(backend, on_spike):
 def test_triton_one_launch_equals_two_launches(monkeypatch):
     """Triton's two variants (state read before the grid barrier and written by program 0; or written by the
     last program to take a ticket) give the same norms, gradients and state, bit for bit."""
-    from fusedclip import triton_backend as tb
+    from fusedclip.backends.triton import launcher as tlauncher
 
-    device = "cpu" if tb.INTERPRET else "cuda"
+    device = "cpu" if tlauncher.INTERPRET else "cuda"
     model = _model(torch.float32).to(device)
     seq = [[g.to(device) for g in gs] for gs in _grad_sequence(model, torch.float32, steps=14)]
     runs = []
     for launch in ("one", "two"):
-        monkeypatch.setattr(tb, "LAUNCH", launch)
+        monkeypatch.setattr(tlauncher, "LAUNCH", launch)
         clipper = fusedclip.ZClip(warmup_steps=WARMUP, on_spike="skip", backend="triton")
         m = copy.deepcopy(model)
         runs.append((_run_with(clipper, m, seq, torch.optim.SGD(m.parameters(), lr=0.0)), clipper._state.clone()))

@@ -44,19 +44,19 @@ def _fused(backend):
 
 def _triton(launch):
     """fusedclip.clip_(backend="triton") with the launch mode forced for the call: "one" (the persistent
-    kernel with a grid barrier) or "two" (partials, then finish). fusedclip/triton_backend.py reads its
+    kernel with a grid barrier) or "two" (partials, then finish). fusedclip/backends/triton/ reads its
     module-level LAUNCH (FUSEDCLIP_TRITON_LAUNCH) at each call."""
     def make(device):
-        from fusedclip import triton_backend as tb
+        from fusedclip.backends.triton import launcher as tlauncher
 
         clip = fusedclip.clip_
 
         def call(ps):
-            saved, tb.LAUNCH = tb.LAUNCH, launch
+            saved, tlauncher.LAUNCH = tlauncher.LAUNCH, launch
             try:
                 return clip(ps, MAX_NORM, backend="triton")
             finally:
-                tb.LAUNCH = saved
+                tlauncher.LAUNCH = saved
         return call
     return make
 

@@ -36,22 +36,22 @@ def sm_count():
 
 FIRST_LAUNCH = textwrap.dedent("""
     import time, torch
-    from fusedclip import triton_backend as tb
+    from fusedclip.backends.triton import clip as tclip
     from fusedclip.testing import device_grads
     t0 = time.perf_counter()
     for grads in ([torch.randn(1000, device="cuda")],
                   device_grads([(4096, 1024), (1024,), (3000, 77), (5,), (0,), (50257, 64), (16385,)],
                                [torch.float32, torch.bfloat16], seed=5)):
-        tb.clip(grads, 0.1, 2.0, launch="one")
+        tclip.clip(grads, 0.1, 2.0, launch="one")
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
     # a capture and a replay of it (its barrier slot its own): what a graph-captured training step does first
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        norm = tb.clip(grads, 0.1, 2.0, launch="one")
+        norm = tclip.clip(grads, 0.1, 2.0, launch="one")
     eager = [g.clone() for g in grads]
     graph.replay()
-    eager_norm = tb.clip(eager, 0.1, 2.0, launch="one")
+    eager_norm = tclip.clip(eager, 0.1, 2.0, launch="one")
     torch.cuda.synchronize()
     assert torch.equal(norm, eager_norm) and all(torch.equal(a, b) for a, b in zip(grads, eager)), "replay != eager"
     print(f"first launches in {first:.1f} s (compile included); captured, replayed, equal to eager", flush=True)

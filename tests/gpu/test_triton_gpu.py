@@ -5,6 +5,7 @@ fused extras (per-tensor norms, AMP's unscale) in both launch variants against e
 float64 reference and torch. The residency rule itself runs on the CPU too (`cpu_logic`).
 """
 import math
+import types
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ def tb():
     pytest.importorskip("triton")
     if "triton" not in fusedclip.available_backends("cuda"):
         pytest.skip("the triton backend does not run on CUDA here (python -m fusedclip info says why)")
-    from fusedclip import triton_backend
-    return triton_backend
+    from fusedclip.backends.triton import clip, kernels, launcher
+    return types.SimpleNamespace(clip=clip, kernels=kernels, launcher=launcher)  # the modules: tests patch them
 
 
 def grads(seed, dtypes, scale=0.1):
@@ -30,8 +31,8 @@ def grads(seed, dtypes, scale=0.1):
 
 @pytest.mark.gpu_seconds(5)
 def test_barrier_counters_back_at_zero(tb):
-    tb.clip(grads(7, [torch.float32]), 0.5, 2.0, launch="one")
-    ws = tb._WORKSPACES.get(torch.device("cuda", torch.cuda.current_device()))
+    tb.clip.clip(grads(7, [torch.float32]), 0.5, 2.0, launch="one")
+    ws = tb.launcher._WORKSPACES.get(torch.device("cuda", torch.cuda.current_device()))
     torch.cuda.synchronize()
     assert ws is not None and all(v == 0 for v in ws.flatten().tolist()), ws
 
@@ -40,11 +41,11 @@ def residency_problems(launches, sms, **limits):
     """Grid-barrier launches whose programs two calls at once could not all hold on the SMs: for each launch
     (kernel name, programs, the compiled kernel's registers a thread, shared bytes), the programs per SM it uses,
     doubled (a second call at once: two streams, a graph beside an eager call), must fit in what an SM holds of
-    that compiled kernel (triton_backend.resident_per_sm, limits: the device's)."""
-    from fusedclip import triton_backend
+    that compiled kernel (launcher.resident_per_sm, limits: the device's)."""
+    from fusedclip.backends.triton import launcher
     problems = []
     for name, programs, regs, shared in launches:
-        fit = triton_backend.resident_per_sm(regs, shared, **limits)
+        fit = launcher.resident_per_sm(regs, shared, **limits)
         used = -(-programs // sms)
         if 2 * used > fit:
             problems.append(f"{name}: {programs} programs on {sms} SMs ({used} per SM), twice that does not fit in "
@@ -54,19 +55,19 @@ def residency_problems(launches, sms, **limits):
 
 def record_barrier_launches(tb, call):
     """[(kernel name, programs, registers, shared)] of the grid-barrier (one-launch) kernels call() launched, read
-    from the launches themselves (triton_backend._launch), not from bookkeeping that may change."""
-    launches, launch = [], tb._launch
+    from the launches themselves (launcher._launch), not from bookkeeping that may change."""
+    launches, launch = [], tb.launcher._launch
 
     def recording(kernel, programs, *args, options=None, **constexprs):
         launch(kernel, programs, *args, options=options, **constexprs)
-        if constexprs.get("ONE_LAUNCH", kernel is tb._one_launch_kernel):
-            compiled = tb._compiled[kernel.__name__]
+        if constexprs.get("ONE_LAUNCH", kernel is tb.kernels._one_launch_kernel):
+            compiled = tb.launcher._compiled[kernel.__name__]
             launches.append((kernel.__name__, programs, compiled.n_regs, compiled.metadata.shared))
-    tb._launch = recording
+    tb.launcher._launch = recording
     try:
         call()
     finally:
-        tb._launch = launch
+        tb.launcher._launch = launch
     return launches
 
 
@@ -76,19 +77,19 @@ def test_one_launch_variants_resident_twice_over(tb, record_property):
     barrier never opens: the compiled kernel's registers and shared memory decide how many programs an SM holds.
     Every one-launch variant the public calls use (L2, inf with AMP and per-tensor norms, fp64, ZClip), on a set
     with more chunks than the grid has programs."""
-    from fusedclip import triton_zclip as tz
+    from fusedclip.backends.triton import zclip as tz
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     limits = {name: getattr(props, attr) for name, attr in
               (("regs_per_sm", "regs_per_multiprocessor"), ("threads_per_sm", "max_threads_per_multi_processor"),
                ("shared_per_sm", "shared_memory_per_multiprocessor")) if getattr(props, attr, None)}
     mixed = [torch.float32, torch.bfloat16]
     calls = {
-        "L2": lambda: tb.clip(grads(8, mixed), 0.5, 2.0, launch="one"),
-        "inf AMP per-tensor": lambda: tb.clip(grads(9, mixed), 0.5, math.inf, launch="one",
+        "L2": lambda: tb.clip.clip(grads(8, mixed), 0.5, 2.0, launch="one"),
+        "inf AMP per-tensor": lambda: tb.clip.clip(grads(9, mixed), 0.5, math.inf, launch="one",
                                               per_tensor=torch.empty(len(SHAPES), device="cuda"),
                                               inv_scale=torch.full((), 0.5, device="cuda"),
                                               found_inf=torch.zeros((), device="cuda")),
-        "fp64": lambda: tb.clip(grads(10, [torch.float64, torch.float32]), 0.5, 2.0, launch="one"),
+        "fp64": lambda: tb.clip.clip(grads(10, [torch.float64, torch.float32]), 0.5, 2.0, launch="one"),
         "zclip": lambda: tz.zclip(grads(11, mixed), torch.zeros(tz.BUFFER + 2, dtype=torch.float64, device="cuda"),
                                   [0.97, 2.5, 1.0, 1.0, 1e-6, 2.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0], launch="one"),
     }
@@ -98,7 +99,7 @@ def test_one_launch_variants_resident_twice_over(tb, record_property):
         assert launches, f"{what}: no one-launch kernel was launched"
         for name, programs, regs, shared in launches:
             notes.append(f"{what}: {name} {regs} regs, {shared} B shared, {programs} programs on "
-                         f"{props.multi_processor_count} SMs, {tb.resident_per_sm(regs, shared, **limits)} fit per SM")
+                         f"{props.multi_processor_count} SMs, {tb.launcher.resident_per_sm(regs, shared, **limits)} fit per SM")
         problems += [f"{what}: {p}" for p in residency_problems(launches, props.multi_processor_count, **limits)]
     record_property("note", "residency " + "; ".join(notes))
     assert not problems, problems
@@ -129,7 +130,7 @@ def test_per_tensor_norms_both_variants(tb, dtypes):
     for launch in ("one", "two"):
         norms = torch.randn(len(grads0), dtype=acc, device="cuda")  # overwritten: garbage in must not leak out
         g = [x.clone() for x in grads0]
-        runs.append((tb.clip(g, 0.5, 2.0, per_tensor=norms, launch=launch), norms, g))
+        runs.append((tb.clip.clip(g, 0.5, 2.0, per_tensor=norms, launch=launch), norms, g))
     (na, pa, ga), (nb, pb, gb) = runs
     assert_bit_identical(na, nb)
     assert_bit_identical(pa, pb)
@@ -157,7 +158,7 @@ def test_amp_unscale_both_variants(tb, bad):
     runs = []
     for launch in ("one", "two"):
         g, found = [x.clone() for x in base], torch.zeros((), device="cuda")
-        runs.append((tb.clip(g, 0.5 * ref, 2.0, inv_scale=inv, found_inf=found, launch=launch), g, found))
+        runs.append((tb.clip.clip(g, 0.5 * ref, 2.0, inv_scale=inv, found_inf=found, launch=launch), g, found))
     (na, ga, fa), (nb, gb, fb) = runs
     assert same_bits(na, nb) and same_bits(fa, fb) and all(same_bits(x, y) for x, y in zip(ga, gb))
     theirs, their_found = [x.clone() for x in base], torch.zeros((), device="cuda")

@@ -14,7 +14,7 @@ Known limits (compiled for sm_90; tests/test_triton_static.py asserts them, issu
 loads or stores. The addresses are cast from the table's int64s with no alignment hint and a row starts at any
 multiple of its length, so the compiler cannot prove 16-byte alignment; a vectorized path would need a variant
 for aligned pointers and lengths divisible by 16 bytes, with tl.multiple_of on the pointer additions (as
-triton_backend._typed_ptr does). 168 registers a thread with Triton 3.6 (96 with 3.8): 2 programs of 4 warps
+kernels._typed_ptr does). 168 registers a thread with Triton 3.6 (96 with 3.8): 2 programs of 4 warps
 per SM fit with 3.6, against 4 launched per SM (the rest wait for a slot).
 """
 import math
@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_backend as tb
-from .triton_backend import _combine, _contribution, _div, _f64, _norm_of, _store_as
+from . import kernels, launcher
+from .kernels import _combine, _contribution, _div, _f64, _norm_of, _store_as
 
 ROWS_GPU, COLS_GPU = 4, 1024
 ROWS_INTERPRET, COLS_INTERPRET = 64, 1024  # the interpreter pays per operation: big tiles, few programs
@@ -159,14 +159,14 @@ def _agc_kernel(table, n, n_items, clip_bits: tl.int64, eps_bits: tl.int64, p_bi
 
 def _rows_are_blocks(t):
     """Each row one block of memory (csrc/agc_table.cpp's rule): dense, with dim 0 outermost."""
-    if not tb._is_dense(t):
+    if not launcher._is_dense(t):
         return False
     return t.dim() <= 1 or t.shape[0] == 1 or t.stride(0) == t.numel() // t.shape[0]
 
 
 def _launch_group(weights, grads, clip_factor, eps, norm_type, acc):
-    cols = COLS_INTERPRET if tb.INTERPRET else COLS_GPU
-    tile_rows = ROWS_INTERPRET if tb.INTERPRET else ROWS_GPU
+    cols = COLS_INTERPRET if launcher.INTERPRET else COLS_GPU
+    tile_rows = ROWS_INTERPRET if launcher.INTERPRET else ROWS_GPU
     n = len(grads)
     ptrs_w, ptrs_g, rows, lens, dtypes, begin = [], [], [], [], [], []
     keep, copies, item = [], [], 0
@@ -190,10 +190,10 @@ def _launch_group(weights, grads, clip_factor, eps, norm_type, acc):
     table = torch.tensor(ptrs_w + ptrs_g + rows + lens + dtypes + begin + [item], dtype=torch.int64)
     device = grads[0].device
     table = table.to(device, non_blocking=True) if device.type == "cuda" else table
-    programs = min(item, tb.INTERPRET_PROGRAMS if tb.INTERPRET else 4 * tb._sm_count(device))
-    tb._launch(_agc_kernel, programs, table, n, item, tb._bits(clip_factor), tb._bits(eps), tb._bits(norm_type),
-               NORM=tb._norm_kind(norm_type), ACC=acc, ROWS=tile_rows, COLS=cols, EXACT_POW=tb.EXACT_POW)
-    tb._write_back(copies)
+    programs = min(item, kernels.INTERPRET_PROGRAMS if launcher.INTERPRET else 4 * launcher._sm_count(device))
+    launcher._launch(_agc_kernel, programs, table, n, item, launcher._bits(clip_factor), launcher._bits(eps), launcher._bits(norm_type),
+               NORM=launcher._norm_kind(norm_type), ACC=acc, ROWS=tile_rows, COLS=cols, EXACT_POW=launcher.EXACT_POW)
+    launcher._write_back(copies)
     del keep
 
 
@@ -211,7 +211,7 @@ def agc(weights, grads, clip_factor, eps, norm_type):
         raise RuntimeError("fusedclip.clip_agc_: backend='triton' cannot be captured in a CUDA graph (its table "
                            "is copied from the host on every call); use backend='native' inside the graph, or "
                            "clip outside it")
-    tb._norm_kind(norm_type)  # raises on NaN and 0 before anything is written
+    launcher._norm_kind(norm_type)  # raises on NaN and 0 before anything is written
     if math.isnan(clip_factor) or math.isnan(eps):
         raise ValueError("fusedclip.clip_agc_: clip_factor and eps must not be NaN")
     for w, g in zip(weights, grads):

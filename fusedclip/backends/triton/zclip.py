@@ -1,7 +1,7 @@
-"""ZClip's step in Triton (backend="triton"): the fused L2 norm of triton_backend.py, then ZClip's rule
+"""ZClip's step in Triton (backend="triton"): the fused L2 norm of kernels.py, then ZClip's rule
 (csrc/zclip_rule.h, in the same order of float64 operations) and the scaling, and the state's update.
 
-Both launch variants of triton_backend.py:
+Both launch variants of clip.py:
   - one launch: every program reads the state before the grid barrier, so program 0 can write the next state
     after it (no program reads it any more);
   - two launches (the interpreter's): the partials kernel, then this kernel, whose programs each read the state,
@@ -16,13 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_backend as tb
-from .ops import acc_dtype
+from . import kernels, launcher
+from ...ops import ZCLIP_CONFIG, ZCLIP_STATE, acc_dtype
 
-# the state's slots and the config's order: csrc/zclip_rule.h (ZSlot, ZConfigSlot)
-STEPS, MEAN, VAR, SKIPPED, BUFFER = 0, 1, 2, 3, 4
-_STEPS, _MEAN, _VAR, _SKIPPED, _BUFFER = (tl.constexpr(i) for i in range(5))  # the same, inside kernels
-CONFIG_LEN = 12
+# the state's slots and the config's order: ops.ZCLIP_STATE and ZCLIP_CONFIG (csrc/zclip_rule.h ZSlot, ZConfigSlot)
+STEPS, MEAN, VAR, SKIPPED = map(ZCLIP_STATE.index, ("steps", "mean", "var", "skipped"))
+BUFFER = len(ZCLIP_STATE)
+_STEPS, _MEAN, _VAR, _SKIPPED, _BUFFER = map(tl.constexpr, (STEPS, MEAN, VAR, SKIPPED, BUFFER))  # inside kernels
+CONFIG_LEN = len(ZCLIP_CONFIG)
 _OPTIONS = dict(enable_fp_fusion=False)
 
 
@@ -64,7 +65,7 @@ def _decide(steps, mean, var, x, z_thresh, cap, eps, clip_factor, n_warmup, PERC
 def _factor(warm, skip, coef, norm, cap, mul, HAS_CAP: tl.constexpr, ACC: tl.constexpr):
     """zclip_coef times AMP's inverse scale, in the accumulation dtype."""
     if HAS_CAP:  # torch's clip_grad_norm_ coefficient: (norm + 1e-6).reciprocal() * max_norm
-        wc = tb._div(tl.full([], 1.0, ACC), norm + tl.full([], 1e-6, ACC), ACC) * cap.to(ACC)
+        wc = kernels._div(tl.full([], 1.0, ACC), norm + tl.full([], 1e-6, ACC), ACC) * cap.to(ACC)
         wc = tl.where(wc > 1.0, 1.0, wc)
     else:
         wc = tl.full([], 1.0, ACC)
@@ -125,16 +126,16 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
                   SKIP_NONFINITE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
                   EXACT_POW: tl.constexpr):
     pid = tl.program_id(0)
-    cap = tb._f64(cap_bits)
-    mul = tb._unscale_mul(inv_scale, ACC, AMP)
+    cap = kernels._f64(cap_bits)
+    mul = kernels._unscale_mul(inv_scale, ACC, AMP)
     pw = tl.full([], 2.0, ACC)
     steps = tl.load(state + _STEPS)  # read before anyone can write the next state (see the module docstring)
     mean = tl.load(state + _MEAN)
     var = tl.load(state + _VAR)
     if ONE_LAUNCH:
         if not GIVEN:
-            tb._write_partials(table, n, n_chunks, partials, nonfinite, pw, mul, 0, ACC, AMP, BLOCK, EXACT_POW)
-        tb._grid_barrier(ws)
+            kernels._write_partials(table, n, n_chunks, partials, nonfinite, pw, mul, 0, ACC, AMP, BLOCK, EXACT_POW)
+        kernels._grid_barrier(ws)
     if GIVEN:
         given = tl.load(norm_in)
         if norm_in.dtype.element_ty == tl.float64:
@@ -142,17 +143,17 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
         else:
             norm = given.to(tl.float32).to(ACC)
     else:
-        norm = tb._norm_from_partials(partials, n_chunks, pw, 0, ACC, PBLOCK, EXACT_POW).to(ACC)  # 0 chunks: 0
+        norm = kernels._norm_from_partials(partials, n_chunks, pw, 0, ACC, PBLOCK, EXACT_POW).to(ACC)  # 0 chunks: 0
     x = norm.to(tl.float64)
     warm, spike, nonf, skip, target, coef = _decide(
-        steps, mean, var, x, tb._f64(z_bits), cap, tb._f64(eps_bits), tb._f64(factor_bits), n_warmup, PERCENTILE,
+        steps, mean, var, x, kernels._f64(z_bits), cap, kernels._f64(eps_bits), kernels._f64(factor_bits), n_warmup, PERCENTILE,
         CLIP_TO_MEAN, HAS_CAP, SKIP_SPIKES, SKIP_NONFINITE)
     factor = _factor(warm, skip, coef, norm, cap, mul, HAS_CAP, ACC)
     if COEF_OUT:  # handed to the optimizer instead
         if pid == 0:
             tl.store(coef_out, factor.to(tl.float32))
     elif factor != 1.0:  # unordered: a NaN factor scales too, so NaN spreads as in torch
-        tb._scale_mine(table, n, n_chunks, factor, ACC, BLOCK, EXACT_POW)
+        kernels._scale_mine(table, n, n_chunks, factor, ACC, BLOCK, EXACT_POW)
     if ONE_LAUNCH:
         writer = pid == 0
     else:
@@ -171,28 +172,31 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
             # registers, the most at which the two-launch grid is resident at once; the one-launch kernel must
             # keep them: its writer does not wait for the other programs' reads).
             warm, spike, nonf, skip, target, coef = _decide(
-                tl.load(state + _STEPS), tl.load(state + _MEAN), tl.load(state + _VAR), x, tb._f64(z_bits), cap,
-                tb._f64(eps_bits), tb._f64(factor_bits), n_warmup, PERCENTILE, CLIP_TO_MEAN, HAS_CAP, SKIP_SPIKES,
+                tl.load(state + _STEPS), tl.load(state + _MEAN), tl.load(state + _VAR), x, kernels._f64(z_bits), cap,
+                kernels._f64(eps_bits), kernels._f64(factor_bits), n_warmup, PERCENTILE, CLIP_TO_MEAN, HAS_CAP, SKIP_SPIKES,
                 SKIP_NONFINITE)
-        _update(state, x, warm, spike, nonf, skip, target, tb._f64(alpha_bits), n_warmup, SKIP_UPDATE_ON_SPIKE)
+        _update(state, x, warm, spike, nonf, skip, target, kernels._f64(alpha_bits), n_warmup, SKIP_UPDATE_ON_SPIKE)
         tl.store(norm_out, norm)
         if FOUND:
             flag = skip
             if AMP:
-                flag = flag | (tb._reduce(nonfinite, n_chunks, 0, ACC, PBLOCK) != 0.0)
+                flag = flag | (kernels._reduce(nonfinite, n_chunks, 0, ACC, PBLOCK) != 0.0)
             if flag:
                 tl.store(found_inf, 1.0)
 
 
 def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None, launch=None):
     """The native zclip_ op's contract (csrc/ops.cpp) in Triton; returns the norm in the accumulation dtype."""
-    table, n_chunks, any_double, copies = tb._table(grads)
+    table, n_chunks, any_double, copies = launcher._table(grads)
     device = grads[0].device
     acc_torch = torch.float64 if any_double else torch.float32
     if len(config) != CONFIG_LEN:
         raise ValueError(f"fusedclip.ZClip: the config has {len(config)} values, the kernels take {CONFIG_LEN}")
-    (alpha, z_thresh, cap, has_cap, eps, n_warmup, percentile, clip_to_mean, clip_factor, skip_update,
-     skip_spikes, skip_nonfinite) = config
+    c = dict(zip(ZCLIP_CONFIG, config))
+    alpha, z_thresh, cap, has_cap, eps, n_warmup = (c[k] for k in ("alpha", "z_thresh", "cap", "has_cap", "eps",
+                                                                    "warmup"))
+    percentile, clip_to_mean, clip_factor, skip_update, skip_spikes, skip_nonfinite = (c[k] for k in (
+        "percentile", "clip_to_mean", "clip_factor", "skip_update_on_spike", "skip_spikes", "skip_nonfinite"))
     n_warmup = int(n_warmup)
     if not (state.device == device and state.dtype == torch.float64 and state.is_contiguous()
             and state.numel() == BUFFER + n_warmup):
@@ -204,43 +208,43 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_
         if not (isinstance(norm, torch.Tensor) and norm.device == device and norm.numel() == 1):
             raise ValueError(f"fusedclip.ZClip: the given norm must be a one-element tensor on {device}")
         norm = norm.reshape(()).contiguous()
-    tb._check_extras(len(grads), device, acc_torch, None, inv_scale, found_inf)
+    launcher._check_extras(len(grads), device, acc_torch, None, inv_scale, found_inf)
     if coef_out is not None and not (coef_out.device == device and coef_out.dtype == torch.float32
                                      and coef_out.numel() == 1):
         raise ValueError(f"fusedclip.ZClip: coef_out must be a one-element float32 tensor on {device}")
     amp = inv_scale is not None
-    partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)  # tb._norm_from_partials
+    partials = torch.empty(max(n_chunks, 1), dtype=torch.float64, device=device)  # kernels._norm_from_partials
     nonfinite = torch.empty(max(n_chunks, 1), dtype=acc_torch, device=device) if amp else partials
     out = torch.empty((), dtype=acc_torch, device=device)
     inv_scale_ = inv_scale.reshape(()) if amp else partials
     found_ = found_inf.reshape(()) if found_inf is not None else partials
     norm_ = norm if norm is not None else partials
-    one = tb.one_launch(launch)
-    ws = tb._WORKSPACES.get(device)
+    one = launcher.one_launch(launch)
+    ws = launcher._WORKSPACES.get(device)
     coef_ = coef_out.reshape(()) if coef_out is not None else partials
     args = (table, len(grads), n_chunks, partials, nonfinite, ws, state, norm_, out, inv_scale_, found_, coef_,
-            tb._bits(alpha), tb._bits(z_thresh), tb._bits(cap), tb._bits(eps), tb._bits(clip_factor), n_warmup)
+            launcher._bits(alpha), launcher._bits(z_thresh), launcher._bits(cap), launcher._bits(eps), launcher._bits(clip_factor), n_warmup)
     constexprs = dict(ONE_LAUNCH=one, GIVEN=norm is not None, COEF_OUT=coef_out is not None, AMP=amp,
                       FOUND=found_inf is not None,
                       PERCENTILE=bool(percentile), CLIP_TO_MEAN=bool(clip_to_mean), HAS_CAP=bool(has_cap),
                       SKIP_UPDATE_ON_SPIKE=bool(skip_update), SKIP_SPIKES=bool(skip_spikes),
-                      SKIP_NONFINITE=bool(skip_nonfinite), ACC=tb._tl_acc(any_double), BLOCK=tb.BLOCK,
-                      PBLOCK=tb.PBLOCK, EXACT_POW=tb.EXACT_POW)
+                      SKIP_NONFINITE=bool(skip_nonfinite), ACC=launcher._tl_acc(any_double), BLOCK=launcher.BLOCK,
+                      PBLOCK=kernels.PBLOCK, EXACT_POW=launcher.EXACT_POW)
     if one:
-        if tb.INTERPRET:  # programs run one after another there: a barrier across several would never open
+        if launcher.INTERPRET:  # programs run one after another there: a barrier across several would never open
             options, programs = None, 1
         else:
-            options, programs = tb._one_launch_variant(device, max(n_chunks, 1), args, constexprs,
+            options, programs = launcher._one_launch_variant(device, max(n_chunks, 1), args, constexprs,
                                                        kernel=_zclip_kernel, extra_options=_OPTIONS)
     else:
-        options = tb._two_launch_options(device, args, constexprs, _zclip_kernel, extra_options=_OPTIONS)
-        programs = tb._programs(device, max(n_chunks, 1))
+        options = launcher._two_launch_options(device, args, constexprs, _zclip_kernel, extra_options=_OPTIONS)
+        programs = launcher._programs(device, max(n_chunks, 1))
         if norm is None and n_chunks:
-            tb._launch(tb._partials_kernel, programs, table, len(grads), n_chunks, partials, nonfinite, inv_scale_,
-                       tb._bits(2.0), NORM=tb.L2, ACC=constexprs["ACC"], AMP=amp, BLOCK=tb.BLOCK,
-                       EXACT_POW=tb.EXACT_POW)
-    tb._launch(_zclip_kernel, programs, *args, options=options, **constexprs)
-    tb._write_back(copies)
+            launcher._launch(kernels._partials_kernel, programs, table, len(grads), n_chunks, partials, nonfinite, inv_scale_,
+                       launcher._bits(2.0), NORM=kernels.L2, ACC=constexprs["ACC"], AMP=amp, BLOCK=launcher.BLOCK,
+                       EXACT_POW=launcher.EXACT_POW)
+    launcher._launch(_zclip_kernel, programs, *args, options=options, **constexprs)
+    launcher._write_back(copies)
     return out
 
 

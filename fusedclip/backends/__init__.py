@@ -1,18 +1,21 @@
-"""The backend registry: which implementations exist, which work for a device type,
-and what "auto" picks.
+"""The backends: which implementations exist, which work for a device type, and what "auto" picks.
 
-A backend object has `name`, `available(device_type) -> (bool, why_not)` and the
-four list operations of ops.NativeBackend (total_norm, clip, scale, clamp). The
-"torch" backend is special-cased by the public functions: it hands the call to
+protocol.py says what a backend implements and declares; native.py is the compiled extension's, triton/ the
+Triton kernels' (registered whole, by load_triton, or not at all); TorchBackend below hands every call to
 torch.nn.utils unchanged.
 """
 import torch
 
-from .ops import NativeBackend
+from .native import NativeBackend
+from .protocol import Backend
 
 
-class TorchBackend:
+class TorchBackend(Backend):
+    """backend="torch": the public functions call torch.nn.utils themselves (a reference, and the fallback where
+    no kernel runs)."""
+
     name = "torch"
+    delegates_to_torch = True
 
     @staticmethod
     def available(device_type):
@@ -36,6 +39,24 @@ def register(backend, before="torch"):
     _resolved.clear()  # "auto" may now pick the new one
     if backend.name not in AUTO_ORDER:
         AUTO_ORDER.insert(AUTO_ORDER.index(before), backend.name)
+
+
+def load_triton():
+    """backend="triton": registered whole (clip, ZClip and AGC kernels) or not at all, with the reason kept for
+    `python -m fusedclip info` and for the error a call asking for it gets. Never an import error: every CUDA
+    build of torch installs some Triton, and an old or broken one must not stop `import fusedclip`."""
+    try:
+        import triton
+    except ImportError:
+        mark_unavailable("triton", "Triton is not installed")
+        return
+    try:
+        from .triton.backend import TritonBackend
+    except Exception as e:  # noqa: BLE001  (any failure of an old or broken Triton disables this backend only)
+        mark_unavailable("triton", f"its kernels failed to load with Triton {triton.__version__} "
+                                   f"({type(e).__name__}: {e})")
+        return
+    register(TritonBackend)
 
 
 def mark_unavailable(name, why):
