@@ -3,7 +3,7 @@
     pip install --no-build-isolation -e .
 
 The build decisions (CUDA or not, architectures, include fixes) live in
-scripts/build_config.py, shared with CMakeLists.txt; its docstring lists the
+tools/build_config.py, shared with CMakeLists.txt; its docstring lists the
 environment switches.
 """
 import os
@@ -11,7 +11,7 @@ import sys
 
 from setuptools import setup
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))  # build_config
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))  # build_config
 import build_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +50,7 @@ with open(os.path.join(ROOT, "fusedclip", "_build_info.py"), "w") as f:
 
 defines = [f'-DFUSEDCLIP_TORCH_VERSION="{torch.__version__}"']
 sources = list(build_config.CPU_SOURCES)
+includes = [os.path.join(ROOT, build_config.INCLUDE_DIR)]  # the sources' includes are spelled from csrc/
 extra = {"cxx": build_config.CXX_FLAGS + defines}
 if with_cuda:
     home = os.environ["CUDA_HOME"]
@@ -61,10 +62,11 @@ if with_cuda:
     extra["nvcc"] = build_config.NVCC_FLAGS + defines + cuda_defines
     print(f"fusedclip: building the CUDA kernels for {arch_list} with {home}")
     ext = CUDAExtension("fusedclip._C", sources, extra_compile_args=extra, extra_link_args=build_config.LINK_FLAGS,
-                        include_dirs=build_config.extra_include_dirs(home))
+                        include_dirs=includes + build_config.extra_include_dirs(home))
 else:
     print(f"fusedclip: building without CUDA kernels ({why_not}); the CPU kernel and the torch backend work")
-    ext = CppExtension("fusedclip._C", sources, extra_compile_args=extra, extra_link_args=build_config.LINK_FLAGS)
+    ext = CppExtension("fusedclip._C", sources, extra_compile_args=extra, extra_link_args=build_config.LINK_FLAGS,
+                       include_dirs=includes)
 
 # Name, version and packages are in pyproject.toml.
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

@@ -5,11 +5,11 @@
 
 #include <string>
 
-#include "agc_table.h"
-#include "grad_table.h"
-#include "zclip_rule.h"
+#include "common/agc_table.h"
+#include "common/grad_table.h"
+#include "common/zclip_rule.h"
 
-// Set by the build (scripts/build_config.py), for `python -m fusedclip info`.
+// Set by the build (tools/build_config.py), for `python -m fusedclip info`.
 #ifndef FUSEDCLIP_CUDA_ARCHS
 #define FUSEDCLIP_CUDA_ARCHS ""
 #endif
@@ -51,7 +51,7 @@ TORCH_LIBRARY(fusedclip, m) {
         "Tensor? inv_scale=None, Tensor(c!)? found_inf=None) -> Tensor");
   // Scale by max_norm / (total_norm + 1e-6) when that is < 1.
   m.def("scale_(Tensor(a!)[] grads, float max_norm, Tensor total_norm) -> ()");
-  // ZClip's adaptive clip (csrc/zclip_rule.h): the L2 norm (or the given one), the coefficient from the
+  // ZClip's adaptive clip (csrc/common/zclip_rule.h): the L2 norm (or the given one), the coefficient from the
   // state, the in-place scaling only if it is not 1, and the state's update, in one pass; AMP's unscale as in
   // clip_; found_inf is also set when the step is skipped. With coef_out (one fp32 value) the factor is written
   // there instead of into the grads (for a fused optimizer's grad_scale). Returns the norm in the accumulation
@@ -60,17 +60,17 @@ TORCH_LIBRARY(fusedclip, m) {
         "Tensor(c!)? found_inf=None, Tensor(d!)? coef_out=None) -> Tensor");
   // clamp(-clip_value, clip_value) in place.
   m.def("clamp_(Tensor(a!)[] grads, float clip_value) -> ()");
-  // The kernels' table of the tensors (csrc/clip_math.h: TableView), on their device (cached there), with
+  // The kernels' table of the tensors (csrc/common/clip_math.h: TableView), on their device (cached there), with
   // the number of chunks and whether fp64 accumulation is needed: for kernels written outside this
   // library (the Triton backend). Every tensor must be dense (is_non_overlapping_and_dense).
   m.def("table(Tensor[] tensors) -> (Tensor, int, bool)");
-  // Adaptive gradient clipping (csrc/agc_table.h): each unit of grads[i] (a row for 2-D and up, else the whole
+  // Adaptive gradient clipping (csrc/common/agc_table.h): each unit of grads[i] (a row for 2-D and up, else the whole
   // tensor) is scaled by max / max(|g_unit|, 1e-6) unless |g_unit| < max = clip_factor * max(|w_unit|, eps).
   // weights[i] and grads[i]: same shape and dtype, not empty. Kernels in agc_cpu.cpp and agc_cuda.cu.
   m.def("agc_(Tensor[] weights, Tensor(a!)[] grads, float clip_factor, float eps, float norm_type) -> ()");
   // Each tensor multiplied in place by its own coefficient: grads[i] *= coefs[i] (coefs: 1-D float32/float64, one
   // per tensor, on the tensors' device), in the tensor's opmath type (float, double for fp64), as torch's mul_
-  // on the CPU; a tensor whose coefficient is exactly 1 is not written. AdaGC's scaling pass (csrc/scale_each.h).
+  // on the CPU; a tensor whose coefficient is exactly 1 is not written. AdaGC's scaling pass (csrc/common/scale_each.h).
   m.def("scale_each_(Tensor(a!)[] grads, Tensor coefs) -> ()");
   m.def("build_info() -> str", &build_info);
 }

@@ -50,9 +50,9 @@
 #include <unordered_map>
 #include <vector>
 
-#include "cpu_simd.h"
-#include "grad_table.h"
-#include "scale_each.h"
+#include "cpu/cpu_simd.h"
+#include "common/grad_table.h"
+#include "common/scale_each.h"
 
 namespace fusedclip {
 namespace {
@@ -161,7 +161,7 @@ PyObject* fused_norm(PyObject* items, bool of_grads, PyObject* max_norm_obj, PyO
     if (of_grads && !t.defined()) continue;
     if (!t.defined() || !plain_tensor(t)) Py_RETURN_NONE;
     // a non-dense CUDA gradient (a dense copy each call): the op path, which refuses it under a CUDA-graph
-    // capture before making the copy (csrc/clip_cuda.cu refuse_copies_under_capture)
+    // capture before making the copy (csrc/cuda/clip_cuda.cu refuse_copies_under_capture)
     if (t.is_cuda() && t.numel() > 0 && !t.is_non_overlapping_and_dense()) Py_RETURN_NONE;
     tensors.push_back(t);
     storages.push_back(t.storage());  // the memory the table will point at (built below, the GIL still held)

@@ -139,7 +139,7 @@ def kernel_resources(path: Optional[str] = None) -> List[KernelResources]:
     text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
     info = _ext.build_info()
     threads = int(info.get("cuda_block_threads", 0))
-    agc_threads = int(info.get("agc_block_threads", 0))  # csrc/agc_cuda.cu's block size
+    agc_threads = int(info.get("agc_block_threads", 0))  # csrc/cuda/agc_cuda.cu's block size
     kernels = parse_resource_usage(text)
     for k in kernels:
         k.threads = agc_threads if k.name.startswith("agc_kernel") else threads
@@ -149,7 +149,7 @@ def kernel_resources(path: Optional[str] = None) -> List[KernelResources]:
 
 
 def declared_min_blocks() -> Dict[str, int]:
-    """The blocks per SM each fused kernel is compiled for (csrc/clip_cuda.cu, kMinBlocksPerSm; csrc/agc_cuda.cu,
+    """The blocks per SM each fused kernel is compiled for (csrc/cuda/clip_cuda.cu, kMinBlocksPerSm; csrc/cuda/agc_cuda.cu,
     kAgcMinBlocksPerSm), from the module's build_info: {"fused_norm_clip_kernel<L2, float>": 2, ...}."""
     from . import _ext
 

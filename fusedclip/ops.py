@@ -23,7 +23,7 @@ def acc_dtype(tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-# ZClip's kernels (csrc/zclip_rule.h, fusedclip/backends/triton/zclip.py) take the rule's settings as a list of
+# ZClip's kernels (csrc/common/zclip_rule.h, fusedclip/backends/triton/zclip.py) take the rule's settings as a list of
 # floats in this order (ZConfigSlot) and keep the state in a float64 tensor: these slots, then the warm-up buffer
 # (ZSlot). fusedclip/zclip.py builds both from these names; zclip_layout_mismatch checks the built module's.
 ZCLIP_CONFIG = ("alpha", "z_thresh", "cap", "has_cap", "eps", "warmup", "percentile", "clip_to_mean",

@@ -444,12 +444,12 @@ def same_f64(got, want):
 
 
 def zclip_state_f64(config, norms, n_buffer):
-    """ZClip's state (csrc/zclip_rule.h ZSlot: steps, mean, var, skipped, then the warm-up buffer) after steps
-    fed `norms`, computed in Python floats with csrc/zclip_rule.h's operations in its order (each a correctly
+    """ZClip's state (csrc/common/zclip_rule.h ZSlot: steps, mean, var, skipped, then the warm-up buffer) after steps
+    fed `norms`, computed in Python floats with csrc/common/zclip_rule.h's operations in its order (each a correctly
     rounded float64 operation, as the kernels' _rn intrinsics): the state a kernel must hold, to the bit, when it
     returned these norms. Comparing with another kernel's state instead would need a tolerance that correct
     kernels cross: two fp32 norms summed in different orders differ in the last bits, which the warm-up variance
-    amplifies (issue 25, defect 1). config: ZClip._config (csrc/zclip_rule.h ZConfigSlot order)."""
+    amplifies (issue 25, defect 1). config: ZClip._config (csrc/common/zclip_rule.h ZConfigSlot order)."""
     alpha, z_thresh, cap, has_cap, eps, n_warm, percentile, to_mean, factor, skip_update, skip_spikes, \
         skip_nonfinite = config
     n_warm = int(n_warm)

@@ -17,7 +17,7 @@ The rules are those of the `zclip` package, version 1.0.0, step for step:
   var = alpha * var + (1 - alpha) * (x - mean)^2 with the mean just updated.
 
 The state (step count, EMA mean and variance, skipped steps, the warm-up norms) is one float64 tensor on the
-gradients' device. With the native and Triton backends one kernel pass does everything (csrc/zclip_rule.h,
+gradients' device. With the native and Triton backends one kernel pass does everything (csrc/common/zclip_rule.h,
 fusedclip/backends/triton/zclip.py): the norm, the coefficient from the state, the scaling only when it is not 1 and the
 state's update, with no host sync, so step() can be captured in a CUDA graph (after a warm-up call) and traced
 by torch.compile(fullgraph=True). backend="torch" (and gradients on several devices) runs the same rule in
@@ -64,7 +64,7 @@ import torch
 
 from . import _ext, backends, guard
 from . import distributed as _distributed
-from ._core import _as_list, _by_device, _check_writable, _total_norm
+from ._core import _as_list, _by_device, _check_writable, _grads, _total_norm
 from .amp import _begin_unscale, _hand_over, _optimizer_params
 from .clip import _fast_path, clip_grads_with_norm_, get_total_norm
 from .ops import ZCLIP_CONFIG, ZCLIP_STATE, acc_dtype, zclip_layout_mismatch
@@ -426,7 +426,7 @@ class ZClip:
                 if self._skips:
                     guard.skip_next_step_if(optimizer, found)
                 return norm
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = _grads(params, "ZClip.step")  # a clear error for a non-tensor item
         _check_writable(grads, "ZClip.step")
         if any(g.device.type == "meta" for g in grads):  # the rule reads the norm and its state: meta has neither
             raise NotImplementedError("fusedclip.ZClip.step: gradients on the meta device have no values to clip")
@@ -524,7 +524,7 @@ class ZClip:
         if not coef < 1.0:
             return
         params = _as_list(pl_module.parameters() if isinstance(pl_module, torch.nn.Module) else pl_module)
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = _grads(params, "ZClip.apply_in_place_clipping")
         if not grads:
             return
         if backends.resolve(self.backend, grads[0].device.type).delegates_to_torch:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make test-sanitize: the CPU extension built with AddressSanitizer and UndefinedBehaviorSanitizer
-# (FUSEDCLIP_SANITIZE=1, scripts/build_config.py), then the CPU tests that exercise its C++ run against it.
+# (FUSEDCLIP_SANITIZE=1, tools/build_config.py), then the CPU tests that exercise its C++ run against it.
 # Fails on any sanitizer report (each one aborts the process that hit it) or any test failure.
 #
 #   scripts/test_sanitize.sh PYTHON [pytest arguments; default: the selection below]
@@ -18,7 +18,7 @@ START=$(date +%s)
 
 mkdir -p "$TREE"
 rm -rf "$TREE/fusedclip" "$TREE/tests"  # files deleted here must not linger there (the .so is rebuilt if need be)
-cp -a csrc fusedclip scripts tests setup.py pyproject.toml README.md LICENSE MANIFEST.in "$TREE"/
+cp -a csrc fusedclip scripts tools tests setup.py pyproject.toml README.md LICENSE MANIFEST.in "$TREE"/
 rm -f "$TREE"/fusedclip/_C*.so "$TREE"/fusedclip/_build_info.py
 (cd "$TREE" && FUSEDCLIP_SANITIZE=1 FUSEDCLIP_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}" "$PYTHON" setup.py -q build_ext --inplace)
 BUILT=$(date +%s)

@@ -7,7 +7,7 @@ time limits compiling (the Triton check's first section used to be killed while 
 
   python scripts/triton_precompile.py [--jobs N] [--device cuda] [--list]
 
-The variants are recorded from the public launchers themselves (scripts/triton_static.py record_launches: the
+The variants are recorded from the public launchers themselves (tools/triton_static.py record_launches: the
 launch is replaced by a recorder), for every dtype set, norm type, clip or not, extras (per-tensor norms, AMP)
 and launch variant the checks use, ZClip and AGC included; deduplicated by Triton's own specialization key and
 compiled with the compile options the launchers try (kernel.warmup: the cache key of a real launch). Worker k of
@@ -24,7 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 DTYPE_SETS = {"fp32": ["float32"], "fp16": ["float16"], "bf16": ["bfloat16"],
               "mixed": ["float32", "bfloat16", "float16"], "mixed64": ["float32", "float64"]}

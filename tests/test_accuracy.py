@@ -1,7 +1,7 @@
 """The norm is within 1 ulp of the exact norm, whatever the number of tensors, their sizes and scales.
 
 Each kernel sums a short run of elements in fp32 and carries everything past that (chunk, block, tensor and
-rank partials) in float64, rounding once at the end (csrc/clip_math.h: widen). Before, 10,000 fp32 tensors of
+rank partials) in float64, rounding once at the end (csrc/common/clip_math.h: widen). Before, 10,000 fp32 tensors of
 mixed scales came out 45.7 ulp from the exact norm (torch: 6.8). "Exact" is the float64 norm of the same values;
 an ulp is the fp32 spacing at the exact norm. The sharded paths' partials (tests/test_distributed.py:
 exact_norm_over_ranks) and the Triton backend (these cases, run under the interpreter by tests/test_triton.py)

@@ -278,7 +278,7 @@ def test_scale_each_is_mul_per_tensor(dtypes):
     from fusedclip import _ext
     current, supported = _ext._C.cpu_isa()
     try:
-        for isa in supported.split(","):  # every instruction-set variant of the CPU loops (csrc/cpu_simd.h)
+        for isa in supported.split(","):  # every instruction-set variant of the CPU loops (csrc/cpu/cpu_simd.h)
             _ext._C.set_cpu_isa(isa)
             b = [t.clone() for t in a]
             b[-1] = strided.clone()[:, ::3]

@@ -341,18 +341,18 @@ def test_triton_backend_under_the_interpreter():
 
 def test_triton_kernel_compiles_for_sm90():
     """Without a GPU: the kernel the launcher would launch on CUDA tensors, compiled for sm_90 by the installed
-    Triton (scripts/triton_static.py's binder path), for fp32 and fp64 accumulation: no spills."""
+    Triton (tools/triton_static.py's binder path), for fp32 and fp64 accumulation: no spills."""
     triton = pytest.importorskip("triton")
     from fusedclip.backends.triton import kernels as tk, launcher as tlauncher
 
     if tlauncher.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1: interpreted, not compiled")
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
-        pytest.skip(f"scripts/triton_static.py is written for the compile internals of Triton 3.6 and 3.8; this "
+        pytest.skip(f"tools/triton_static.py is written for the compile internals of Triton 3.6 and 3.8; this "
                     f"is Triton {triton.__version__}")
     from fusedclip.backends.triton import agc as triton_agc
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
     import triton_static as ts
 
     mp = pytest.MonkeyPatch()

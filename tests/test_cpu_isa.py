@@ -1,4 +1,4 @@
-"""The CPU loops' instruction-set variants (csrc/cpu_simd.h) compute the same bits: every variant this
+"""The CPU loops' instruction-set variants (csrc/cpu/cpu_simd.h) compute the same bits: every variant this
 processor runs against the baseline one, on every dtype, with specials (inf, NaN with both signs and odd
 payloads, subnormals; random products, among them ties), clipping and not, for the norm kinds and ops that have
 variants."""

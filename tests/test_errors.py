@@ -96,7 +96,7 @@ def test_public_entry_points_prefix_once(name):
 
 def test_zclip_layout_is_checked_against_the_built_module(monkeypatch):
     """ZClip's config and state layouts (fusedclip/ops.py ZCLIP_CONFIG / ZCLIP_STATE) match the built kernels'
-    (csrc/zclip_rule.h, through build_info); a stale build with another layout makes ZClip refuse to be made
+    (csrc/common/zclip_rule.h, through build_info); a stale build with another layout makes ZClip refuse to be made
     (backend='torch' still runs), rather than its kernels reading the settings from the wrong slots."""
     from fusedclip import _ext, ops
     from fusedclip import zclip as zclip_module
@@ -111,3 +111,17 @@ def test_zclip_layout_is_checked_against_the_built_module(monkeypatch):
     with pytest.raises(RuntimeError, match="ZClip layout"):
         fusedclip.ZClip()
     fusedclip.ZClip(backend="torch")
+
+
+def test_zclip_names_a_non_tensor_item():
+    """ZClip.step and apply_in_place_clipping say which item is not a tensor (as clip_ does), before anything is
+    written or any state moves."""
+    g = torch.Generator().manual_seed(31)
+    p = torch.nn.Parameter(torch.randn(8, generator=g))
+    p.grad = torch.randn(8, generator=g) * 10
+    before = p.grad.clone()
+    z = fusedclip.ZClip(warmup_steps=1)
+    for call in (lambda: z.step([p, "x"]), lambda: z.apply_in_place_clipping([p, "x"], 10.0, 1.0)):
+        with pytest.raises(TypeError, match=r"ZClip\.\w+: parameters must be Tensors, but item 1 is a str"):
+            call()
+    assert torch.equal(p.grad, before) and z.steps == 0

@@ -410,7 +410,7 @@ def missing_attributes(source):
             if not hasattr(importlib.import_module(TRITON_MODULES[alias]), name)]
 
 
-GPU_SIDE = ["scripts/sanitize_clip.py", "scripts/triton_precompile.py", "scripts/triton_static.py"] + \
+GPU_SIDE = ["scripts/sanitize_clip.py", "scripts/triton_precompile.py", "tools/triton_static.py"] + \
     sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "gpu").glob("*.py"))
 
 

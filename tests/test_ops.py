@@ -60,7 +60,7 @@ def norms_buffer(device, dtypes=MIXED, n=len(SHAPES)):
 
 
 def zclip_config(**kw):
-    """The kernels' config for a ZClip with these arguments (csrc/zclip_rule.h ZConfigSlot)."""
+    """The kernels' config for a ZClip with these arguments (csrc/common/zclip_rule.h ZConfigSlot)."""
     return fusedclip.ZClip(warmup_steps=WARMUP, **kw)._config
 
 

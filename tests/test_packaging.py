@@ -29,8 +29,8 @@ def sdist(tmp_path_factory):
 def test_sdist_has_what_the_build_and_the_tests_need(sdist):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    need = {"setup.py", "pyproject.toml", "CMakeLists.txt", "LICENSE", "README.md", "scripts/build_config.py",
-            "csrc/clip_math.h", "csrc/grad_table.h", "csrc/clip_cuda.cu", "csrc/clip_cpu.cpp", "tests/conftest.py",
+    need = {"setup.py", "pyproject.toml", "CMakeLists.txt", "LICENSE", "README.md", "tools/build_config.py",
+            "csrc/common/clip_math.h", "csrc/common/grad_table.h", "csrc/cuda/clip_cuda.cu", "csrc/cpu/clip_cpu.cpp", "tests/conftest.py",
             "bench/README.md", "docs/usage.md", "examples/train_lstm.py", "fusedclip/__init__.py"}
     assert need <= names, sorted(need - names)
     assert not any(n.endswith(".so") or n == "fusedclip/_build_info.py" for n in names)

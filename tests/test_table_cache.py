@@ -1,4 +1,4 @@
-"""The device-table cache of the CUDA clip and AGC (csrc/device_table_cache.h), proven on the CPU: the cache's
+"""The device-table cache of the CUDA clip and AGC (csrc/cuda/device_table_cache.h), proven on the CPU: the cache's
 policy is compiled with a simulated GPU (tests/cpp/table_cache_test.cpp) and checked for what a GPU run would
 show only as wrong results or reads of freed memory: a table a captured CUDA graph reads is never evicted, a
 table used from a second stream before its host-to-device copy is known to be done is waited for, a capture
@@ -27,10 +27,10 @@ def test_cache_policy_on_a_simulated_gpu(tmp_path):
 
 @pytest.mark.parametrize("source", ["clip_cuda.cu", "agc_cuda.cu"])
 def test_both_caches_use_the_shared_policy(source):
-    """csrc/agc_cuda.cu had its own cache (8 entries, pop_back eviction, no graph pinning, no recordStream, no
+    """csrc/cuda/agc_cuda.cu had its own cache (8 entries, pop_back eviction, no graph pinning, no recordStream, no
     copy event): a replay after 8 other tables read freed memory."""
-    text = (ROOT / "csrc" / source).read_text()
-    assert '#include "device_table_cuda.h"' in text
+    text = (ROOT / "csrc" / "cuda" / source).read_text()
+    assert '#include "cuda/device_table_cuda.h"' in text
     assert re.search(r"static DeviceTableCache<CudaTables> cache\(\d+\);", text)
     assert "cache.get(ops, " in text
     assert "pop_back" not in text and "std::list<" not in text  # no second, private cache
@@ -41,7 +41,7 @@ def test_non_dense_gradients_refused_under_capture_before_their_copies():
     before build_table makes their dense copies (which a capture would record ahead of the error: issue 25,
     defect 11); the fast path leaves non-dense CUDA gradients to the ops."""
     csrc = ROOT / "csrc"
-    src = (csrc / "clip_cuda.cu").read_text()
+    src = (csrc / "cuda" / "clip_cuda.cu").read_text()
     builds = re.findall(r"\n(.*)\n  const GradTable g = build_table\((\w+), \"([\w.]+)\"", src)
     assert len(builds) == 6, builds  # total_norm, clip_, ZClip.step, clip_grads_with_norm_, scale_each_, clip_value_
     for before, arg, op in builds:

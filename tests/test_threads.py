@@ -98,7 +98,7 @@ assert elapsed < 1.0, f"waited for the busy inter-op pool: {elapsed:.3f} s"
 
 @pytest.mark.skipif(not _ext.LOADED, reason="the extension did not load")
 def test_cpu_kernel_never_waits_for_a_helper_that_has_not_started(tmp_path):
-    """The CPU kernel's helpers come from torch's inter-op pool (csrc/clip_cpu.cpp, for_each_chunk) and the caller
+    """The CPU kernel's helpers come from torch's inter-op pool (csrc/cpu/clip_cpu.cpp, for_each_chunk) and the caller
     waits only for chunk ranges a helper claimed: with the pool's only thread busy for seconds (a forked
     TorchScript task), a 64 MB norm and clip still finish at once, and exact. (With at::parallel_for, a helper
     not yet scheduled on a busy machine held the call a time slice: 8 ms for a 16 MB norm.)"""

@@ -2,7 +2,7 @@
 
 - The kernels compiled for sm_90 (H100/H200) with the installed Triton and with the GPU machine's Triton 3.6
   (in .venv/triton36, installed by `make setup`): 128-bit global loads on the full blocks of every dtype path,
-  no spills, the registers reported, and the one-launch programs per SM that follow (scripts/triton_static.py).
+  no spills, the registers reported, and the one-launch programs per SM that follow (tools/triton_static.py).
 - No CUDA-graph capture compiles: the specialization key Triton computes for a launch is the same for every
   barrier slot and for the arguments that may differ between a warm-up and a capture.
 - The one-launch sizing: half of an SM per call, whatever the registers; the variant choice by spills.
@@ -20,13 +20,13 @@ import torch
 triton = pytest.importorskip("triton")
 if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
     pytest.skip(f"written for the compile internals of Triton 3.6 (the GPU machine's) and 3.8 "
-                f"(scripts/triton_static.py); this is Triton {triton.__version__}", allow_module_level=True)
+                f"(tools/triton_static.py); this is Triton {triton.__version__}", allow_module_level=True)
 
 from fusedclip import _ext  # noqa: E402
 from fusedclip.backends.triton import clip as tclip, kernels as tk, launcher as tlauncher  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
 import triton_static as ts  # noqa: E402
 
 pytestmark = [
@@ -49,7 +49,7 @@ def triton36():
         return
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TRITON36, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env.pop("TRITON_INTERPRET", None)
-    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "triton_static.py"), "--json"],
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "triton_static.py"), "--json"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield child
     if child.poll() is None:

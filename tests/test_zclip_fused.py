@@ -1,4 +1,4 @@
-"""ZClip's fused step (csrc/zclip_rule.h, fusedclip/backends/triton/zclip.py) on every backend: parity with zclip 1.0.0,
+"""ZClip's fused step (csrc/common/zclip_rule.h, fusedclip/backends/triton/zclip.py) on every backend: parity with zclip 1.0.0,
 the spike guard (on_spike / on_nonfinite "skip") with fused and unfused optimizers, AMP in the same pass,
 torch.compile, the no-write path, and (GPU) CUDA-graph replay. tests/test_zclip.py covers the rules in depth
 on the default backend."""

@@ -55,7 +55,7 @@ class NativeBackend(Backend):
 
     @staticmethod
     def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None):
-        """ZClip's step (csrc/zclip_rule.h) in the fused pass: the norm (or the given one), the coefficient from
+        """ZClip's step (csrc/common/zclip_rule.h) in the fused pass: the norm (or the given one), the coefficient from
         the float64 state, the scaling unless it is 1 (or, with coef_out, the factor written there instead),
         the state's update; found_inf set also on a skipped step. Returns the norm in the accumulation dtype."""
         return torch.ops.fusedclip.zclip_(grads, state, config, norm, inv_scale, found_inf, coef_out)

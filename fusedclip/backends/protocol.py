@@ -19,7 +19,7 @@ class Backend:
     Declared capabilities (class attributes: callers read them and never probe for methods):
         fused_extras: clip and total_norm take per_tensor, inv_scale and found_inf in their own pass.
         fused_zclip: zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_out=None) runs
-            ZClip's step (csrc/zclip_rule.h) in the fused pass.
+            ZClip's step (csrc/common/zclip_rule.h) in the fused pass.
         fused_agc: agc(weights, grads, clip_factor, eps, norm_type) runs adaptive gradient clipping.
         fused_scale_each: scale_each(grads, coefs) scales each tensor by its own coefficient.
         delegates_to_torch: the public functions hand the call to torch.nn.utils unchanged (backend="torch");

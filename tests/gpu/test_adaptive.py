@@ -208,13 +208,13 @@ def test_agc_refuses_a_non_dense_gradient_under_capture_before_copying():
 
 @pytest.mark.cpu_logic
 def test_agc_refusal_comes_before_the_copies():
-    """csrc/agc_cuda.cu refuses weights or gradients that need a dense copy under a capture before
+    """csrc/cuda/agc_cuda.cu refuses weights or gradients that need a dense copy under a capture before
     build_agc_table makes the copies (which a capture would record into the graph ahead of the error), with the
     same rule for "needs a copy" as build_agc_table itself (agc_rows_are_blocks)."""
-    src = (ROOT / "csrc" / "agc_cuda.cu").read_text()
+    src = (ROOT / "csrc" / "cuda" / "agc_cuda.cu").read_text()
     body = src[src.index("void agc_cuda("):]
     assert body.index("refuse_agc_copies_under_capture(weights, grads);") < body.index("build_agc_table(")
     refuse = src[src.index("void refuse_agc_copies_under_capture("):src.index("at::Tensor device_agc_table(")]
     assert "!agc_rows_are_blocks(t)" in refuse and "is_capturing(" in refuse and "kAgcNonDenseUnderCapture" in refuse
-    table = (ROOT / "csrc" / "agc_table.cpp").read_text()
+    table = (ROOT / "csrc" / "common" / "agc_table.cpp").read_text()
     assert len(re.findall(r"if \(!agc_rows_are_blocks\([wg]\)\) \{", table)) == 2  # the copies, by that rule

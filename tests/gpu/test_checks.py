@@ -14,7 +14,7 @@ import fusedclip
 from fusedclip.testing import (assert_bit_identical, clone_params, device_grads, grads_of, params_with, ref_norm,
                                rel_err)
 
-CHUNK = 16384  # csrc/clip_math.h kChunkElems
+CHUNK = 16384  # csrc/common/clip_math.h kChunkElems
 
 
 def cuda_backends():

@@ -25,7 +25,7 @@ from fusedclip.bench.targets import EXPECTED_GPU, targets
 from fusedclip.testing import device_grads, params_with, ref_norm, rel_err
 
 pytestmark = pytest.mark.smoke
-CHUNK = 16384  # csrc/clip_math.h kChunkElems
+CHUNK = 16384  # csrc/common/clip_math.h kChunkElems
 GiB = 2**30
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,8 +1,8 @@
 """Adaptive gradient clipping in Triton (backend="triton" of fusedclip.clip_agc_): the algorithm of
-csrc/agc_cuda.cu, kernel and launcher side by side.
+csrc/cuda/agc_cuda.cu, kernel and launcher side by side.
 
 One launch per accumulation dtype (fp32; fp64 for fp64 pairs) over the table of all (weight, gradient) pairs:
-[w_ptr[n] | g_ptr[n] | rows[n] | len[n] | dtype[n] | item_begin[n+1]] (csrc/agc_table.h's layout), built here.
+[w_ptr[n] | g_ptr[n] | rows[n] | len[n] | dtype[n] | item_begin[n+1]] (csrc/common/agc_table.h's layout), built here.
 A pair whose units (rows, or the whole tensor) have at most COLS elements is done ROWS units an item, as one
 [ROWS, COLS] tile: both norms per row, the factor per row, and the rows that are clipped scaled from the loaded
 tile and stored (rows left alone are never written). A larger unit is one item: its norms over COLS-wide steps,
@@ -59,7 +59,7 @@ def _terms(x, mask, pw, NORM: tl.constexpr, EXACT_POW: tl.constexpr):
 
 @triton.jit
 def _factor(w_norm, g_norm, clip, eps, ACC: tl.constexpr):
-    """csrc/agc_table.h's agc_factor: 1 when g_norm < clip * max(w_norm, eps), else max / max(g_norm, 1e-6)."""
+    """csrc/common/agc_table.h's agc_factor: 1 when g_norm < clip * max(w_norm, eps), else max / max(g_norm, 1e-6)."""
     max_norm = tl.where(w_norm < eps, eps, w_norm) * clip  # a NaN w_norm stays NaN
     floor = tl.full([], 1e-6, ACC)
     scaled = _div(max_norm, tl.where(g_norm < floor, floor, g_norm), ACC)
@@ -158,7 +158,7 @@ def _agc_kernel(table, n, n_items, clip_bits: tl.int64, eps_bits: tl.int64, p_bi
 
 
 def _rows_are_blocks(t):
-    """Each row one block of memory (csrc/agc_table.cpp's rule): dense, with dim 0 outermost."""
+    """Each row one block of memory (csrc/common/agc_table.cpp's rule): dense, with dim 0 outermost."""
     if not launcher._is_dense(t):
         return False
     return t.dim() <= 1 or t.shape[0] == 1 or t.stride(0) == t.numel() // t.shape[0]

@@ -1,6 +1,6 @@
 """The Triton backend (backend="triton"): the fused clip written in Triton, kernels and launchers side by side.
 
-Addressing: one int64 table per call, from the core's torch.ops.fusedclip.table (csrc/clip_math.h, TableView):
+Addressing: one int64 table per call, from the core's torch.ops.fusedclip.table (csrc/common/clip_math.h, TableView):
 [ptr[n] | numel[n] | dtype[n] | chunk_begin[n+1]], dtype codes 0=fp32 1=fp16 2=bf16 3=fp64. Work is split into
 chunks of CHUNK elements that never span two tensors; a program finds a chunk's tensor by binary search over
 chunk_begin and casts the tensor's address to a typed pointer. Accumulation is in fp32 (fp64 when any tensor is
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-CHUNK = 16384  # csrc/clip_math.h kChunkElems: the table's chunk size
+CHUNK = 16384  # csrc/common/clip_math.h kChunkElems: the table's chunk size
 _CHUNK = tl.constexpr(CHUNK)  # the same, visible inside kernels
 L2, INF, NEG_INF, P_NORM = 0, 1, 2, 3  # norm kinds (constexpr NORM)
 OP_NORM, OP_SCALE, OP_CLAMP = 0, 1, 2  # what a chunk visit does (constexpr OP)
@@ -408,7 +408,7 @@ def _norm_from_partials(partials, count, pw, NORM: tl.constexpr, ACC: tl.constex
                         EXACT_POW: tl.constexpr):
     """The norm of `count` chunk partials (float64: each chunk's fp32 sum is stored widened), combined and
     finished in float64, unrounded (callers round it once to ACC): an fp32 combination of thousands of partials
-    costs tens of ulps (csrc/clip_math.h: widen)."""
+    costs tens of ulps (csrc/common/clip_math.h: widen)."""
     # a quarter as many lanes as the fp32 reductions: 1,024 float64 lanes took the finish kernels from 80-95 to
     # 128-168 registers (Triton 3.8 / 3.6; ZClip's finish spilled), 256 keep them where they were
     total = _reduce(partials, count, NORM, tl.float64, PBLOCK // 4)

@@ -1,5 +1,5 @@
 """ZClip's step in Triton (backend="triton"): the fused L2 norm of kernels.py, then ZClip's rule
-(csrc/zclip_rule.h, in the same order of float64 operations) and the scaling, and the state's update.
+(csrc/common/zclip_rule.h, in the same order of float64 operations) and the scaling, and the state's update.
 
 Both launch variants of clip.py:
   - one launch: every program reads the state before the grid barrier, so program 0 can write the next state
@@ -19,7 +19,7 @@ import triton.language as tl
 from . import kernels, launcher
 from ...ops import ZCLIP_CONFIG, ZCLIP_STATE, acc_dtype
 
-# the state's slots and the config's order: ops.ZCLIP_STATE and ZCLIP_CONFIG (csrc/zclip_rule.h ZSlot, ZConfigSlot)
+# the state's slots and the config's order: ops.ZCLIP_STATE and ZCLIP_CONFIG (csrc/common/zclip_rule.h ZSlot, ZConfigSlot)
 STEPS, MEAN, VAR, SKIPPED = map(ZCLIP_STATE.index, ("steps", "mean", "var", "skipped"))
 BUFFER = len(ZCLIP_STATE)
 _STEPS, _MEAN, _VAR, _SKIPPED, _BUFFER = map(tl.constexpr, (STEPS, MEAN, VAR, SKIPPED, BUFFER))  # inside kernels

@@ -13,6 +13,7 @@ Switches (environment variables):
 
 `python scripts/build_config.py --cmake` prints the decisions as CMake `set()` lines.
 """
+import glob
 import os
 import re
 import shutil
@@ -20,11 +21,21 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/grad_table.cpp", "csrc/clip_cpu.cpp", "csrc/python_module.cpp",
-               "csrc/agc_table.cpp", "csrc/agc_cpu.cpp"]
-CUDA_SOURCES = ["csrc/clip_cuda.cu", "csrc/agc_cuda.cu"]
+# The sources by folder (a new file joins the build by where it is): csrc/ the schemas (ops.cpp) and the Python
+# entry (python_module.cpp), csrc/common/ the host code both devices share, csrc/cpu/ and csrc/cuda/ the kernels
+# with their TORCH_LIBRARY_IMPL. Relative to the repository root, sorted: the same list for setup.py and CMake.
+# Includes are spelled from csrc/ ("common/grad_table.h"): both builds put INCLUDE_DIR on the include path.
+INCLUDE_DIR = "csrc"
+
+
+def _sources(*patterns):
+    return sorted(os.path.relpath(f, ROOT) for p in patterns for f in glob.glob(os.path.join(ROOT, p)))
+
+
+CPU_SOURCES = _sources("csrc/*.cpp", "csrc/common/*.cpp", "csrc/cpu/*.cpp")
+CUDA_SOURCES = _sources("csrc/cuda/*.cu")
 # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the CPU kernel runs on one thread.
-# -ffp-contract=off: no multiply-add contraction, so the CPU loops' ISA variants give the same bits (csrc/cpu_simd.h).
+# -ffp-contract=off: no multiply-add contraction, so the CPU loops' ISA variants give the same bits (csrc/cpu/cpu_simd.h).
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 # Host debug information is ~12 MB of the module; FUSEDCLIP_DEBUG=1 keeps it (the kernels keep -lineinfo anyway).
 LINK_FLAGS = ["-fopenmp"] + ([] if os.environ.get("FUSEDCLIP_DEBUG") == "1" else ["-Wl,--strip-debug"])

@@ -16,7 +16,7 @@
 #include <cstring>
 #include <string>
 
-#include "clip_math.h"
+#include "common/clip_math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>

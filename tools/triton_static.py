@@ -9,7 +9,7 @@ recorder (nothing runs), and the compile goes through Triton's own binder (the f
 arguments into the specialization key) and argument packing, as a real launch would. Uses only what Triton 3.6
 (the GPU machine's) and 3.8 both have.
 
-    python scripts/triton_static.py [--json]     # with PYTHONPATH=<dir> to try another Triton
+    python tools/triton_static.py [--json]     # with PYTHONPATH=<dir> to try another Triton
 """
 import json
 import os

@@ -1,4 +1,4 @@
-#include "grad_table.h"
+#include "common/grad_table.h"
 
 #include <cmath>
 

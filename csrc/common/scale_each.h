@@ -6,7 +6,7 @@
 
 #include <ATen/ATen.h>
 
-#include "grad_table.h"
+#include "common/grad_table.h"
 
 namespace fusedclip {
 

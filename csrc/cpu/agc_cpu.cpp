@@ -11,9 +11,9 @@
 #include <limits>
 #include <vector>
 
-#include "agc_table.h"
-#include "cpu_simd.h"
-#include "grad_table.h"
+#include "common/agc_table.h"
+#include "cpu/cpu_simd.h"
+#include "common/grad_table.h"
 
 namespace fusedclip {
 namespace {

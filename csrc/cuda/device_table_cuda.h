@@ -1,4 +1,4 @@
-// The CUDA side of csrc/device_table_cache.h, shared by the clip and AGC caches.
+// The CUDA side of csrc/cuda/device_table_cache.h, shared by the clip and AGC caches.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +14,7 @@
 #include <utility>
 #include <vector>
 
-#include "device_table_cache.h"
+#include "cuda/device_table_cache.h"
 
 namespace fusedclip {
 

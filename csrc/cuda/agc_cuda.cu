@@ -16,9 +16,9 @@
 #include <list>
 #include <mutex>
 
-#include "agc_table.h"
-#include "device_table_cuda.h"
-#include "grad_table.h"
+#include "common/agc_table.h"
+#include "cuda/device_table_cuda.h"
+#include "common/grad_table.h"
 
 namespace fusedclip {
 namespace {
@@ -273,7 +273,7 @@ void refuse_agc_copies_under_capture(at::TensorList weights, at::TensorList grad
   TORCH_CHECK(!is_capturing(c10::cuda::getCurrentCUDAStream(grads[0].device().index())), kAgcNonDenseUnderCapture);
 }
 
-// Device copies of tables (csrc/device_table_cache.h, as the clip's): the same parameters step after step
+// Device copies of tables (csrc/cuda/device_table_cache.h, as the clip's): the same parameters step after step
 // cost no host-to-device copy, an entry a captured graph has used is never freed, and a table used from
 // another stream before its copy is known to be done is waited for.
 at::Tensor device_agc_table(const AgcTable& a, const c10::cuda::CUDAStream& stream) {

@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "clip_math.h"
+#include "common/clip_math.h"
 
 namespace fusedclip {
 

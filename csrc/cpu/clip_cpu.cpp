@@ -17,9 +17,9 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu_simd.h"
-#include "grad_table.h"
-#include "scale_each.h"
+#include "cpu/cpu_simd.h"
+#include "common/grad_table.h"
+#include "common/scale_each.h"
 
 namespace fusedclip {
 namespace {
@@ -182,7 +182,7 @@ double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bo
 
 }  // namespace
 
-// Each tensor times its own coefficient (csrc/scale_each.h): a chunk's factor is its tensor's, converted to
+// Each tensor times its own coefficient (csrc/common/scale_each.h): a chunk's factor is its tensor's, converted to
 // the tensor's opmath type; chunks whose factor is exactly 1 are skipped (no write). Chunks walked in
 // reverse, as scale_all: the per-tensor norm pass just before read them forwards.
 void scale_each_table_cpu(const GradTable& g, const double* coefs) {

@@ -1,4 +1,4 @@
-// The device copies of the kernels' tables (csrc/clip_cuda.cu's gradient tables, csrc/agc_cuda.cu's AGC
+// The device copies of the kernels' tables (csrc/cuda/clip_cuda.cu's gradient tables, csrc/cuda/agc_cuda.cu's AGC
 // tables), keyed by their content (pointers, sizes, dtypes): the same gradients step after step cost no
 // host-to-device copy, and a CUDA graph captured after a warm-up call contains no copy at all. One policy for
 // both caches, with no CUDA in it, so that tests/test_table_cache.py compiles it on a CPU with a simulated
@@ -12,7 +12,7 @@
 //   * a graph captured while the copy may still be pending waits for the copy on the host once, at capture
 //     (a graph replayed later, on any stream, must not depend on an event outside it);
 //   * a table asked for first under capture is refused (std::nullopt: the caller raises its own error).
-// Ops supplies the device side (csrc/device_table_cuda.h CudaTables):
+// Ops supplies the device side (csrc/cuda/device_table_cuda.h CudaTables):
 //   Table upload(int device, const std::vector<int64_t>& key, Stream s)   the copy, enqueued on s
 //   Event record(Stream s)                     an event recorded on s after the copy
 //   bool done(Event&)                          the event has completed (never called under capture)

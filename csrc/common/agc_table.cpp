@@ -1,6 +1,6 @@
-#include "agc_table.h"
+#include "common/agc_table.h"
 
-#include "grad_table.h"
+#include "common/grad_table.h"
 
 namespace fusedclip {
 

@@ -13,7 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "clip_math.h"
+#include "common/clip_math.h"
 
 namespace fusedclip {
 

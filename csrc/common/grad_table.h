@@ -11,8 +11,8 @@
 #include <utility>
 #include <vector>
 
-#include "clip_math.h"
-#include "zclip_rule.h"
+#include "common/clip_math.h"
+#include "common/zclip_rule.h"
 
 namespace fusedclip {
 

@@ -24,9 +24,9 @@
 #include <mutex>
 #include <tuple>
 
-#include "device_table_cuda.h"
-#include "grad_table.h"
-#include "scale_each.h"
+#include "cuda/device_table_cuda.h"
+#include "common/grad_table.h"
+#include "common/scale_each.h"
 
 namespace cg = cooperative_groups;
 
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kThreads)
   if (needs_scaling(coef)) scale_my_chunks_reversed(TableView{table, n_tensors}, coef);
 }
 
-// scale_each_ (csrc/scale_each.h): each chunk times its tensor's coefficient, in the tensor's opmath type; a
+// scale_each_ (csrc/common/scale_each.h): each chunk times its tensor's coefficient, in the tensor's opmath type; a
 // coefficient of exactly 1 skips the chunk (no write). The coefficients stay on the GPU: no sync.
 template <typename coef_t>
 __global__ void __launch_bounds__(kThreads)
@@ -295,7 +295,7 @@ void refuse_copies_under_capture(at::TensorList tensors) {
   TORCH_CHECK(!is_capturing(c10::cuda::getCurrentCUDAStream(tensors[0].device().index())), kNonDenseUnderCapture);
 }
 
-// Device copies of tables (csrc/device_table_cache.h): an entry a graph has used is never freed, and a table
+// Device copies of tables (csrc/cuda/device_table_cache.h): an entry a graph has used is never freed, and a table
 // used from another stream before its copy is known to be done is waited for.
 at::Tensor device_table(const GradTable& g, const c10::cuda::CUDAStream& stream) {
   static CudaTables ops;
