@@ -49,7 +49,6 @@ import torch
 from . import _ext, backends
 from ._core import (_as_list, _by_device, _call, _check_tensors, _check_writable, _new_per_tensor, _per_tensor_norms,
                     _scale, _total_norm)
-from .clip import _fast_path
 from .ops import acc_dtype
 
 
@@ -178,7 +177,7 @@ class AdaGC:
             Tensor: the total (L2) norm before clipping.
         """
         if not self.in_warmup and self._gamma is not None and self._gamma.device.type == "cpu" \
-                and _fast_path(self.backend):
+                and backends.fast_path_allowed(self.backend):
             # the whole step in one call (csrc/python_module.cpp adagc_grads), the same bits as below; None: declined
             norm = _ext._C.adagc_grads(self.params, self._gamma, [self.lambda_rel, self.beta, self.eps])
             if norm is not None:

@@ -1,16 +1,12 @@
 """Clipping fused with what surrounds it in a training loop: AMP's unscale (unscale_clip_) and the
 optimizer step (clip_into_)."""
 import torch
-from torch.amp.grad_scaler import OptState
 
-from . import backends, guard
+from . import backends
 from ._core import _call, _check_writable, _grads, _norm_type, _number, _total_norm
 from .clip import clip_, get_total_norm
+from .optimizers import begin_unscale, hand_over_grad_scale, is_fused, params_of, still_scaled
 from .ops import acc_dtype, result_dtype
-
-
-def _optimizer_params(optimizer):
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 @torch.no_grad()
@@ -36,7 +32,7 @@ def unscale_clip_(scaler, optimizer, max_norm, norm_type=2.0, *, error_if_nonfin
     Returns:
         Tensor: the total norm of the unscaled gradients before clipping (0-dim, as clip_ returns it).
     """
-    params = _optimizer_params(optimizer)
+    params = params_of(optimizer)
     if not scaler.is_enabled():
         return clip_(params, max_norm, norm_type, error_if_nonfinite, backend=backend)
     grads = _grads(params, "unscale_clip_")
@@ -48,50 +44,13 @@ def unscale_clip_(scaler, optimizer, max_norm, norm_type=2.0, *, error_if_nonfin
         return clip_(params, max_norm, p, error_if_nonfinite, backend=backend)
 
     _check_writable(grads, "unscale_clip_")
-    inv_scale, found_inf, commit = _begin_unscale(scaler, optimizer, grads)
+    inv_scale, found_inf, commit = begin_unscale(scaler, optimizer, grads)
     ok, norm = _call(be.clip, grads, "unscale_clip_", max_norm, p, None, inv_scale, found_inf)
     if not ok:  # several devices
         scaler.unscale_(optimizer)
         return clip_(params, max_norm, p, backend=backend)
     commit()
     return norm
-
-
-def _begin_unscale(scaler, optimizer, grads):
-    """For a kernel that unscales `grads` (one device) in its own pass: GradScaler.unscale_'s checks, in its
-    words, before anything is written; returns (inv_scale, found_inf, commit), commit() marking the optimizer
-    unscaled for the scaler once the kernel is launched."""
-    scaler._check_scale_growth_tracker("unscale_")
-    state = scaler._per_optimizer_states[id(optimizer)]
-    if state["stage"] is OptState.UNSCALED:
-        raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
-    if state["stage"] is OptState.STEPPED:
-        raise RuntimeError("unscale_() is being called after step().")
-    if any(g.dtype == torch.float16 for g in grads):
-        raise ValueError("Attempting to unscale FP16 gradients.")
-    device = grads[0].device
-    inv_scale = scaler._scale.double().reciprocal().float().to(device)  # as GradScaler computes it
-    found_inf = torch.zeros((), dtype=torch.float32, device=device)
-
-    def commit():
-        state["found_inf_per_device"] = {device: found_inf}
-        state["stage"] = OptState.UNSCALED
-
-    return inv_scale, found_inf, commit
-
-
-def _fused_step_takes_grad_scale(optimizer):
-    """torch's fused optimizers (Adam, AdamW, SGD, ... with fused=True) divide every gradient by the device
-    tensor `optimizer.grad_scale` inside their step."""
-    return guard.is_fused(optimizer)
-
-
-def _forget_grad_scale_after_step(optimizer, _args, _kwargs):
-    # Ours is for one step only. A GradScaler that manages the attribute deletes it itself after the step;
-    # leaving None keeps that `del` working and makes a later plain step unscaled.
-    if getattr(optimizer, "grad_scale", None) is getattr(optimizer, "_fusedclip_grad_scale", None):
-        optimizer.grad_scale = None
-    optimizer._fusedclip_grad_scale = None
 
 
 @torch.no_grad()
@@ -118,11 +77,10 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
         Tensor: the total norm of the (unscaled) gradients before clipping, 0-dim, in the promotion of their
         dtypes (tensor(0.) without gradients).
     """
-    params = _optimizer_params(optimizer)
-    state = scaler._per_optimizer_states[id(optimizer)] if scaler is not None and scaler.is_enabled() else None
-    still_scaled = state is not None and state["stage"] is OptState.READY
-    if not _fused_step_takes_grad_scale(optimizer):
-        if still_scaled:
+    params = params_of(optimizer)
+    scaled = still_scaled(scaler, optimizer)
+    if not is_fused(optimizer):
+        if scaled:
             return unscale_clip_(scaler, optimizer, max_norm, norm_type, backend=backend)
         return clip_(params, max_norm, norm_type, backend=backend)
     grads = _grads(params, "clip_into_")
@@ -136,17 +94,8 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
         norm = get_total_norm(grads, p, backend="torch").to(device, acc_dtype(grads))
     else:  # the norm in the accumulation dtype (not rounded to bf16/fp16), so the coef is fp32-accurate
         norm = _total_norm(grads, p, be, "clip_into_").to(device)
-    if still_scaled:  # the grads are scaled: the norm of the unscaled ones is norm / scale
+    if scaled:  # the grads are scaled: the norm of the unscaled ones is norm / scale
         norm = norm * scaler._scale.double().reciprocal().to(device, norm.dtype)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    _hand_over(optimizer, coef.reciprocal().float())  # the fused step divides by it
+    hand_over_grad_scale(optimizer, coef.reciprocal().float())  # the fused step divides by it
     return norm.to(result_dtype(grads))
-
-
-def _hand_over(optimizer, grad_scale):
-    """Makes the fused optimizer's next step divide every gradient by grad_scale (a device tensor)."""
-    if not getattr(optimizer, "_fusedclip_hooked", False):
-        optimizer.register_step_post_hook(_forget_grad_scale_after_step)
-        optimizer._fusedclip_hooked = True
-    optimizer.grad_scale = grad_scale
-    optimizer._fusedclip_grad_scale = grad_scale

@@ -10,19 +10,12 @@ import math
 
 import torch
 
-from . import _ext, backends, guard
+from . import _ext, backends, optimizers
 from . import distributed as _distributed
 from ._core import (_as_list, _call, _check_finite, _check_kernel_inputs, _check_tensors, _check_writable, _grads, _groups_for, _new_per_tensor,
                     _norm_type, _number, _per_tensor_norms, _scale, _scale_with_norm, _torch_clip_grad_norm_,
                     _torch_clip_grad_value_, _torch_get_total_norm, _total_norm)
 from .ops import result_dtype
-
-
-def _fast_path(backend):
-    """Whether a call may try the compiled fast path (csrc/python_module.cpp): eager, and the native backend is
-    the one to run. The fast path itself declines (returns None) whatever the operator path must handle."""
-    return (_ext.LOADED and not torch.compiler.is_compiling()
-            and (backend == "native" or (backend == "auto" and backends.AUTO_ORDER[0] == "native")))
 
 
 def _no_per_tensor_when_sharded(per_tensor, fn):
@@ -74,7 +67,7 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     if on_nonfinite != "clip":
         return _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_tensor, process_group,
                              on_nonfinite, optimizer, plain_group)
-    if not (per_tensor or error_if_nonfinite or plain_group is not None) and _fast_path(backend):
+    if not (per_tensor or error_if_nonfinite or plain_group is not None) and backends.fast_path_allowed(backend):
         norm = _ext._C.clip_grads(params, max_norm, norm_type) if process_group is None else None
         if norm is None:  # DTensor parameters (FSDP2, TP): their gradients read in C++ too, or None
             norm = _distributed.fast_clip(params, max_norm, norm_type, process_group)
@@ -87,7 +80,7 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
     max_norm = _number(max_norm, "clip_", "max_norm")
     if process_group is not None or plain_group is not None or _distributed.has_dtensor(grads):
         _no_per_tensor_when_sharded(per_tensor, "clip_")
-        return _distributed.clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach,
+        return _distributed.sharded_clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach,
                                   plain_group)
     if be.delegates_to_torch:
         norms = _per_tensor_norms(grads, p) if per_tensor and grads else torch.empty(0)
@@ -133,7 +126,7 @@ def _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_
     flag = finite.logical_not().to(torch.float32)
     if _distributed.is_dtensor(flag):
         flag = flag.to_local()
-    guard.skip_next_step_if(optimizer, flag.to(grads[0].device))
+    optimizers.skip_next_step_if(optimizer, flag.to(grads[0].device))
     return norm
 
 
@@ -162,7 +155,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     """
     tensors = _as_list(tensors)
     if not (per_tensor or error_if_nonfinite or process_group is not None or plain_group is not None) \
-            and _fast_path(backend):
+            and backends.fast_path_allowed(backend):
         norm = _ext._C.total_norm(tensors, norm_type)
         if norm is not None:
             return norm
@@ -171,7 +164,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     p = _norm_type(norm_type, "get_total_norm")
     if process_group is not None or plain_group is not None or _distributed.has_dtensor(tensors):
         _no_per_tensor_when_sharded(per_tensor, "get_total_norm")
-        return _distributed.total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach, plain_group)
+        return _distributed.sharded_total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach, plain_group)
     if be.delegates_to_torch:
         norms = _per_tensor_norms(tensors, p) if per_tensor and tensors else torch.empty(0)
         norm = _torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
@@ -210,7 +203,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
     max_norm = _number(max_norm, "clip_grads_with_norm_", "max_norm")
     if _distributed.has_dtensor(grads):
-        return _distributed.scale_(params, grads, max_norm, total_norm, be, foreach)
+        return _distributed.sharded_scale_(params, grads, max_norm, total_norm, be, foreach)
     return _scale_with_norm(params, grads, max_norm, total_norm, be, foreach, "clip_grads_with_norm_")
 
 

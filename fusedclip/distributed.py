@@ -151,7 +151,7 @@ def _scale_local(tensors, max_norm, norm, be, fn):
 # A process group: each rank passes its shards (FSDP1 flat parameters, ZeRO partitions, TP slices).
 # ---------------------------------------------------------------------------------------------------------
 
-def _group_norm(grads, p, process_group, be, fn):
+def group_norm(grads, p, process_group, be, fn):
     """The global norm (float64, on this rank's gradient device) of the shards all ranks of the group hold."""
     if not all(issubclass(t, torch.Tensor) for t in set(map(type, grads))):
         _core._check_tensors(grads, fn, "gradients")  # says which item is not a tensor
@@ -552,7 +552,7 @@ def _scale_plan(plan, max_norm, norm, be, fn):
         _core._scale(tensors, max_norm, norm, be, fn)
 
 
-def _dtensor_norm(grads, p, be, fn, process_group=None, plain_group=None):
+def dtensor_norm(grads, p, be, fn, process_group=None, plain_group=None):
     """(the global norm in float64, the local tensors to scale, the meshes) of DTensor gradients (ZClip's too)."""
     plan = _plan(grads, fn)
     return _plan_norm(plan, p, be, fn, process_group, plain_group), plan.scale, plan.meshes
@@ -592,7 +592,7 @@ def _norm(grads, p, process_group, plain_group, be, fn, foreach, torch_fn):
     """(global norm in float64, tensors to scale, meshes), or (torch's result, None, None) when torch runs."""
     dtensors = has_dtensor(grads)
     if not dtensors and plain_group is None:
-        return _group_norm(grads, p, process_group, be, fn), grads, []
+        return group_norm(grads, p, process_group, be, fn), grads, []
     if be.delegates_to_torch and process_group is None and plain_group is None and not any(
             type(g) is torch.Tensor for g in grads):
         return torch_fn(), None, None  # DTensors alone: torch handles them itself
@@ -608,7 +608,7 @@ def _norm(grads, p, process_group, plain_group, be, fn, foreach, torch_fn):
     return _plan_norm(plan, p, be, fn, process_group, plain_group), plan, plan.meshes
 
 
-def clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach=None, plain_group=None):
+def sharded_clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach=None, plain_group=None):
     """clip_ over a process group and/or DTensor gradients. `params` as the user passed them (a list), `grads`
     their gradients, `p` and `max_norm` validated floats, `be` the resolved backend. Every rank of the groups and
     meshes involved must call it (also ranks without gradients). Returns the global norm (before clipping)."""
@@ -628,7 +628,7 @@ def clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, for
     return _result(norm, plan)
 
 
-def total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach=None, plain_group=None):
+def sharded_total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach=None, plain_group=None):
     """get_total_norm over a process group and/or DTensors: the global norm, on every rank."""
     norm, plan, meshes = _norm(tensors, p, process_group, plain_group, be, "get_total_norm", foreach,
                                lambda: _core._torch_get_total_norm(tensors, p, error_if_nonfinite, foreach))
@@ -643,7 +643,7 @@ def total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach=None, 
     return _result(norm, plan)
 
 
-def scale_(params, grads, max_norm, total_norm, be, foreach=None):
+def sharded_scale_(params, grads, max_norm, total_norm, be, foreach=None):
     """clip_grads_with_norm_ for DTensor gradients, alone or mixed with plain ones: scales each local shard (no
     communication). total_norm may be a DTensor (as clip_/get_total_norm return), a tensor or a number."""
     if be.delegates_to_torch and not any(type(g) is torch.Tensor for g in grads):

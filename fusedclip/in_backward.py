@@ -32,7 +32,7 @@ import torch
 
 from . import _ext, backends
 from ._core import _as_list, _by_device, _check_tensors, _check_writable, _number, _scale
-from .amp import _fused_step_takes_grad_scale, _hand_over, _optimizer_params
+from .optimizers import hand_over_grad_scale, is_fused, params_of
 from .ops import acc_dtype, result_dtype
 
 
@@ -77,8 +77,8 @@ class ClipInBackward:
         self._be = backends.resolve(backend, device.type)
         self._partials = torch.zeros(len(self.params), dtype=torch.float64, device=device)
         self.optimizer = optimizer
-        self._into = (optimizer is not None and _fused_step_takes_grad_scale(optimizer)
-                      and {id(p) for p in _optimizer_params(optimizer)} == {id(p) for p in self.params})
+        self._into = (optimizer is not None and is_fused(optimizer)
+                      and {id(p) for p in params_of(optimizer)} == {id(p) for p in self.params})
         # the compiled CPU hook: eager, the native backend, CPU parameters (tried per call; it declines what it
         # cannot take, e.g. under a dispatch mode)
         self._fast = device.type == "cpu" and self._be.name == "native" and _ext.LOADED
@@ -132,7 +132,7 @@ class ClipInBackward:
         self._partials.zero_()
         if self._into:
             coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
-            _hand_over(self.optimizer, coef.reciprocal().float())  # the fused step divides by it
+            hand_over_grad_scale(self.optimizer, coef.reciprocal().float())  # the fused step divides by it
         elif self._be.delegates_to_torch:  # torch's clip_grads_with_norm_: coefficient clamped to 1, multiplied in
             coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
             for device, group in _by_device(grads).items():

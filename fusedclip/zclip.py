@@ -53,7 +53,7 @@ Deliberate differences from zclip, each for a reason:
   ignored and stored as None, as in zclip, whatever it is; one that is no option at all warns (a likely typo).
 
 Beyond zclip: on_spike="skip" / on_nonfinite="skip" skip the optimizer step on a spike / a non-finite norm,
-without a host sync for torch's fused optimizers (fusedclip/guard.py); AMP's unscale in the same pass
+without a host sync for torch's fused optimizers (fusedclip/optimizers.py); AMP's unscale in the same pass
 (step(..., scaler=, optimizer=)); gradients sharded over a process group or DTensors (the global norm first).
 """
 import math
@@ -62,11 +62,11 @@ import warnings
 
 import torch
 
-from . import _ext, backends, guard
+from . import _ext, backends, optimizers
 from . import distributed as _distributed
 from ._core import _as_list, _by_device, _check_writable, _grads, _total_norm
-from .amp import _begin_unscale, _hand_over, _optimizer_params
-from .clip import _fast_path, clip_grads_with_norm_, get_total_norm
+from .optimizers import begin_unscale, hand_over_grad_scale, params_of
+from .clip import clip_grads_with_norm_, get_total_norm
 from .ops import ZCLIP_CONFIG, ZCLIP_STATE, acc_dtype, zclip_layout_mismatch
 
 _MODES = ("zscore", "percentile")
@@ -395,7 +395,7 @@ class ZClip:
         first gradient's device). Call after backward, before optimizer.step().
 
         optimizer: needed with on_spike / on_nonfinite "skip" (its next step is skipped when this one is; see
-        fusedclip/guard.py), and with scaler. scaler: a torch.amp.GradScaler whose gradients are still scaled:
+        fusedclip/optimizers.py), and with scaler. scaler: a torch.amp.GradScaler whose gradients are still scaled:
         they are unscaled in the same pass (as scaler.unscale_(optimizer) then step() would), and the norm is
         the unscaled one.
 
@@ -418,13 +418,13 @@ class ZClip:
             raise ValueError("fusedclip.ZClip.step: pass the optimizer (step(model, optimizer)): "
                              + ("the scaler's state is per optimizer" if scaler is not None else
                                 "on_spike / on_nonfinite 'skip' skips its step"))
-        if self._state is not None and scaler is None and self.process_group is None and _fast_path(self.backend):
+        if self._state is not None and scaler is None and self.process_group is None and backends.fast_path_allowed(self.backend):
             # the eager fast path (csrc/python_module.cpp): the grads read in C++, one kernel; None: declined
             found = self._found_on(self._state.device) if self._skips else None
             norm = _ext._C.zclip_grads(params, self._state, self._config, found)
             if norm is not None:
                 if self._skips:
-                    guard.skip_next_step_if(optimizer, found)
+                    optimizers.skip_next_step_if(optimizer, found)
                 return norm
         grads = _grads(params, "ZClip.step")  # a clear error for a non-tensor item
         _check_writable(grads, "ZClip.step")
@@ -453,7 +453,7 @@ class ZClip:
 
         inv_scale = found = None
         if amp:
-            inv_scale, found, commit = _begin_unscale(scaler, optimizer, grads)
+            inv_scale, found, commit = begin_unscale(scaler, optimizer, grads)
         elif self._skips:
             found = self._found_on(device if device is not None else torch.device("cpu"))
         if sharded:
@@ -472,7 +472,7 @@ class ZClip:
         if amp:
             commit()
         if self._skips:
-            guard.skip_next_step_if(optimizer, found)
+            optimizers.skip_next_step_if(optimizer, found)
         return norm
 
     @torch.no_grad()
@@ -493,10 +493,10 @@ class ZClip:
         """
         if self._refuse:
             self._check_seeded()
-        params = _optimizer_params(optimizer)
+        params = params_of(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
         be = backends.resolve(self.backend, grads[0].device.type if grads else "cpu")
-        if (not guard.is_fused(optimizer) or not grads or len({g.device for g in grads}) > 1
+        if (not optimizers.is_fused(optimizer) or not grads or len({g.device for g in grads}) > 1
                 or self.process_group is not None or _distributed.has_dtensor(grads) or be.delegates_to_torch
                 or not be.fused_zclip):
             return self.step(params, optimizer if self._skips else None)
@@ -504,9 +504,9 @@ class ZClip:
         found = self._found_on(device) if self._skips else None
         factor = torch.empty((), dtype=torch.float32, device=device)
         norm = be.zclip(grads, self._state_on(device), self._config, None, None, found, factor)
-        _hand_over(optimizer, factor.reciprocal())
+        hand_over_grad_scale(optimizer, factor.reciprocal())
         if self._skips:
-            guard.skip_next_step_if(optimizer, found)
+            optimizers.skip_next_step_if(optimizer, found)
         return norm
 
     @torch.no_grad()
@@ -554,9 +554,9 @@ class ZClip:
     def _global_norm(self, grads, be):
         """(the norm of all ranks' shards in the accumulation dtype, this rank's local tensors to scale)."""
         if _distributed.has_dtensor(grads):  # with process_group: the pipeline stages' group, as in clip_
-            norm, local, _ = _distributed._dtensor_norm(grads, 2.0, be, "ZClip.step", self.process_group)
+            norm, local, _ = _distributed.dtensor_norm(grads, 2.0, be, "ZClip.step", self.process_group)
         else:
-            norm, local = _distributed._group_norm(grads, 2.0, self.process_group, be, "ZClip.step"), grads
+            norm, local = _distributed.group_norm(grads, 2.0, self.process_group, be, "ZClip.step"), grads
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in local) else torch.float32
         return norm.to(dtype), local
 

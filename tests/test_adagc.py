@@ -380,7 +380,7 @@ def test_cpu_fast_path_is_the_python_path(dtypes, monkeypatch):
             monkeypatch.setattr(_ext, "_C", Counting())
         else:
             monkeypatch.undo()
-            monkeypatch.setattr(adagc, "_fast_path", lambda backend: False)
+            monkeypatch.setattr(fusedclip.backends, "fast_path_allowed", lambda backend: False)
         params = [torch.nn.Parameter(torch.zeros(s, dtype=dtypes[i % len(dtypes)])) for i, s in enumerate(SHAPES)]
         clipper = fusedclip.AdaGC(params, lambda_abs=500.0, warmup_steps=3, backend="native")
         seen = []

@@ -6,6 +6,7 @@ torch.nn.utils unchanged.
 """
 import torch
 
+from .. import _ext
 from .native import NativeBackend
 from .protocol import Backend
 
@@ -77,6 +78,13 @@ def check_name(backend, fn):
 
 def _device_type(device):
     return torch.device(device).type
+
+
+def fast_path_allowed(backend):
+    """Whether a call may try the compiled fast path (csrc/python_module.cpp): eager, and the native backend is
+    the one to run. The fast path itself declines (returns None) whatever the operator path must handle."""
+    return (_ext.LOADED and not torch.compiler.is_compiling()
+            and (backend == "native" or (backend == "auto" and AUTO_ORDER[0] == "native")))
 
 
 def available_backends(device="cpu"):
