@@ -47,8 +47,8 @@ import numbers
 import torch
 
 from . import _ext, backends
-from ._core import (_as_list, _by_device, _call, _check_tensors, _check_writable, _new_per_tensor, _per_tensor_norms,
-                    _scale, _total_norm)
+from ._core import (as_list, by_device, call_backend, check_tensors, check_writable, new_per_tensor, per_tensor_norms,
+                    scale_by_norm, total_norm_of)
 from .ops import acc_dtype
 
 
@@ -56,9 +56,9 @@ def _norms(grads, be, fn):
     """(total norm, per-tensor norms) in the accumulation dtype: the backend's fused pass, or for backend="torch"
     torch's own definition (the norm of the per-tensor norms, torch.linalg.vector_norm)."""
     if be.delegates_to_torch:
-        norms = _per_tensor_norms(grads, 2.0)
+        norms = per_tensor_norms(grads, 2.0)
         return torch.linalg.vector_norm(norms), norms
-    return _total_norm(grads, 2.0, be, fn, per_tensor=True)
+    return total_norm_of(grads, 2.0, be, fn, per_tensor=True)
 
 
 def _scale_each(grads, coefs, be, fn):
@@ -71,7 +71,7 @@ def _scale_each(grads, coefs, be, fn):
     per gradient (every gradient read and written)."""
     op = be.scale_each if be.fused_scale_each else None
     if op is not None:
-        ok, _ = _call(op, grads, fn, coefs)
+        ok, _ = call_backend(op, grads, fn, coefs)
         if ok:
             return
     groups = {}
@@ -119,8 +119,8 @@ class AdaGC:
         self.warmup_steps = warmup_steps
         backends.check_name(backend, "AdaGC")
         self.backend = backend
-        self.params = _as_list(params.parameters() if isinstance(params, torch.nn.Module) else params)
-        _check_tensors(self.params, "AdaGC", "parameters")
+        self.params = as_list(params.parameters() if isinstance(params, torch.nn.Module) else params)
+        check_tensors(self.params, "AdaGC", "parameters")
         self._slot = {}
         for i, p in enumerate(self.params):
             if p in self._slot:
@@ -189,7 +189,7 @@ class AdaGC:
             return torch.zeros((), dtype=torch.float32,
                                device=self._gamma.device if self._gamma is not None else "cpu")
         slots, grads = tuple(i for i, _ in pairs), [g for _, g in pairs]
-        _check_writable(grads, "AdaGC.step")
+        check_writable(grads, "AdaGC.step")
         device = grads[0].device
         be = backends.resolve(self.backend, device.type)
         gamma = self._gamma_on(device)
@@ -214,18 +214,18 @@ class AdaGC:
     def _global_clip(self, grads, be):
         """The warm-up's global clip (fusedclip.clip_(max_norm=lambda_abs)) with each gradient's norm before it, from
         the same pass where the backend fuses them. Returns (total norm, per-tensor norms)."""
-        out = _new_per_tensor(grads, be) if not be.delegates_to_torch else None
+        out = new_per_tensor(grads, be) if not be.delegates_to_torch else None
         if out is not None:
-            ok, norm = _call(be.clip, grads, "AdaGC.step", self.lambda_abs, 2.0, out)
+            ok, norm = call_backend(be.clip, grads, "AdaGC.step", self.lambda_abs, 2.0, out)
             if ok:
                 return norm, out
         norm, norms = _norms(grads, be, "AdaGC.step")
         if be.delegates_to_torch:  # torch's clip: coefficient clamped to 1, multiplied in (as clip_grads_with_norm_)
             coef = (self.lambda_abs / (norm + 1e-6)).clamp(max=1.0)
-            for device, group in _by_device(grads).items():
+            for device, group in by_device(grads).items():
                 torch._foreach_mul_(group, coef.to(device))
         else:
-            _scale(grads, self.lambda_abs, norm, be, "AdaGC.step")
+            scale_by_norm(grads, self.lambda_abs, norm, be, "AdaGC.step")
         return norm, norms
 
     # -- inside backward -------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ class AdaGC:
         if grad is None:
             raise ValueError("fusedclip.AdaGC.clip_param_: the parameter has no gradient")
         self._advance_after_backward()
-        _check_writable([grad], "AdaGC.clip_param_")
+        check_writable([grad], "AdaGC.clip_param_")
         be = backends.resolve(self.backend, grad.device.type)
         gamma = self._gamma_on(grad.device)
         _, norms = _norms([grad], be, "AdaGC.clip_param_")

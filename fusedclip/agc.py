@@ -14,7 +14,7 @@ import math
 import torch
 
 from . import backends
-from ._core import _as_list, _by_device, _check_tensors, _check_writable, _norm_type, _number
+from ._core import as_list, by_device, check_tensors, check_writable, parse_norm_type, parse_number
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -46,7 +46,7 @@ class _TorchAgc:
 def _pairs(params):
     """(weight, gradient) of every parameter with a non-empty gradient; raises on anything the kernels
     cannot take, before anything is written."""
-    _check_tensors(params, "clip_agc_", "parameters")
+    check_tensors(params, "clip_agc_", "parameters")
     pairs = []
     for i, p in enumerate(params):
         g = p.grad
@@ -64,7 +64,7 @@ def _pairs(params):
         if g.device != p.device:
             raise ValueError(f"fusedclip.clip_agc_: parameter {i} is on {p.device} but its gradient on {g.device}")
         if g.numel():
-            _check_writable([g], "clip_agc_", offset=i)
+            check_writable([g], "clip_agc_", offset=i)
             pairs.append((p, g))  # read only, under no_grad (a detach per parameter would cost a dispatch each)
     return pairs
 
@@ -87,20 +87,20 @@ def clip_agc_(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0, *, backend=
     Returns:
         None
     """
-    params = _as_list(parameters)
-    clip_factor = _number(clip_factor, "clip_agc_", "clip_factor")
-    eps = _number(eps, "clip_agc_", "eps")
+    params = as_list(parameters)
+    clip_factor = parse_number(clip_factor, "clip_agc_", "clip_factor")
+    eps = parse_number(eps, "clip_agc_", "eps")
     if math.isnan(clip_factor) or math.isnan(eps):
         raise ValueError(f"fusedclip.clip_agc_: clip_factor and eps must not be NaN, got {clip_factor} and {eps}")
     # 'fro' (the 2-norm), which timm's tensor.norm(norm_type) takes for 1-D and 2-D units, for any shape here
-    p = _norm_type(2.0 if isinstance(norm_type, str) and norm_type == "fro" else norm_type, "clip_agc_")
+    p = parse_norm_type(2.0 if isinstance(norm_type, str) and norm_type == "fro" else norm_type, "clip_agc_")
     pairs = _pairs(params)
     if not pairs:
         backends.resolve(backend, "cpu")  # an unknown backend name still raises
         return None
-    by_device = _by_device([g for _, g in pairs])
+    devices = by_device([g for _, g in pairs])
     # every backend resolved before any group is written
-    runs = [(_runner(backend, device.type, p), device) for device in by_device]
+    runs = [(_runner(backend, device.type, p), device) for device in devices]
     if len(runs) == 1:
         runs[0][0].agc([w for w, _ in pairs], [g for _, g in pairs], clip_factor, eps, p)
         return None

@@ -3,7 +3,7 @@ optimizer step (clip_into_)."""
 import torch
 
 from . import backends
-from ._core import _call, _check_writable, _grads, _norm_type, _number, _total_norm
+from ._core import call_backend, check_writable, grads_of, parse_norm_type, parse_number, total_norm_of
 from .clip import clip_, get_total_norm
 from .optimizers import begin_unscale, hand_over_grad_scale, is_fused, params_of, still_scaled
 from .ops import acc_dtype, result_dtype
@@ -35,17 +35,17 @@ def unscale_clip_(scaler, optimizer, max_norm, norm_type=2.0, *, error_if_nonfin
     params = params_of(optimizer)
     if not scaler.is_enabled():
         return clip_(params, max_norm, norm_type, error_if_nonfinite, backend=backend)
-    grads = _grads(params, "unscale_clip_")
+    grads = grads_of(params, "unscale_clip_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
-    p = _norm_type(norm_type, "unscale_clip_")
-    max_norm = _number(max_norm, "unscale_clip_", "max_norm")
+    p = parse_norm_type(norm_type, "unscale_clip_")
+    max_norm = parse_number(max_norm, "unscale_clip_", "max_norm")
     if error_if_nonfinite or not grads or p == 0.0 or not be.fused_extras:
         scaler.unscale_(optimizer)
         return clip_(params, max_norm, p, error_if_nonfinite, backend=backend)
 
-    _check_writable(grads, "unscale_clip_")
+    check_writable(grads, "unscale_clip_")
     inv_scale, found_inf, commit = begin_unscale(scaler, optimizer, grads)
-    ok, norm = _call(be.clip, grads, "unscale_clip_", max_norm, p, None, inv_scale, found_inf)
+    ok, norm = call_backend(be.clip, grads, "unscale_clip_", max_norm, p, None, inv_scale, found_inf)
     if not ok:  # several devices
         scaler.unscale_(optimizer)
         return clip_(params, max_norm, p, backend=backend)
@@ -83,9 +83,9 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
         if scaled:
             return unscale_clip_(scaler, optimizer, max_norm, norm_type, backend=backend)
         return clip_(params, max_norm, norm_type, backend=backend)
-    grads = _grads(params, "clip_into_")
-    max_norm = _number(max_norm, "clip_into_", "max_norm")
-    p = _norm_type(norm_type, "clip_into_")  # checked also without gradients, as clip_ does
+    grads = grads_of(params, "clip_into_")
+    max_norm = parse_number(max_norm, "clip_into_", "max_norm")
+    p = parse_norm_type(norm_type, "clip_into_")  # checked also without gradients, as clip_ does
     if not grads:
         return torch.tensor(0.0)
     device = grads[0].device
@@ -93,7 +93,7 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
     if be.delegates_to_torch:
         norm = get_total_norm(grads, p, backend="torch").to(device, acc_dtype(grads))
     else:  # the norm in the accumulation dtype (not rounded to bf16/fp16), so the coef is fp32-accurate
-        norm = _total_norm(grads, p, be, "clip_into_").to(device)
+        norm = total_norm_of(grads, p, be, "clip_into_").to(device)
     if scaled:  # the grads are scaled: the norm of the unscaled ones is norm / scale
         norm = norm * scaler._scale.double().reciprocal().to(device, norm.dtype)
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

@@ -12,9 +12,9 @@ import torch
 
 from . import _ext, backends, optimizers
 from . import distributed as _distributed
-from ._core import (_as_list, _call, _check_finite, _check_kernel_inputs, _check_tensors, _check_writable, _grads, _groups_for, _new_per_tensor,
-                    _norm_type, _number, _per_tensor_norms, _scale, _scale_with_norm, _torch_clip_grad_norm_,
-                    _torch_clip_grad_value_, _torch_get_total_norm, _total_norm)
+from ._core import (as_list, call_backend, check_finite, check_kernel_inputs, check_tensors, check_writable, grads_of,
+                    groups_for, new_per_tensor, parse_norm_type, parse_number, per_tensor_norms, scale_by_norm,
+                    scale_with_norm, torch_clip_grad_norm_, torch_clip_grad_value_, torch_get_total_norm, total_norm_of)
 from .ops import result_dtype
 
 
@@ -63,7 +63,7 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
         per_tensor=True, (total_norm, norms): norms[i] is the i-th non-None gradient's norm before clipping, a
         1-D tensor in the accumulation dtype (fp32; fp64 when any gradient is fp64).
     """
-    params = _as_list(parameters)
+    params = as_list(parameters)
     if on_nonfinite != "clip":
         return _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_tensor, process_group,
                              on_nonfinite, optimizer, plain_group)
@@ -73,33 +73,33 @@ def clip_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach
             norm = _distributed.fast_clip(params, max_norm, norm_type, process_group)
         if norm is not None:
             return norm
-    grads = _grads(params, "clip_")
+    grads = grads_of(params, "clip_")
     device_type = grads[0].device.type if grads else "cpu"
     be = backends.resolve(backend, device_type)
-    p = _norm_type(norm_type, "clip_")
-    max_norm = _number(max_norm, "clip_", "max_norm")
+    p = parse_norm_type(norm_type, "clip_")
+    max_norm = parse_number(max_norm, "clip_", "max_norm")
     if process_group is not None or plain_group is not None or _distributed.has_dtensor(grads):
         _no_per_tensor_when_sharded(per_tensor, "clip_")
         return _distributed.sharded_clip_(params, grads, max_norm, p, error_if_nonfinite, process_group, be, foreach,
-                                  plain_group)
+                                          plain_group)
     if be.delegates_to_torch:
-        norms = _per_tensor_norms(grads, p) if per_tensor and grads else torch.empty(0)
-        norm = _torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
+        norms = per_tensor_norms(grads, p) if per_tensor and grads else torch.empty(0)
+        norm = torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach)
         return (norm, norms) if per_tensor else norm
     if not grads:
         return (torch.tensor(0.0), torch.empty(0)) if per_tensor else torch.tensor(0.0)
-    _check_writable(grads, "clip_")
+    check_writable(grads, "clip_")
     if p != 0.0 and not error_if_nonfinite:
-        out = _new_per_tensor(grads, be) if per_tensor else None
+        out = new_per_tensor(grads, be) if per_tensor else None
         if out is not None or not per_tensor:
-            ok, norm = _call(be.clip, grads, "clip_", max_norm, p, *([out] if out is not None else []))
+            ok, norm = call_backend(be.clip, grads, "clip_", max_norm, p, *([out] if out is not None else []))
             if ok:
                 return (norm, out) if per_tensor else norm
-    result = _total_norm(grads, p, be, "clip_", per_tensor)
+    result = total_norm_of(grads, p, be, "clip_", per_tensor)
     norm = result[0] if per_tensor else result
     if error_if_nonfinite:
-        _check_finite(norm, p)
-    _scale(grads, max_norm, norm, be, "clip_")
+        check_finite(norm, p)
+    scale_by_norm(grads, max_norm, norm, be, "clip_")
     total = norm.to(result_dtype(grads))
     return (total, result[1]) if per_tensor else total
 
@@ -116,7 +116,7 @@ def _clip_or_skip(params, max_norm, norm_type, error_if_nonfinite, backend, per_
     if error_if_nonfinite or per_tensor:
         raise ValueError("fusedclip.clip_: on_nonfinite='skip' cannot be combined with error_if_nonfinite or "
                          "per_tensor")
-    grads = _grads(params, "clip_")
+    grads = grads_of(params, "clip_")
     norm = get_total_norm(grads, norm_type, backend=backend, process_group=process_group, plain_group=plain_group)
     if not grads:
         return norm
@@ -153,7 +153,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
         empty list). With per_tensor=True, (total_norm, norms), norms[i] being tensors[i]'s norm in the
         accumulation dtype.
     """
-    tensors = _as_list(tensors)
+    tensors = as_list(tensors)
     if not (per_tensor or error_if_nonfinite or process_group is not None or plain_group is not None) \
             and backends.fast_path_allowed(backend):
         norm = _ext._C.total_norm(tensors, norm_type)
@@ -161,21 +161,21 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
             return norm
     device_type = tensors[0].device.type if tensors and isinstance(tensors[0], torch.Tensor) else "cpu"
     be = backends.resolve(backend, device_type)
-    p = _norm_type(norm_type, "get_total_norm")
+    p = parse_norm_type(norm_type, "get_total_norm")
     if process_group is not None or plain_group is not None or _distributed.has_dtensor(tensors):
         _no_per_tensor_when_sharded(per_tensor, "get_total_norm")
         return _distributed.sharded_total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach, plain_group)
     if be.delegates_to_torch:
-        norms = _per_tensor_norms(tensors, p) if per_tensor and tensors else torch.empty(0)
-        norm = _torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
+        norms = per_tensor_norms(tensors, p) if per_tensor and tensors else torch.empty(0)
+        norm = torch_get_total_norm(tensors, p, error_if_nonfinite, foreach)
         return (norm, norms) if per_tensor else norm
     if not tensors:
         return (torch.tensor(0.0), torch.empty(0)) if per_tensor else torch.tensor(0.0)
-    _check_tensors(tensors, "get_total_norm", "tensors")  # before any dtype or device is read from them
-    result = _total_norm(tensors, p, be, "get_total_norm", per_tensor)
+    check_tensors(tensors, "get_total_norm", "tensors")  # before any dtype or device is read from them
+    result = total_norm_of(tensors, p, be, "get_total_norm", per_tensor)
     norm = result[0] if per_tensor else result
     if error_if_nonfinite:
-        _check_finite(norm, p)
+        check_finite(norm, p)
     total = norm.to(result_dtype(tensors))
     return (total, result[1]) if per_tensor else total
 
@@ -198,13 +198,13 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None, *, bac
     Returns:
         None
     """
-    params = _as_list(parameters)
-    grads = _grads(params, "clip_grads_with_norm_")
+    params = as_list(parameters)
+    grads = grads_of(params, "clip_grads_with_norm_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
-    max_norm = _number(max_norm, "clip_grads_with_norm_", "max_norm")
+    max_norm = parse_number(max_norm, "clip_grads_with_norm_", "max_norm")
     if _distributed.has_dtensor(grads):
         return _distributed.sharded_scale_(params, grads, max_norm, total_norm, be, foreach)
-    return _scale_with_norm(params, grads, max_norm, total_norm, be, foreach, "clip_grads_with_norm_")
+    return scale_with_norm(params, grads, max_norm, total_norm, be, foreach, "clip_grads_with_norm_")
 
 
 @torch.no_grad()
@@ -222,22 +222,22 @@ def clip_value_(parameters, clip_value, foreach=None, *, backend="auto"):
     Returns:
         None
     """
-    params = _as_list(parameters)
-    grads = _grads(params, "clip_value_")
+    params = as_list(parameters)
+    grads = grads_of(params, "clip_value_")
     be = backends.resolve(backend, grads[0].device.type if grads else "cpu")
-    clip_value = _number(clip_value, "clip_value_", "clip_value")
+    clip_value = parse_number(clip_value, "clip_value_", "clip_value")
     if be.delegates_to_torch:
-        return _torch_clip_grad_value_(params, clip_value, foreach)
-    _check_writable(grads, "clip_value_")  # before anything is written, torch's clamp below included
+        return torch_clip_grad_value_(params, clip_value, foreach)
+    check_writable(grads, "clip_value_")  # before anything is written, torch's clamp below included
     if math.isnan(clip_value):
-        _check_kernel_inputs(grads, "clip_value_")  # what the kernels refuse, refused before torch writes any
+        check_kernel_inputs(grads, "clip_value_")  # what the kernels refuse, refused before torch writes any
         # NaN bounds: torch's clamp makes every element NaN; the kernels would leave the gradients as they are
-        return _torch_clip_grad_value_(params, clip_value, foreach)
+        return torch_clip_grad_value_(params, clip_value, foreach)
     if not grads:
         return None
-    ok, _ = _call(be.clamp, grads, "clip_value_", clip_value)
+    ok, _ = call_backend(be.clamp, grads, "clip_value_", clip_value)
     if not ok:
-        for group in _groups_for(be, grads, "clip_value_", writes=True).values():
+        for group in groups_for(be, grads, "clip_value_", writes=True).values():
             be.clamp(group, clip_value)
     return None
 

@@ -109,11 +109,11 @@ def _local_norm(tensors, p, be, fn):
     if not be.delegates_to_torch:
         # in float64 as the kernel computed it: a norm rounded to fp32, raised to p and summed over ranks,
         # would cost the global norm up to an ulp
-        return _core._total_norm(tensors, p, be, fn, unrounded=True), has
+        return _core.total_norm_of(tensors, p, be, fn, unrounded=True), has
     nonempty = [t for t in tensors if t.numel()]
     if not nonempty:  # torch's norms raise on empty tensors for inf; their norm is 0
         return None, False
-    return _core._torch_get_total_norm(nonempty, p), has
+    return _core.torch_get_total_norm(nonempty, p), has
 
 
 def _fast_local(be):
@@ -137,7 +137,7 @@ def _scale_local(tensors, max_norm, norm, be, fn):
     if _fast_local(be) and _ext._C.scale_local(tensors, max_norm, norm.to(tensors[0].device)):
         return  # dense tensors on one device (checked in C++; an expanded one takes the op path, which raises)
     if not be.delegates_to_torch:
-        _core._scale(tensors, max_norm, norm, be, fn)
+        _core.scale_by_norm(tensors, max_norm, norm, be, fn)
         return
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     groups = {}
@@ -154,7 +154,7 @@ def _scale_local(tensors, max_norm, norm, be, fn):
 def group_norm(grads, p, process_group, be, fn):
     """The global norm (float64, on this rank's gradient device) of the shards all ranks of the group hold."""
     if not all(issubclass(t, torch.Tensor) for t in set(map(type, grads))):
-        _core._check_tensors(grads, fn, "gradients")  # says which item is not a tensor
+        _core.check_tensors(grads, fn, "gradients")  # says which item is not a tensor
     local, has = _local_norm(grads, p, be, fn)
     device = grads[0].device if grads else _group_device(process_group)
     t, op = _pack(local, has, p, device)
@@ -521,7 +521,7 @@ def _plan_norm(plan, p, be, fn, process_group, plain_group):
         total = _combine(total, t, op)
     if plan.plain:
         local, has = _local_norm(plan.plain, p, be, fn) if p != 0.0 else (
-            _core._total_norm(plan.plain, 0.0, be, fn), True)
+            _core.total_norm_of(plan.plain, 0.0, be, fn), True)
         part = _pack(local, has, p, device)[0]
         if plain_group is not None:
             part = _all_reduce(part, op, [plain_group])
@@ -545,11 +545,11 @@ def _scale_plan(plan, max_norm, norm, be, fn):
     if _fast_local(be) and _ext._C.scale_local(tensors, max_norm, norm):
         return  # dense tensors on one device (checked in C++), scaled by the op called from C++
     if not all(map(torch.Tensor.is_contiguous, tensors)):
-        _core._check_writable(tensors, fn)
+        _core.check_writable(tensors, fn)
     try:
         be.scale(tensors, max_norm, norm)
     except (TypeError, ValueError, RuntimeError, NotImplementedError):
-        _core._scale(tensors, max_norm, norm, be, fn)
+        _core.scale_by_norm(tensors, max_norm, norm, be, fn)
 
 
 def dtensor_norm(grads, p, be, fn, process_group=None, plain_group=None):
@@ -613,11 +613,11 @@ def sharded_clip_(params, grads, max_norm, p, error_if_nonfinite, process_group,
     their gradients, `p` and `max_norm` validated floats, `be` the resolved backend. Every rank of the groups and
     meshes involved must call it (also ranks without gradients). Returns the global norm (before clipping)."""
     norm, plan, meshes = _norm(grads, p, process_group, plain_group, be, "clip_", foreach,
-                               lambda: _core._torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach))
+                               lambda: _core.torch_clip_grad_norm_(params, max_norm, p, error_if_nonfinite, foreach))
     if plan is None:
         return norm
     if error_if_nonfinite:
-        _core._check_finite(norm, p)  # the same global norm on every rank: all raise, before any scaling
+        _core.check_finite(norm, p)  # the same global norm on every rank: all raise, before any scaling
     if isinstance(plan, _FastPlan):
         _fast_scale(plan, max_norm, norm)
         return _as_dtensor(norm.to(plan.dtype), meshes)
@@ -631,11 +631,11 @@ def sharded_clip_(params, grads, max_norm, p, error_if_nonfinite, process_group,
 def sharded_total_norm(tensors, p, error_if_nonfinite, process_group, be, foreach=None, plain_group=None):
     """get_total_norm over a process group and/or DTensors: the global norm, on every rank."""
     norm, plan, meshes = _norm(tensors, p, process_group, plain_group, be, "get_total_norm", foreach,
-                               lambda: _core._torch_get_total_norm(tensors, p, error_if_nonfinite, foreach))
+                               lambda: _core.torch_get_total_norm(tensors, p, error_if_nonfinite, foreach))
     if plan is None:
         return norm
     if error_if_nonfinite:
-        _core._check_finite(norm, p)
+        _core.check_finite(norm, p)
     if isinstance(plan, _FastPlan):
         return _as_dtensor(norm.to(plan.dtype), meshes)
     if isinstance(plan, _Plan):
@@ -647,12 +647,12 @@ def sharded_scale_(params, grads, max_norm, total_norm, be, foreach=None):
     """clip_grads_with_norm_ for DTensor gradients, alone or mixed with plain ones: scales each local shard (no
     communication). total_norm may be a DTensor (as clip_/get_total_norm return), a tensor or a number."""
     if be.delegates_to_torch and not any(type(g) is torch.Tensor for g in grads):
-        return _core._torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
+        return _core.torch_clip_grads_with_norm_(params, max_norm, total_norm, foreach)
     if is_dtensor(total_norm):
         replicated = all(pl.is_replicate() for pl in total_norm.placements)
         total_norm = total_norm.to_local() if replicated else total_norm.full_tensor()
     elif not isinstance(total_norm, torch.Tensor):
-        total_norm = torch.tensor(_core._number(total_norm, "clip_grads_with_norm_", "total_norm"))
+        total_norm = torch.tensor(_core.parse_number(total_norm, "clip_grads_with_norm_", "total_norm"))
     plan = _plan(grads, "clip_grads_with_norm_")
     _scale_plan(plan, max_norm, total_norm.to(torch.float64), be, "clip_grads_with_norm_")
     return None
@@ -720,12 +720,12 @@ class DDPNormState:
         returns the norm. The same result as fusedclip.clip_(parameters, max_norm) after DDP's default hook."""
         norm = self.total_norm()
         if error_if_nonfinite:
-            _core._check_finite(norm, 2.0)
-        params = _core._as_list(parameters)
-        grads = _core._grads(params, "DDPNormState.clip_")
+            _core.check_finite(norm, 2.0)
+        params = _core.as_list(parameters)
+        grads = _core.grads_of(params, "DDPNormState.clip_")
         be = backends.resolve(self.backend, grads[0].device.type if grads else "cpu")
-        max_norm = _core._number(max_norm, "DDPNormState.clip_", "max_norm")
-        _core._scale_with_norm(params, grads, max_norm, norm, be, None, "DDPNormState.clip_")
+        max_norm = _core.parse_number(max_norm, "DDPNormState.clip_", "max_norm")
+        _core.scale_with_norm(params, grads, max_norm, norm, be, None, "DDPNormState.clip_")
         return norm
 
 

@@ -31,7 +31,7 @@ import contextlib
 import torch
 
 from . import _ext, backends
-from ._core import _as_list, _by_device, _check_tensors, _check_writable, _number, _scale
+from ._core import as_list, by_device, check_tensors, check_writable, parse_number, scale_by_norm
 from .optimizers import hand_over_grad_scale, is_fused, params_of
 from .ops import acc_dtype, result_dtype
 
@@ -57,11 +57,11 @@ class ClipInBackward:
     """
 
     def __init__(self, params, max_norm, *, optimizer=None, backend="auto"):
-        self.max_norm = _number(max_norm, "ClipInBackward", "max_norm")
+        self.max_norm = parse_number(max_norm, "ClipInBackward", "max_norm")
         backends.check_name(backend, "ClipInBackward")
         self.backend = backend
-        params = _as_list(params.parameters() if isinstance(params, torch.nn.Module) else params)
-        _check_tensors(params, "ClipInBackward", "parameters")
+        params = as_list(params.parameters() if isinstance(params, torch.nn.Module) else params)
+        check_tensors(params, "ClipInBackward", "parameters")
         self.params = [p for p in params if p.requires_grad]
         self._slot = {}
         for i, p in enumerate(self.params):
@@ -135,11 +135,11 @@ class ClipInBackward:
             hand_over_grad_scale(self.optimizer, coef.reciprocal().float())  # the fused step divides by it
         elif self._be.delegates_to_torch:  # torch's clip_grads_with_norm_: coefficient clamped to 1, multiplied in
             coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
-            for device, group in _by_device(grads).items():
+            for device, group in by_device(grads).items():
                 torch._foreach_mul_(group, coef.to(device))
         else:
-            _check_writable(grads, "ClipInBackward.clip_")
-            _scale(grads, self.max_norm, norm, self._be, "ClipInBackward.clip_")
+            check_writable(grads, "ClipInBackward.clip_")
+            scale_by_norm(grads, self.max_norm, norm, self._be, "ClipInBackward.clip_")
         return norm.to(result_dtype(grads))
 
     def remove(self):

@@ -123,8 +123,8 @@ def fsdp_clip_grad_norm_(self, max_norm, norm_type=2.0):
 def _names_torch_calls():
     """Global names that torch's own clipping functions (the ones backend="torch" runs) look up when called."""
     names = set()
-    for fn in (_core._torch_clip_grad_norm_, _core._torch_get_total_norm, _core._torch_clip_grads_with_norm_,
-               _core._torch_clip_grad_value_):
+    for fn in (_core.torch_clip_grad_norm_, _core.torch_get_total_norm, _core.torch_clip_grads_with_norm_,
+               _core.torch_clip_grad_value_):
         code = getattr(inspect.unwrap(fn), "__code__", None)
         if code is not None:
             names.update(code.co_names)

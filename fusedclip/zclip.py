@@ -64,7 +64,7 @@ import torch
 
 from . import _ext, backends, optimizers
 from . import distributed as _distributed
-from ._core import _as_list, _by_device, _check_writable, _grads, _total_norm
+from ._core import as_list, by_device, check_writable, grads_of, total_norm_of
 from .optimizers import begin_unscale, hand_over_grad_scale, params_of
 from .clip import clip_grads_with_norm_, get_total_norm
 from .ops import ZCLIP_CONFIG, ZCLIP_STATE, acc_dtype, zclip_layout_mismatch
@@ -412,13 +412,14 @@ class ZClip:
         """
         if self._refuse:
             self._check_seeded()
-        params = _as_list(model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module)
+        params = as_list(model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module)
                           else model_or_params)
         if (self._skips or scaler is not None) and optimizer is None:
             raise ValueError("fusedclip.ZClip.step: pass the optimizer (step(model, optimizer)): "
                              + ("the scaler's state is per optimizer" if scaler is not None else
                                 "on_spike / on_nonfinite 'skip' skips its step"))
-        if self._state is not None and scaler is None and self.process_group is None and backends.fast_path_allowed(self.backend):
+        if (self._state is not None and scaler is None and self.process_group is None
+                and backends.fast_path_allowed(self.backend)):
             # the eager fast path (csrc/python_module.cpp): the grads read in C++, one kernel; None: declined
             found = self._found_on(self._state.device) if self._skips else None
             norm = _ext._C.zclip_grads(params, self._state, self._config, found)
@@ -426,8 +427,8 @@ class ZClip:
                 if self._skips:
                     optimizers.skip_next_step_if(optimizer, found)
                 return norm
-        grads = _grads(params, "ZClip.step")  # a clear error for a non-tensor item
-        _check_writable(grads, "ZClip.step")
+        grads = grads_of(params, "ZClip.step")  # a clear error for a non-tensor item
+        check_writable(grads, "ZClip.step")
         if any(g.device.type == "meta" for g in grads):  # the rule reads the norm and its state: meta has neither
             raise NotImplementedError("fusedclip.ZClip.step: gradients on the meta device have no values to clip")
         amp = scaler is not None and scaler.is_enabled()
@@ -523,8 +524,8 @@ class ZClip:
         coef = max_global_norm / (global_norm + 1e-6)
         if not coef < 1.0:
             return
-        params = _as_list(pl_module.parameters() if isinstance(pl_module, torch.nn.Module) else pl_module)
-        grads = _grads(params, "ZClip.apply_in_place_clipping")
+        params = as_list(pl_module.parameters() if isinstance(pl_module, torch.nn.Module) else pl_module)
+        grads = grads_of(params, "ZClip.apply_in_place_clipping")
         if not grads:
             return
         if backends.resolve(self.backend, grads[0].device.type).delegates_to_torch:
@@ -549,7 +550,7 @@ class ZClip:
         # the EMA sees it; backend="torch" is torch's own norm (in the gradients' dtype), as everywhere.
         if be.delegates_to_torch:
             return get_total_norm(grads, 2.0, backend="torch")
-        return _total_norm(grads, 2.0, be, "ZClip.step")
+        return total_norm_of(grads, 2.0, be, "ZClip.step")
 
     def _global_norm(self, grads, be):
         """(the norm of all ranks' shards in the accumulation dtype, this rank's local tensors to scale)."""
@@ -592,7 +593,7 @@ class ZClip:
             found.copy_(torch.maximum(found, skip.to(found.dtype)))
         if coef is not None and grads:
             coef = torch.where(skip, torch.ones_like(coef), coef)
-            for dev, group in _by_device(grads).items():
+            for dev, group in by_device(grads).items():
                 torch._foreach_mul_(group, coef.to(dev))
 
     def _warmup_coef(self, norm):

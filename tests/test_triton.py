@@ -5,8 +5,8 @@ Triton is imported, and conftest has imported fusedclip (and Triton) by the time
 this process can run neither the compiled kernels (no GPU) nor the interpreted ones, this module runs itself in
 a child pytest with TRITON_INTERPRET=1 and reports that as one test (TRITON_INTERPRET=1 pytest
 tests/test_triton.py shows every case); the child also runs tests/test_fused_extras.py's and
-tests/test_zclip_fused.py's cases for the "triton" backend, which it only offers under the interpreter on CPU. With a GPU the cases run the compiled kernels on CUDA
-tensors, and the gpu-marked tests check one launch against two, CUDA-graph replay, two streams and that the first
+tests/test_zclip_fused.py's cases for the "triton" backend, which it only offers under the interpreter on CPU. With a
+GPU the cases run the compiled kernels on CUDA tensors, and the gpu-marked tests check one launch against two, CUDA-graph replay, two streams and that the first
 launch ends.
 """
 import math
@@ -478,14 +478,14 @@ def test_amp_found_inf_is_only_ever_set(launch):
     huge = [torch.randn(20000, device=DEVICE) * 1e30, torch.randn(70, device=DEVICE)]
     found = torch.zeros((), device=DEVICE)
     norm = tclip.clip([g.clone() for g in huge], 1.0, 2.0, inv_scale=torch.ones((), device=DEVICE), found_inf=found,
-                   launch=launch)
+                      launch=launch)
     their_found = torch.zeros((), device=DEVICE)
     torch._amp_foreach_non_finite_check_and_unscale_([g.clone() for g in huge], their_found,
                                                      torch.ones((), device=DEVICE))
     assert math.isinf(float(norm)) and float(found) == 0.0 == float(their_found)
     found = torch.ones((), device=DEVICE)
     tclip.clip([torch.randn(300, device=DEVICE)], 1.0, 2.0, inv_scale=torch.tensor(0.5, device=DEVICE),
-            found_inf=found, launch=launch)
+               found_inf=found, launch=launch)
     assert float(found) == 1.0
 
 
@@ -512,7 +512,7 @@ def test_unscale_clip_is_one_fused_pass(monkeypatch, bad):
     launched = []
     real_launch = tlauncher._launch
     monkeypatch.setattr(tlauncher, "_launch", lambda kernel, *a, **k: (launched.append(kernel.__name__),
-                                                                real_launch(kernel, *a, **k))[1])
+                                                                       real_launch(kernel, *a, **k))[1])
 
     def unfused(*args, **kwargs):
         raise AssertionError("torch's separate unscale ran")

@@ -108,7 +108,7 @@ def _check(rows, version):
     # issue 25, defect 10: the low-occupancy variants as documented (fusedclip/backends/triton/kernels.py and
     # agc.py docstrings); a change either way shows here and the documentation follows it
     amp, wide, agc = (by_name[n] for n in ("one-launch inf fp32-acc AMP per-tensor", "one-launch L2 fp64-acc",
-                                          "agc L2 fp32"))
+                                           "agc L2 fp32"))
     if version.startswith("3.6"):
         assert amp["maxnreg"] is None and amp["one_launch_per_sm"] == 1, amp  # the free variant: 1 per SM
         assert wide["registers"] <= 246 and wide["one_launch_per_sm"] == 1, wide

@@ -59,7 +59,8 @@ def candidate_options(kernel, constexprs):
     if kernel is tk._one_launch_kernel:
         return tlauncher.one_launch_options(constexprs)
     if kernel is tz._zclip_kernel:
-        options = tlauncher.one_launch_options(constexprs) if constexprs["ONE_LAUNCH"] else tlauncher.two_launch_options(constexprs)
+        choose = tlauncher.one_launch_options if constexprs["ONE_LAUNCH"] else tlauncher.two_launch_options
+        options = choose(constexprs)
         return [dict(o, **tz._OPTIONS) for o in options]
     if kernel in (tk._finish_kernel, tk._clamp_kernel):
         return tlauncher.two_launch_options(constexprs)
@@ -136,7 +137,7 @@ def variants():
     one("one-launch L2 fp64-acc", lambda: tclip.clip(_grads(MIXED64), 1.0, 2.0, launch="one"), 2, wide)
     one("one-launch inf fp32-acc AMP per-tensor",
         lambda: tclip.clip(_grads(MIXED), 1.0, float("inf"), per_tensor=torch.empty(4), inv_scale=torch.ones(()),
-                        found_inf=torch.zeros(()), launch="one"), 2, low)
+                           found_inf=torch.zeros(()), launch="one"), 2, low)
     partials, finish = record_launches(lambda: tclip.clip(_grads(MIXED), 1.0, 2.0, launch="two"))
     out["partials L2 fp32-acc"] = partials + (low,)
     out["finish L2 fp32-acc"] = finish + (low,)

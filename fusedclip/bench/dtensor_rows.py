@@ -118,7 +118,7 @@ def _rank(ns, reps, torch_max, rank, world, port, out_dir):
             print(f"  N={n}: made in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         plain = _plain_like(params)
         calls = {
-            "torch": lambda: _core._torch_clip_grad_norm_(params, MAX_NORM),
+            "torch": lambda: _core.torch_clip_grad_norm_(params, MAX_NORM),
             "fusedclip": lambda: fusedclip.clip_(params, MAX_NORM),
             "plain+group": lambda: fusedclip.clip_(plain, MAX_NORM, process_group=group),
         }

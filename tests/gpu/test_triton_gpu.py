@@ -86,9 +86,9 @@ def test_one_launch_variants_resident_twice_over(tb, record_property):
     calls = {
         "L2": lambda: tb.clip.clip(grads(8, mixed), 0.5, 2.0, launch="one"),
         "inf AMP per-tensor": lambda: tb.clip.clip(grads(9, mixed), 0.5, math.inf, launch="one",
-                                              per_tensor=torch.empty(len(SHAPES), device="cuda"),
-                                              inv_scale=torch.full((), 0.5, device="cuda"),
-                                              found_inf=torch.zeros((), device="cuda")),
+                                                   per_tensor=torch.empty(len(SHAPES), device="cuda"),
+                                                   inv_scale=torch.full((), 0.5, device="cuda"),
+                                                   found_inf=torch.zeros((), device="cuda")),
         "fp64": lambda: tb.clip.clip(grads(10, [torch.float64, torch.float32]), 0.5, 2.0, launch="one"),
         "zclip": lambda: tz.zclip(grads(11, mixed), torch.zeros(tz.BUFFER + 2, dtype=torch.float64, device="cuda"),
                                   [0.97, 2.5, 1.0, 1.0, 1e-6, 2.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0], launch="one"),
@@ -99,7 +99,8 @@ def test_one_launch_variants_resident_twice_over(tb, record_property):
         assert launches, f"{what}: no one-launch kernel was launched"
         for name, programs, regs, shared in launches:
             notes.append(f"{what}: {name} {regs} regs, {shared} B shared, {programs} programs on "
-                         f"{props.multi_processor_count} SMs, {tb.launcher.resident_per_sm(regs, shared, **limits)} fit per SM")
+                         f"{props.multi_processor_count} SMs, "
+                         f"{tb.launcher.resident_per_sm(regs, shared, **limits)} fit per SM")
         problems += [f"{what}: {p}" for p in residency_problems(launches, props.multi_processor_count, **limits)]
     record_property("note", "residency " + "; ".join(notes))
     assert not problems, problems

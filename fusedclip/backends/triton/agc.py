@@ -191,8 +191,9 @@ def _launch_group(weights, grads, clip_factor, eps, norm_type, acc):
     device = grads[0].device
     table = table.to(device, non_blocking=True) if device.type == "cuda" else table
     programs = min(item, kernels.INTERPRET_PROGRAMS if launcher.INTERPRET else 4 * launcher._sm_count(device))
-    launcher._launch(_agc_kernel, programs, table, n, item, launcher._bits(clip_factor), launcher._bits(eps), launcher._bits(norm_type),
-               NORM=launcher._norm_kind(norm_type), ACC=acc, ROWS=tile_rows, COLS=cols, EXACT_POW=launcher.EXACT_POW)
+    launcher._launch(_agc_kernel, programs, table, n, item, launcher._bits(clip_factor), launcher._bits(eps),
+                     launcher._bits(norm_type), NORM=launcher._norm_kind(norm_type), ACC=acc, ROWS=tile_rows,
+                     COLS=cols, EXACT_POW=launcher.EXACT_POW)
     launcher._write_back(copies)
     del keep
 

@@ -24,7 +24,8 @@ _CHUNK_MISMATCH = _chunk_mismatch() if _ext.LOADED else None
 
 
 class TritonBackend(Backend):
-    """backend="triton": the Triton kernels (clip.py, zclip.py, agc.py), on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1).
+    """backend="triton": the Triton kernels (clip.py, zclip.py, agc.py), on CUDA tensors (or on CPU tensors under
+    TRITON_INTERPRET=1).
     Every method takes a non-empty list of tensors on one device."""
 
     name = "triton"

@@ -45,13 +45,14 @@ def _norm_and_maybe_clip(tensors, max_norm, norm_type, clip, out_dtype, per_tens
         launcher._launch(_one_launch_kernel, programs, *args, options=options, **constexprs)
     else:
         programs = launcher._programs(device, n_chunks)
-        launcher._launch(_partials_kernel, programs, table, n, n_chunks, partials, nonfinite, inv_scale_, p_bits, **flags)
+        launcher._launch(_partials_kernel, programs, table, n, n_chunks, partials, nonfinite, inv_scale_, p_bits,
+                         **flags)
         args = (table, n, n_chunks, partials, nonfinite, partials, out, per_tensor_, inv_scale_, found_inf_, p_bits,
                 max_norm_bits)
         constexprs = dict(FROM_PARTIALS=True, WRITE_NORM=True, CLIP=clip, PER_TENSOR=per_tensor is not None,
                           PBLOCK=PBLOCK, **flags)
         launcher._launch(_finish_kernel, programs if clip or per_tensor is not None else 1, *args,
-                options=launcher._two_launch_options(device, args, constexprs, _finish_kernel), **constexprs)
+                         options=launcher._two_launch_options(device, args, constexprs, _finish_kernel), **constexprs)
     if clip:
         launcher._write_back(copies)
     return out
@@ -94,7 +95,7 @@ def scale(grads, max_norm, norm):
     constexprs = dict(FROM_PARTIALS=False, WRITE_NORM=False, CLIP=True, AMP=False, PER_TENSOR=False, NORM=L2, ACC=acc,
                       BLOCK=launcher.BLOCK, PBLOCK=PBLOCK, EXACT_POW=launcher.EXACT_POW)
     launcher._launch(_finish_kernel, launcher._programs(device, n_chunks), *args,
-            options=launcher._two_launch_options(device, args, constexprs, _finish_kernel), **constexprs)
+                     options=launcher._two_launch_options(device, args, constexprs, _finish_kernel), **constexprs)
     launcher._write_back(copies)
 
 
@@ -105,7 +106,8 @@ def clamp(grads, clip_value):
         return
     args = (table, len(grads), n_chunks, launcher._bits(clip_value))
     options = launcher._two_launch_options(grads[0].device, args, dict(BLOCK=launcher.BLOCK), _clamp_kernel)
-    launcher._launch(_clamp_kernel, launcher._programs(grads[0].device, n_chunks), *args, options=options, BLOCK=launcher.BLOCK)
+    launcher._launch(_clamp_kernel, launcher._programs(grads[0].device, n_chunks), *args, options=options,
+                     BLOCK=launcher.BLOCK)
     launcher._write_back(copies)
 
 

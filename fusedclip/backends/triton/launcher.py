@@ -265,7 +265,8 @@ def _write_back(copies):
 
 
 def _check_extras(n, device, acc_dtype_, per_tensor, inv_scale, found_inf):
-    """The native kernels' rules for the extras (csrc/common/grad_table.cpp, check_extras), before anything is written."""
+    """The native kernels' rules for the extras (csrc/common/grad_table.cpp, check_extras), before anything is
+    written."""
     if per_tensor is not None and not (per_tensor.device == device and per_tensor.dtype == acc_dtype_
                                        and per_tensor.numel() == n and per_tensor.is_contiguous()):
         raise ValueError(f"fusedclip: per_tensor must be a contiguous {acc_dtype_} tensor of {n} elements on "

@@ -17,9 +17,12 @@ import triton
 import triton.language as tl
 
 from . import kernels, launcher
+from .kernels import _f64
+from .launcher import _bits
 from ...ops import ZCLIP_CONFIG, ZCLIP_STATE, acc_dtype
 
-# the state's slots and the config's order: ops.ZCLIP_STATE and ZCLIP_CONFIG (csrc/common/zclip_rule.h ZSlot, ZConfigSlot)
+# the state's slots and the config's order: ops.ZCLIP_STATE and ZCLIP_CONFIG (csrc/common/zclip_rule.h ZSlot,
+# ZConfigSlot)
 STEPS, MEAN, VAR, SKIPPED = map(ZCLIP_STATE.index, ("steps", "mean", "var", "skipped"))
 BUFFER = len(ZCLIP_STATE)
 _STEPS, _MEAN, _VAR, _SKIPPED, _BUFFER = map(tl.constexpr, (STEPS, MEAN, VAR, SKIPPED, BUFFER))  # inside kernels
@@ -126,7 +129,7 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
                   SKIP_NONFINITE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
                   EXACT_POW: tl.constexpr):
     pid = tl.program_id(0)
-    cap = kernels._f64(cap_bits)
+    cap = _f64(cap_bits)
     mul = kernels._unscale_mul(inv_scale, ACC, AMP)
     pw = tl.full([], 2.0, ACC)
     steps = tl.load(state + _STEPS)  # read before anyone can write the next state (see the module docstring)
@@ -146,7 +149,7 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
         norm = kernels._norm_from_partials(partials, n_chunks, pw, 0, ACC, PBLOCK, EXACT_POW).to(ACC)  # 0 chunks: 0
     x = norm.to(tl.float64)
     warm, spike, nonf, skip, target, coef = _decide(
-        steps, mean, var, x, kernels._f64(z_bits), cap, kernels._f64(eps_bits), kernels._f64(factor_bits), n_warmup, PERCENTILE,
+        steps, mean, var, x, _f64(z_bits), cap, _f64(eps_bits), _f64(factor_bits), n_warmup, PERCENTILE,
         CLIP_TO_MEAN, HAS_CAP, SKIP_SPIKES, SKIP_NONFINITE)
     factor = _factor(warm, skip, coef, norm, cap, mul, HAS_CAP, ACC)
     if COEF_OUT:  # handed to the optimizer instead
@@ -172,10 +175,10 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
             # registers, the most at which the two-launch grid is resident at once; the one-launch kernel must
             # keep them: its writer does not wait for the other programs' reads).
             warm, spike, nonf, skip, target, coef = _decide(
-                tl.load(state + _STEPS), tl.load(state + _MEAN), tl.load(state + _VAR), x, kernels._f64(z_bits), cap,
-                kernels._f64(eps_bits), kernels._f64(factor_bits), n_warmup, PERCENTILE, CLIP_TO_MEAN, HAS_CAP, SKIP_SPIKES,
+                tl.load(state + _STEPS), tl.load(state + _MEAN), tl.load(state + _VAR), x, _f64(z_bits), cap,
+                _f64(eps_bits), _f64(factor_bits), n_warmup, PERCENTILE, CLIP_TO_MEAN, HAS_CAP, SKIP_SPIKES,
                 SKIP_NONFINITE)
-        _update(state, x, warm, spike, nonf, skip, target, kernels._f64(alpha_bits), n_warmup, SKIP_UPDATE_ON_SPIKE)
+        _update(state, x, warm, spike, nonf, skip, target, _f64(alpha_bits), n_warmup, SKIP_UPDATE_ON_SPIKE)
         tl.store(norm_out, norm)
         if FOUND:
             flag = skip
@@ -223,7 +226,7 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_
     ws = launcher._WORKSPACES.get(device)
     coef_ = coef_out.reshape(()) if coef_out is not None else partials
     args = (table, len(grads), n_chunks, partials, nonfinite, ws, state, norm_, out, inv_scale_, found_, coef_,
-            launcher._bits(alpha), launcher._bits(z_thresh), launcher._bits(cap), launcher._bits(eps), launcher._bits(clip_factor), n_warmup)
+            _bits(alpha), _bits(z_thresh), _bits(cap), _bits(eps), _bits(clip_factor), n_warmup)
     constexprs = dict(ONE_LAUNCH=one, GIVEN=norm is not None, COEF_OUT=coef_out is not None, AMP=amp,
                       FOUND=found_inf is not None,
                       PERCENTILE=bool(percentile), CLIP_TO_MEAN=bool(clip_to_mean), HAS_CAP=bool(has_cap),
@@ -235,14 +238,14 @@ def zclip(grads, state, config, norm=None, inv_scale=None, found_inf=None, coef_
             options, programs = None, 1
         else:
             options, programs = launcher._one_launch_variant(device, max(n_chunks, 1), args, constexprs,
-                                                       kernel=_zclip_kernel, extra_options=_OPTIONS)
+                                                             kernel=_zclip_kernel, extra_options=_OPTIONS)
     else:
         options = launcher._two_launch_options(device, args, constexprs, _zclip_kernel, extra_options=_OPTIONS)
         programs = launcher._programs(device, max(n_chunks, 1))
         if norm is None and n_chunks:
-            launcher._launch(kernels._partials_kernel, programs, table, len(grads), n_chunks, partials, nonfinite, inv_scale_,
-                       launcher._bits(2.0), NORM=kernels.L2, ACC=constexprs["ACC"], AMP=amp, BLOCK=launcher.BLOCK,
-                       EXACT_POW=launcher.EXACT_POW)
+            launcher._launch(kernels._partials_kernel, programs, table, len(grads), n_chunks, partials, nonfinite,
+                             inv_scale_, _bits(2.0), NORM=kernels.L2, ACC=constexprs["ACC"], AMP=amp,
+                             BLOCK=launcher.BLOCK, EXACT_POW=launcher.EXACT_POW)
     launcher._launch(_zclip_kernel, programs, *args, options=options, **constexprs)
     launcher._write_back(copies)
     return out
