@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fusedclip import _ext, kernel_info
+from fusedclip import _ext, kernel_info, occupancy
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_CUDA_KERNELS, reason="this build has no CUDA kernels")
 
@@ -54,11 +54,11 @@ def test_fused_kernels_fit_the_blocks_per_sm_they_are_compiled_for(kernels):
 def test_occupancy_rule():
     # sm_90, 512 threads: 64 registers give two blocks, 65 (allocated as 72) one; shared memory and the
     # thread limit bound it too.
-    assert kernel_info.blocks_per_sm(90, 512, 64, 5120) == 2
-    assert kernel_info.blocks_per_sm(90, 512, 65, 5120) == 1
-    assert kernel_info.blocks_per_sm(90, 512, 32, 0) == 4
-    assert kernel_info.blocks_per_sm(90, 256, 32, 100 * 1024) == 2
-    assert kernel_info.blocks_per_sm(120, 512, 32, 0) == 3
+    assert occupancy.blocks_per_sm(90, 512, 64, 5120) == 2
+    assert occupancy.blocks_per_sm(90, 512, 65, 5120) == 1
+    assert occupancy.blocks_per_sm(90, 512, 32, 0) == 4
+    assert occupancy.blocks_per_sm(90, 256, 32, 100 * 1024) == 2
+    assert occupancy.blocks_per_sm(120, 512, 32, 0) == 3
 
 
 def test_names_from_mangled():

@@ -9,7 +9,7 @@ import torch
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from ... import kernel_info
+from ... import occupancy
 from .kernels import (BLOCK_GPU, BLOCK_INTERPRET, INF, INTERPRET_PROGRAMS, L2, NEG_INF, NUM_WARPS,
                       ONE_LAUNCH_MAXNREG, ONE_LAUNCH_PROGRAMS_PER_SM, P_NORM, TWO_LAUNCH_MAXNREG,
                       TWO_LAUNCH_PROGRAMS_PER_SM, _one_launch_kernel)
@@ -75,9 +75,9 @@ def _programs(device, n_chunks):
 def resident_per_sm(n_regs, shared, num_warps=NUM_WARPS, regs_per_sm=65536, threads_per_sm=2048,
                     shared_per_sm=232448, blocks_per_sm=32):
     """How many programs of a compiled kernel (n_regs registers a thread, `shared` bytes of shared memory) one SM
-    holds at once: kernel_info.occupancy, the rule the CUDA kernels are checked with. Defaults: sm_90."""
-    return kernel_info.occupancy(32 * num_warps, n_regs, shared, max_threads=threads_per_sm,
-                                 max_blocks=blocks_per_sm, shared_per_sm=shared_per_sm, regs_per_sm=regs_per_sm)
+    holds at once: occupancy.resident_blocks, the rule the CUDA kernels are checked with. Defaults: sm_90."""
+    return occupancy.resident_blocks(32 * num_warps, n_regs, shared, max_threads=threads_per_sm,
+                                     max_blocks=blocks_per_sm, shared_per_sm=shared_per_sm, regs_per_sm=regs_per_sm)
 
 
 def one_launch_per_sm(n_regs, shared, **limits):
