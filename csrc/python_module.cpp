@@ -232,7 +232,7 @@ PyObject* zclip_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// The sharded paths' two passes over a rank's local tensors (fusedclip/distributed.py: DTensors' local shards,
+// The sharded paths' two passes over a rank's local tensors (fusedclip/distributed/: DTensors' local shards,
 // thousands of them under FSDP2), with the collective between them in Python: the ops' device kernels called from
 // here (redispatched to the tensors' backend key: the dispatcher does not walk every tensor's key set again, an
 // extra pass of cache misses over scattered TensorImpls, measured ~0.1 us a tensor at 20,000) on the tensors read
@@ -418,7 +418,7 @@ PyObject* record_sq_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// DTensor gradients (fusedclip/distributed.py, _fast_norm): the local shards and specs read straight out of the
+// DTensor gradients (fusedclip/distributed/dtensor.py, fast_norm): the local shards and specs read straight out of the
 // DTensors' slots, the per-spec plan looked up in C++, and the unrounded norm of each rank set's counted shards,
 // in one call; the scale pass later takes the tensors read here (dtensor_scale, on the returned handle), so a call
 // reads the Python objects once. The ~2 us a DTensor of Python (a .grad read through __torch_function__, two
@@ -466,7 +466,7 @@ const DTensorSlots* dtensor_slots(PyObject* type) {
   return &slots;
 }
 
-// What a rank does with a gradient of a spec (distributed.py, _classify): its rank set's key, whether this rank
+// What a rank does with a gradient of a spec (distributed/dtensor.py, _classify): its rank set's key, whether this rank
 // counts its shard, whether it is Partial (the Python path reduces those).
 struct DKind {
   int64_t bucket = 0;

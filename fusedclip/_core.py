@@ -1,5 +1,5 @@
 """The single-device building blocks of the public functions: argument checks, the norm and scale passes over
-one device's (or one rank's) tensors, and torch's own functions. clip.py (the public functions), distributed.py
+one device's (or one rank's) tensors, and torch's own functions. clip.py (the public functions), distributed/
 (the sharded ones) and amp.py build on this module; it imports none of them.
 """
 import math

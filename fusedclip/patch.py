@@ -116,7 +116,7 @@ _REPLACEMENTS = {
 def fsdp_clip_grad_norm_(self, max_norm, norm_type=2.0):
     """fusedclip.fsdp.clip_grad_norm_, installed by fusedclip.patch_torch() as FSDP1's
     FullyShardedDataParallel.clip_grad_norm_ (same signature, called on the root FSDP module)."""
-    from . import fsdp  # imported by _targets() before this can be installed
+    from .distributed import fsdp  # imported by _targets() before this can be installed
     return fsdp.clip_grad_norm_(self, max_norm, norm_type, backend=_backend)
 
 
@@ -140,7 +140,7 @@ def _targets():
     out += [(torch.nn.utils.clip_grad, name, fn) for name, fn in _REPLACEMENTS.items()
             if hasattr(torch.nn.utils.clip_grad, name) and name not in calls]
     if torch.distributed.is_available():  # a torch built without distributed has no FSDP
-        from . import fsdp
+        from .distributed import fsdp
         out.append((fsdp.FullyShardedDataParallel, "clip_grad_norm_", fsdp_clip_grad_norm_))
     return out
 

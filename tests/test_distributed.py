@@ -376,7 +376,7 @@ def exact_norm_over_ranks(rank, world, group):
 # ---------------------------------------------------------------------------------------------------------
 
 class CountingCollectives:
-    """Counts the all_reduces fusedclip.distributed issues (a stand-in for its funcol module)."""
+    """Counts the all_reduces fusedclip.distributed issues (a stand-in for reduce.py's funcol module)."""
 
     def __init__(self, real):
         self.real, self.calls = real, 0
@@ -390,7 +390,7 @@ class CountingCollectives:
 
 
 def counting_collectives():
-    import fusedclip.distributed as fd
+    import fusedclip.distributed.reduce as fd
     counter = CountingCollectives(fd.funcol)
     fd.funcol = counter
     return counter, lambda: setattr(fd, "funcol", counter.real)
@@ -688,7 +688,7 @@ def dtensor_fast_path(rank, world, group):
     skipped; every call on new spec objects as well as on the same ones (its spec cache). It is taken for these
     (a spy counts it) and declined, nothing written, for a mix with plain tensors, a Partial gradient, and p = 0
     or -inf. The clipped shards' version counters move only when they are written."""
-    import fusedclip.distributed as fd
+    import fusedclip.distributed.dtensor as fd
     from fusedclip.testing import same_bits
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -718,7 +718,7 @@ def dtensor_fast_path(rank, world, group):
             for fresh in [True, False]:
                 results = []
                 for fast in [True, False]:
-                    fd._FAST_DTENSOR = fast
+                    fd.FAST_DTENSOR = fast
                     try:
                         with SpyDTensorNorm() as spy:
                             grads = dts(fresh)
@@ -728,7 +728,7 @@ def dtensor_fast_path(rank, world, group):
                             n = fusedclip.clip_(params, max_norm, p)
                             n2 = fusedclip.get_total_norm(grads, p)
                     finally:
-                        fd._FAST_DTENSOR = True
+                        fd.FAST_DTENSOR = True
                     # torch 2.6 gives a rank an uneven Shard(1) shard as a strided view, not dense: that rank
                     # takes the plan path (dtensor_paths_differ checks the ranks still agree); declined, clip_
                     # asks twice (its own fast entry, then the sharded one), get_total_norm once

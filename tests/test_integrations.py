@@ -117,7 +117,7 @@ def test_timm_native_scaler_step_goes_through_fusedclip(spy):  # noqa: F811
 
 @pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 def test_unpatch_restores_fsdp_method():
-    import fusedclip.fsdp
+    import fusedclip.distributed.fsdp
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     original = FSDP.__dict__["clip_grad_norm_"]
     with patch.patched():
@@ -127,7 +127,9 @@ def test_unpatch_restores_fsdp_method():
     patch.patch_torch()
     patch.unpatch_torch()
     assert FSDP.__dict__["clip_grad_norm_"] is original
-    assert fusedclip.fsdp._fsdp_clip_grad_norm_ is original  # what backend="torch" runs
+    assert fusedclip.distributed.fsdp._fsdp_clip_grad_norm_ is original  # what backend="torch" runs
+    import fusedclip.fsdp  # the documented name of the same function
+    assert fusedclip.fsdp.clip_grad_norm_ is fusedclip.distributed.fsdp.clip_grad_norm_
 
 
 # The cases below run inside each of 2 Gloo ranks (one spawn for all; see _run_fsdp). Each builds the same
@@ -277,7 +279,7 @@ def no_sync_accumulation(rank, world):
 def no_gradients_and_root_only(rank, world):
     """Before any backward: norm 0 in float32 and FSDP's warning. A nested unit is refused, as by FSDP.
     backend="torch" runs FSDP's own method."""
-    import fusedclip.fsdp
+    import fusedclip.distributed.fsdp
     model = wrap()
     with patch.patched():
         with warnings.catch_warnings(record=True) as caught:
@@ -293,7 +295,7 @@ def no_gradients_and_root_only(rank, world):
         else:
             raise AssertionError("a nested FSDP unit's clip_grad_norm_ did not raise")
         torch.testing.assert_close(model.clip_grad_norm_(1e9, INF),
-                                   fusedclip.fsdp._fsdp_clip_grad_norm_(model, 1e9, INF))
+                                   fusedclip.distributed.fsdp._fsdp_clip_grad_norm_(model, 1e9, INF))
         patch.patch_torch(backend="torch")  # runs FSDP's own method
         del CALLS[:]
         model.clip_grad_norm_(1e9)
