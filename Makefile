@@ -1,5 +1,6 @@
 # make test   set-up (a .venv with torch, ninja, pytest, numpy), the build, zclip's own test suite against
-#             fusedclip.ZClip (test-zclip-upstream), the test suite
+#             fusedclip.ZClip (test-zclip-upstream), the Triton backend in Triton's interpreter
+#             (test-triton-interpret), the test suite
 # make bench  set-up, the build, then the benchmark
 # make test-compat  the suite on the other torches users run (scripts/compat_test.sh; CI runs it after test)
 # make test-sanitize  the CPU extension under ASan+UBSan (its own build), the C++-heavy CPU tests against it
@@ -9,7 +10,7 @@ PYTHON := $(VENV)/bin/python
 MAX_JOBS ?= 2
 SOURCES := $(wildcard csrc/*/* csrc/*.cpp) setup.py pyproject.toml tools/build_config.py
 
-.PHONY: setup build test test-zclip-upstream test-compat compat-venvs test-sanitize bench bench-note cmake-build clean
+.PHONY: setup build test test-zclip-upstream test-triton-interpret test-compat compat-venvs test-sanitize bench bench-note cmake-build clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed:
@@ -34,8 +35,20 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	$(PYTHON) -m fusedclip info
 	touch $@
 
-test: build test-zclip-upstream
+test: build test-zclip-upstream test-triton-interpret
 	$(PYTHON) -m pytest -q -ra tests
+
+# The Triton backend's kernels on CPU tensors in Triton's interpreter: TRITON_INTERPRET=1 must be set before Triton
+# is imported, so a pytest process of its own, which runs the cases whose ids name "triton" in these modules
+# (all of tests/test_triton.py). Without a GPU or the variable, `pytest tests` skips them and says where they run.
+# scripts/compat_test.sh runs the same selection on the other torches (print-TRITON_TESTS).
+TRITON_TESTS := tests/test_triton.py tests/test_ops.py tests/test_agc.py tests/test_fused_extras.py \
+	tests/test_zclip_fused.py tests/test_accuracy.py
+test-triton-interpret: build
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -ra -k triton $(TRITON_TESTS)
+
+print-%:
+	@echo $($*)
 
 # zclip 1.0.0's own tests (those of its published sdist; none is kept in this repository) with zclip.ZClip
 # replaced by fusedclip.ZClip (tests/zclip_upstream/fusedclip_as_zclip.py, which also deselects, with the reason,

@@ -22,8 +22,8 @@ unset MAX_JOBS  # the build's only: the tests see the environment `make test` gi
 # What each leg runs (the whole suite runs on the default torch, `make test`; CI's time allows these here): every
 # public entry point (clip_, get_total_norm, clip_grads_with_norm_, clip_value_, per-tensor norms, unscale_clip_,
 # clip_into_, ZClip, clip_agc_, the sharded paths on Gloo, torch.compile, the fast path) on the native backend,
-# and the Triton backend in its interpreter (tests/test_triton.py runs its own and the extras', ZClip's and
-# AGC's Triton cases in a child under TRITON_INTERPRET=1). Left to `make test`: packaging and the CMake build,
+# and then, in a pytest process of its own under TRITON_INTERPRET=1, the Triton backend in its interpreter (the
+# selection of `make test-triton-interpret`: the Makefile's TRITON_TESTS, -k triton). Left to `make test`: packaging and the CMake build,
 # the benchmark harness, the GPU check's dry run, the frameworks' integrations, examples, properties.
 API_TESTS="tests/test_clip.py tests/test_fast_path.py tests/test_fused_extras.py tests/test_compile.py
   tests/test_zclip.py tests/test_zclip_fused.py tests/test_agc.py tests/test_distributed.py tests/test_triton.py
@@ -92,3 +92,8 @@ env "${BUILD_ENV[@]}" MAX_JOBS="$JOBS" "$LEG/venv/bin/python" setup.py -q build_
 # -p no:cacheprovider: the copy is rewritten by each run; nothing to keep between them.
 env "${BUILD_ENV[@]}" PYTHONPATH="$LEG/src" \
   "$LEG/venv/bin/python" -m pytest -q -ra -p no:cacheprovider ${COMPAT_PYTEST_ARGS:-$TESTS}
+if [ -z "${COMPAT_PYTEST_ARGS:-}" ]; then
+  env "${BUILD_ENV[@]}" PYTHONPATH="$LEG/src" TRITON_INTERPRET=1 \
+    "$LEG/venv/bin/python" -m pytest -q -ra -p no:cacheprovider -k triton \
+    $(make -s --no-print-directory -C "$LEG/src" print-TRITON_TESTS)
+fi

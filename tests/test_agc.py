@@ -3,9 +3,7 @@ the same rule: every unit (a row for 2-D and up, else the whole tensor) is built
 above its threshold, from fresh random data; unclipped units must keep their exact bits."""
 import math
 import os
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -310,33 +308,23 @@ def test_patch_routes_timm():
     check_against_reference(params, orig, 0.01, 1e-3, 2.0)
 
 
-# ---- the Triton backend under the interpreter, in a child process (TRITON_INTERPRET=1 before Triton loads) ----
+# ---- the Triton backend's own AGC kernel on CPU tensors: under TRITON_INTERPRET=1 (`make test-triton-interpret`,
+# part of `make test`; the variable must be set before Triton is imported, so a pytest process of its own) ----
 
-TRITON_CHILD = textwrap.dedent("""
-    import math, sys, torch
-    sys.path.insert(0, {tests!r})
-    import fusedclip, test_agc as t
-    assert "triton" in fusedclip.available_backends("cpu")
+@pytest.mark.skipif("triton" not in fusedclip.available_backends("cpu"),
+                    reason="the Triton backend runs CPU tensors under TRITON_INTERPRET=1 only (`make test-triton-interpret`)")
+def test_triton_backend_agc_kernel_in_the_interpreter(monkeypatch):
+    from fusedclip.backends.triton import agc as triton_agc
     assert fusedclip.backends.BACKENDS["triton"].agc is not None  # its own kernel, not the torch fallback
     calls = []
-    real = fusedclip.backends.triton.agc._launch_group
-    fusedclip.backends.triton.agc._launch_group = lambda *a: (calls.append(1), real(*a))
-    for dtype, p in [(torch.float32, 2.0), (torch.bfloat16, math.inf), (torch.float64, 2.0), (torch.float16, 1.0)]:
-        params = t.make_pairs(t.SHAPES, dtype, p, seed=100 + t.DTYPES.index(dtype))
-        orig = t.clone(params)
+    real = triton_agc._launch_group
+    monkeypatch.setattr(triton_agc, "_launch_group", lambda *a: (calls.append(1), real(*a))[1])
+    for dtype, p in [(torch.float32, 2.0), (torch.bfloat16, INF), (torch.float64, 2.0), (torch.float16, 1.0)]:
+        params = make_pairs(SHAPES, dtype, p, seed=100 + DTYPES.index(dtype))
+        orig = clone(params)
         fusedclip.clip_agc_(params, 0.01, 1e-3, p, backend="triton")
-        t.check_against_reference(params, orig, 0.01, 1e-3, p)
+        check_against_reference(params, orig, 0.01, 1e-3, p)
     assert len(calls) == 4, calls
-    print("TRITON-AGC-OK")
-""")
-
-
-def test_triton_backend_under_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = TRITON_CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and "TRITON-AGC-OK" in out.stdout, out.stdout + out.stderr
 
 
 def test_triton_kernel_compiles_for_sm90():

@@ -9,13 +9,9 @@ samples are fresh random gradients of mixed scales (one log-uniform scale in [1e
 dtypes, with an empty tensor and one larger than a chunk, and every optional tensor argument both absent and given.
 
 The Triton ops run where the Triton backend does: compiled on CUDA tensors, or in Triton's interpreter on CPU
-tensors. TRITON_INTERPRET=1 must be set before Triton is imported, so when this process has neither a GPU nor the
-interpreter, test_triton_ops_in_the_interpreter runs this module's Triton cases in a child process that has it
-(TRITON_INTERPRET=1 pytest tests/test_ops.py -k fusedclip_triton runs them directly).
+tensors. TRITON_INTERPRET=1 must be set before Triton is imported, so on CPU their cases run in a pytest process
+of their own: `make test-triton-interpret` (part of `make test`), which selects the "triton" cases.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -220,27 +216,10 @@ def test_the_samples_are_not_degenerate():
 @pytest.mark.parametrize("ns, name, make, device", cases())
 def test_opcheck(ns, name, make, device):
     if device not in devices_for(ns):
-        pytest.skip(f"torch.ops.{ns} does not run on {device} here")
+        where = (" (on CPU under TRITON_INTERPRET=1: `make test-triton-interpret`)"
+                 if ns == "fusedclip_triton" and device == "cpu" else "")
+        pytest.skip(f"torch.ops.{ns} does not run on {device} here{where}")
     op = getattr(getattr(torch.ops, ns), name).default
     checks = CHECKS.get((ns, name))
     kwargs = {"test_utils": checks} if checks else {}
     torch.library.opcheck(op, make(device), **kwargs)
-
-
-# ---- no GPU and no interpreter here: the Triton cases in a child process that has the interpreter ----------
-
-_TRITON_HERE = bool(devices_for("fusedclip_triton"))
-
-
-@pytest.mark.skipif(_TRITON_HERE or "triton" not in fusedclip.backends.BACKENDS,
-                    reason="the Triton ops run in this process (or Triton is not usable here)")
-def test_triton_ops_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                          "-k", "opcheck and fusedclip_triton and cpu"], env=env, cwd=root, capture_output=True,
-                         text=True, timeout=1800)
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    print(summary)
-    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary

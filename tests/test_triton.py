@@ -1,13 +1,11 @@
 """The Triton backend (fusedclip/backends/triton/) on the native backend's parity cases.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors. TRITON_INTERPRET=1 must be set before
-Triton is imported, and conftest has imported fusedclip (and Triton) by the time this module loads; so when
-this process can run neither the compiled kernels (no GPU) nor the interpreted ones, this module runs itself in
-a child pytest with TRITON_INTERPRET=1 and reports that as one test (TRITON_INTERPRET=1 pytest
-tests/test_triton.py shows every case); the child also runs tests/test_fused_extras.py's and
-tests/test_zclip_fused.py's cases for the "triton" backend, which it only offers under the interpreter on CPU. With a
-GPU the cases run the compiled kernels on CUDA tensors, and the gpu-marked tests check one launch against two, CUDA-graph replay, two streams and that the first
-launch ends.
+Triton is imported, so the interpreted run is a pytest process of its own: `make test-triton-interpret` (part of
+`make test`) runs this module and the "triton" cases of the other modules under it. A process with neither a GPU
+nor the interpreter skips this module, saying so. With a GPU the cases run the compiled kernels on CUDA tensors,
+and the gpu-marked tests check one launch against two, CUDA-graph replay, two streams and that the first launch
+ends.
 """
 import math
 import os
@@ -27,6 +25,10 @@ from fusedclip.testing import (DTYPE_SETS, NORMS, SHAPES, assert_bit_identical, 
                                check_against_reference, clip_parity_case, clone_params, grads_of, low_precision_tol,
                                make_params, no_write_case, ref_norm, rel_err)
 from fusedclip.testing import params_with as _params_with  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not (tlauncher.INTERPRET or torch.cuda.is_available()),
+                                reason="the Triton kernels run on a GPU or under TRITON_INTERPRET=1 (on CPU: "
+                                       "`make test-triton-interpret`, part of `make test`)")
 
 DEVICE = "cpu" if tlauncher.INTERPRET else "cuda"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or tlauncher.INTERPRET,
@@ -557,27 +559,3 @@ def test_gpu_one_launch_equals_two_launches(p, dtypes, clipping):
     check_against_reference(a, params, na, max_norm, p)
     native = clone_params(params)
     torch.testing.assert_close(na, fusedclip.clip_(native, max_norm, p, backend="native"), rtol=1e-5, atol=0)
-
-
-# ---- no GPU and no interpreter in this process: run this module in a child that has the interpreter ----
-
-if not (tlauncher.INTERPRET or torch.cuda.is_available()):
-    for _name in [name for name in globals() if name.startswith("test_")]:
-        del globals()[_name]  # collected in the child instead
-
-    def test_triton_backend_in_the_interpreter():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        # test_fused_extras.py's "triton" cases too: this process does not offer that backend on CPU
-        here = os.path.dirname(os.path.abspath(__file__))
-        extras = [os.path.join(here, name) for name in ("test_fused_extras.py", "test_zclip_fused.py",
-                                                         "test_accuracy.py")]
-        out = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__, *extras,
-                              "-k", "triton"], env=env,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
-                             text=True, timeout=1800)
-        summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-        print(summary)
-        assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-        assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
-        for name in ("test_fused_extras.py", "test_zclip_fused.py", "test_accuracy.py"):
-            assert f"{name}::" in out.stdout, f"no {name} case ran for 'triton'"
