@@ -21,9 +21,9 @@ $(VENV)/.installed:
 	# accelerate < 1.16: 1.16 computes the norm itself (vector_norm per tensor, then torch.nn.utils.clip_grads_with_norm_)
 	# and no longer calls clip_grad_norm_, which patch_torch replaces; following it is open work
 	$(PYTHON) -m pip install -q "accelerate<1.16" lightning
-	$(PYTHON) -m pip install -q transformers timm  # tests/test_integrations.py; timm pulls torchvision
+	$(PYTHON) -m pip install -q transformers timm  # tests/integration/test_frameworks.py; timm pulls torchvision
 	$(PYTHON) -m pip install -q --no-deps "zclip==1.0.0"  # tests/test_zclip.py compares with it (it needs only torch)
-	# the oldest CMake CMakeLists.txt declares, for tests/test_build.py's configure check
+	# the oldest CMake CMakeLists.txt declares, for tests/tooling/test_build.py's configure check
 	$(PYTHON) -m pip install -q --no-deps --target $(VENV)/cmake-min "cmake==3.25.*"
 	$(PYTHON) -m pip install -q --target $(VENV)/triton36 --no-deps "triton==3.6.0"
 	touch $@
@@ -92,13 +92,13 @@ test-sanitize: $(VENV)/.installed
 # bench-note first: it prints before the set-up and the build, which take minutes on a fresh machine.
 bench: bench-note build
 	$(PYTHON) -m fusedclip info
-	$(PYTHON) -m fusedclip bench $(BENCH_ARGS)
+	$(PYTHON) -m fusedclip bench --targets bench/targets.py $(BENCH_ARGS)
 
 bench-note:
 	@echo "make bench: set-up and build if needed, then about 5-10 minutes on 2 cores; results in" \
 	  "bench/results/local/ (git-ignored); make bench BENCH_ARGS='--out bench/results' for a run to commit"
 
-# The CMake build of the same module (into build-cmake/fusedclip/); tests/test_build.py builds it too.
+# The CMake build of the same module (into build-cmake/fusedclip/); tests/tooling/test_build.py builds it too.
 cmake-build: $(VENV)/.installed
 	$(VENV)/bin/cmake -S . -B build-cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 		-DPython_EXECUTABLE=$(abspath $(PYTHON))

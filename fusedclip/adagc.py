@@ -240,6 +240,9 @@ class AdaGC:
         Args:
             param (Tensor): one of the clipper's parameters, whose .grad is final.
 
+        Returns:
+            None.
+
         Raises:
             RuntimeError: during the warm-up (the global norm is not known before backward ends: call step() after
                 backward then), or outside a backward.
@@ -279,10 +282,26 @@ class AdaGC:
     # -- checkpoints -----------------------------------------------------------------------------------
 
     def state_dict(self):
-        """{"steps": int, "gamma": a float64 clone of the thresholds (on their device), "warmup_steps": int}."""
+        """The state to resume from exactly.
+
+        Returns:
+            dict: {"steps": int, "gamma": a float64 clone of the per-parameter thresholds (on their device),
+            "warmup_steps": int}.
+        """
         return {"steps": self.steps, "gamma": self.gamma.clone(), "warmup_steps": self.warmup_steps}
 
     def load_state_dict(self, state_dict):
+        """Resumes from state_dict().
+
+        Args:
+            state_dict (dict): as state_dict() returns, for the same parameters (one threshold each).
+
+        Returns:
+            None.
+
+        Raises:
+            ValueError: a steps value that is not an int >= 0, or gamma not a tensor of one value per parameter.
+        """
         steps, gamma = state_dict["steps"], state_dict["gamma"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"fusedclip.AdaGC.load_state_dict: steps must be an int >= 0, got {steps!r}")

@@ -103,7 +103,11 @@ class ClipInBackward:
     @contextlib.contextmanager
     def no_record(self):
         """Backward passes inside this block record nothing (gradient accumulation: the micro-batches before the last
-        one, whose gradients are not final). The last backward before clip_() must record."""
+        one, whose gradients are not final). The last backward before clip_() must record.
+
+        Returns:
+            a context manager.
+        """
         previous, self._recording = self._recording, False
         try:
             yield
@@ -143,7 +147,11 @@ class ClipInBackward:
         return norm.to(result_dtype(grads))
 
     def remove(self):
-        """Removes the hooks."""
+        """Removes the hooks (the clipper records nothing afterwards).
+
+        Returns:
+            None.
+        """
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -364,12 +364,28 @@ class ZClip:
 
     def state_dict(self):
         """The state to resume from exactly: the step count (an int: a host sync), the skipped steps, and the
-        float64 tensors (clones, on their device)."""
+        float64 tensors (clones, on their device).
+
+        Returns:
+            dict: {"steps": int, "skipped": int, "buffer": Tensor (the warm-up norms), "mean": Tensor, "var":
+            Tensor}, the layout zclip 1.0.0's state_dict has, plus "skipped".
+        """
         s = self._state if self._state is not None else torch.zeros(BUFFER + self._n_warmup, dtype=torch.float64)
         return {"steps": int(s[STEPS]), "skipped": int(s[SKIPPED]), "buffer": s[BUFFER:].clone(),
                 "mean": s[MEAN].clone(), "var": s[VAR].clone()}
 
     def load_state_dict(self, state_dict):
+        """Resumes from state_dict() (this clipper's or zclip 1.0.0's: "skipped" may be absent).
+
+        Args:
+            state_dict (dict): as state_dict() returns; its buffer must hold warmup_steps norms.
+
+        Returns:
+            None.
+
+        Raises:
+            ValueError: a steps value that is not an int >= 0, or a buffer of another warm-up length.
+        """
         steps, buf = state_dict["steps"], state_dict["buffer"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"fusedclip.ZClip.load_state_dict: steps must be an int >= 0, got {steps!r}")
@@ -517,7 +533,16 @@ class ZClip:
         zclip's Python floats are and applied in the accumulation dtype (fp32 for fp32/fp16/bf16 gradients), as
         zclip's mul_ by a Python float is: the same gradients, bit for bit. One fused scaling pass (the
         backend's clip_grads_with_norm_ kernel; backend="torch": zclip's mul_ per gradient). The norms are numbers;
-        a tensor is read on the host (a sync). step() does not call this method: its scaling is in its own pass."""
+        a tensor is read on the host (a sync). step() does not call this method: its scaling is in its own pass.
+
+        Args:
+            pl_module (torch.nn.Module or iterable of Tensors): whose .grad are scaled.
+            global_norm (float or Tensor): the gradients' norm.
+            max_global_norm (float or Tensor): the norm they are scaled to when global_norm exceeds it.
+
+        Returns:
+            None.
+        """
         global_norm, max_global_norm = float(global_norm), float(max_global_norm)
         if not global_norm > max_global_norm:  # zclip's coefficient is then 1 (a NaN norm too): nothing written
             return

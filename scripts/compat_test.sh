@@ -35,10 +35,10 @@ case "$VERSION" in
           TESTS="$API_TESTS tests/test_patch.py" ;;
   # Exactly the GPU machine's stack (Python 3.12 too). nvcc 13 here builds the extension it would load, for its
   # H200 (sm_90), so a header or API break of that torch shows here before a GPU run; the built kernels'
-  # resources are read from it (test_kernel_resources). numpy < 2.4: Triton 3.6's interpreter turns 1-element
+  # resources are read from it ((tests/tooling/test_kernel_info.py)). numpy < 2.4: Triton 3.6's interpreter turns 1-element
   # arrays into Python ints (range(tl.program_id(0), ...)): deprecated since NumPy 1.25, an error from 2.4 on.
   2.11.0) PYVER=3.12; EXTRA="triton==3.6.0 numpy<2.4"; BUILD_ENV=(FUSEDCLIP_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)
-          TESTS="$API_TESTS tests/test_kernel_resources.py" ;;
+          TESTS="$API_TESTS tests/tooling/test_kernel_info.py" ;;
   *) echo "compat_test.sh: no leg for torch $VERSION (2.6.0, 2.11.0)" >&2; exit 2 ;;
 esac
 # pyenv's interpreters first: its shims on PATH answer only for the globally selected versions.
@@ -84,7 +84,7 @@ PYEOF
 
 cd "$LEG/src"
 # In place, with setup.py's build/ kept: pip's editable install would recompile everything in a fresh temporary
-# folder every run. The tests import the package from here (cwd); tests/test_packaging.py checks pip's build.
+# folder every run. The tests import the package from here (cwd); tests/tooling/test_packaging.py checks pip's build.
 env "${BUILD_ENV[@]}" MAX_JOBS="$JOBS" "$LEG/venv/bin/python" setup.py -q build_ext --inplace
 "$LEG/venv/bin/python" -m fusedclip info
 # The build switches stay set, as in the shell of a user who built this way (the CMake test builds alike);

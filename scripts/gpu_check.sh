@@ -5,7 +5,7 @@
 #   scripts/gpu_check.sh [OUTDIR]             the real run (OUTDIR defaults to <repo>/gpu-results); timeout_s 590
 #   scripts/gpu_check.sh --dry-run [OUTDIR]   this script's own logic on a machine without a GPU: nvidia-smi,
 #                                             nvcc, compute-sanitizer and python are stand-ins that print what
-#                                             they were asked and sleep / fail as told (tests/test_gpu_check_script.py)
+#                                             they were asked and sleep / fail as told (tests/tooling/test_gpu_check_script.py)
 #
 # Steps (PLAN below): header, build (then the Triton variants compile in the background on the idle cores),
 # info, smoke, sanitizer-memcheck, gpu-checks, bench, pytest, sanitizer-{racecheck,synccheck}: what only a GPU can
@@ -21,7 +21,7 @@
 # compiler, so compile time is not mistaken for a hang.
 #
 # What the run is to confirm or refute (from the compiled kernels; the bench's JSON holds them as targets with their
-# ranges, fusedclip/bench/targets.py EXPECTED_GPU, and the smoke's bandwidth lines print them): native fused
+# ranges, bench/targets.py EXPECTED_GPU, and the smoke's bandwidth lines print them): native fused
 # no-clip 85-100% of copy bandwidth; clip on sets larger than L2 moves
 # 3N bytes as torch's does, so hold it to >= 90% of the 3N floor and never slower than torch (not 1.4x torch);
 # clip_into_ (N bytes) and the zero-pass clip are the rows that beat torch by 3x; Triton one-launch is limited
@@ -119,7 +119,7 @@ export BENCH_PROVIDERS
 # EXPECT_S: the time each step is expected to take on an H200 (the top of the range measured or
 # estimated: build 80-130 s, smoke 50-80, bench 85-100; the budget-driven steps use their whole cap). The
 # plan must fit: the expected times plus the kill grace within the deadline (checked below, and by the dry run
-# in CI, tests/test_gpu_check_script.py, with stand-ins that take exactly that long).
+# in CI, tests/tooling/test_gpu_check_script.py, with stand-ins that take exactly that long).
 PYTEST_LINES='::.* (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)|^    > |[0-9]+ (passed|failed|errors?)\b'
 PLAN=(
   "header 15 5 summary.txt -"
@@ -208,7 +208,7 @@ do_bench() {
   minutes=$(awk -v s="$STEP_LIMIT" 'BEGIN { printf "%.2f", (s > 60 ? s - 25 : s / 2) / 60 }')
   "$PY" -m fusedclip bench --device cuda --sets gpt2-small,mixed,many-small,llama-7b --providers "$BENCH_PROVIDERS" \
     --time 0.05 --rounds 1 --scaling none --compile-sets gpt2-small --zclip gpt2-small --no-plot --out "$OUT/bench" \
-    --tag gpu-check \
+    --tag gpu-check --targets bench/targets.py \
     --max-minutes "$minutes"
 }
 

@@ -22,6 +22,7 @@ from fusedclip.bench import cli, extras, report, sets, timing, workload
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = os.path.join(ROOT, "bench", "targets.py")  # the issues' targets: the repository's, not the package's
 TINY = ["--device", "cpu", "--quick", "--time", "0.01"]  # every run: the CPU, the shortest timings
 
 
@@ -93,7 +94,8 @@ def test_quick_run_writes_reports(tmp_path, capsys):
     """Every regime (clip, noclip and both busy), an fp16 set beside the bf16 + fp32 one, the memory floor."""
     rc = bench.main(TINY + ["--sets", "tiny,tiny-fp16", "--providers", "torch,torch-loop,native,triton",
                             "--tensors-points", "1,16,256", "--tensors-elements", "100000",
-                            "--elements-points", "1000,10000", "--out", str(tmp_path), "--tag", "smoke"])
+                            "--elements-points", "1000,10000", "--out", str(tmp_path), "--tag", "smoke",
+                            "--targets", TARGETS])
     assert rc == 0
     out = capsys.readouterr().out
     assert "fusedclip native" in out and "[" in out  # progress lines and the tables
@@ -209,6 +211,7 @@ def test_agc_rows(tmp_path):
         assert r["set"] == "tiny" and r["regime"] == "agc" and "error" not in r and r["check"] == "", r
         assert r["bytes_moved"] == int(2.5 * r["bytes"]) and r["speedup"] > 0 and r["median_s"] > 0
     assert math.isclose(rows["agc-timm"]["speedup"], 1.0)
+    assert "targets" not in result  # no --targets: the installed package judges nothing against the issues
     assert cli.make_config(cli.parse(["--device", "cpu", "--sets", "tiny"])).agc == []
     assert cli.make_config(cli.parse(["--device", "cpu"])).agc == ["resnet50", "vit-b"]
     assert cli.make_config(cli.parse(["--device", "cpu", "--agc", "none"])).agc == []
@@ -264,7 +267,8 @@ def test_zclip_rows(tmp_path):
     (a spike) and noclip regimes; checked, timed, related to zclip and to clip_, with the issue's targets. The
     plain rows of the same set and regimes keep torch as their baseline."""
     rc = bench.main(TINY + ["--sets", "tiny", "--providers", "torch", "--regimes", "clip,noclip", "--scaling",
-                            "none", "--no-floor", "--no-plot", "--zclip", "tiny,many-small", "--out", str(tmp_path)])
+                            "none", "--no-floor", "--no-plot", "--zclip", "tiny,many-small", "--out", str(tmp_path),
+                            "--targets", TARGETS])
     assert rc == 0
     (path,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
     result = json.loads((tmp_path / path).read_text())
@@ -388,7 +392,8 @@ def test_gpu_expectations_are_targets():
     """The expectations the first GPU run is to confirm or refute (issue 25) are in the JSON's targets, for sets
     larger than L2 only: native no-clip >= 85% of copy, native clip >= 90% of the 3N floor and never slower than
     torch, Triton one launch >= 50% of copy, two launches >= 75%."""
-    from fusedclip.bench.targets import targets
+    from fusedclip.bench.run import load_targets
+    targets = load_targets(TARGETS).targets
     copy_bps, n = 3.0e12, 2**30
 
     def row(provider, regime, pct, speedup=1.0, nbytes=n):

@@ -1,4 +1,4 @@
-"""Static proof of the Triton kernels for a GPU, on a machine without one (tests/test_triton_static.py).
+"""Static proof of the Triton kernels for a GPU, on a machine without one (tests/tooling/test_triton_static.py).
 
 Triton's compiler takes a GPU target without a GPU: this compiles the kernel variants the launchers of
 fusedclip/backends/triton would launch on an H100/H200 (sm_90) and reports, per variant, registers, spills,

@@ -6,7 +6,7 @@
 // those functions: no inline function of torch's headers is ever emitted with AVX2 instructions where a
 // baseline caller could pick it up (the ODR hazard of building a translation unit with -mavx2). FMA is not
 // enabled, and the build passes -ffp-contract=off, so no variant contracts a multiply-add the other does not:
-// every variant computes the same bits (tests/test_cpu_isa.py checks them against each other).
+// every variant computes the same bits (tests/tooling/test_cpu_isa.py checks them against each other).
 #pragma once
 
 #include <algorithm>

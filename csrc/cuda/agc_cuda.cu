@@ -28,7 +28,7 @@ constexpr int kWarps = kAgcThreads / 32;
 constexpr int kVecBytes = 16;
 // 16-byte vectors of gradient a thread keeps in registers: as many as fit in the 80 registers without spilling,
 // which ptxas makes fewer from sm_100 on (2 there; 3 still spilled the inf kernels on sm_100; checked for every
-// architecture of the build by tests/test_kernel_resources.py). Only the kernel decides what is cached.
+// architecture of the build by tests/tooling/test_kernel_info.py). Only the kernel decides what is cached.
 #ifndef FC_AGC_CACHE_VECS
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
 #define FC_AGC_CACHE_VECS 2

@@ -43,7 +43,7 @@ constexpr int kWarps = kThreads / 32;
 // approach its bandwidth. The fp64 kernels and the p-norm kernels (a pow per element: compute-bound) need
 // more than 64 registers (they would spill): one block per SM. The launcher sizes the grid from the
 // occupancy API for the exact instantiation (coresident_blocks); `python -m fusedclip info --kernels` and
-// tests/test_kernel_resources.py check in the built module that each instantiation fits this many blocks
+// tests/tooling/test_kernel_info.py check in the built module that each instantiation fits this many blocks
 // per SM without spilling.
 template <NormKind K, typename acc_t>
 constexpr int kMinBlocksPerSm = sizeof(acc_t) == 4 && K != NormKind::P ? 2 : 1;

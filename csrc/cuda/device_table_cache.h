@@ -1,7 +1,7 @@
 // The device copies of the kernels' tables (csrc/cuda/clip_cuda.cu's gradient tables, csrc/cuda/agc_cuda.cu's AGC
 // tables), keyed by their content (pointers, sizes, dtypes): the same gradients step after step cost no
 // host-to-device copy, and a CUDA graph captured after a warm-up call contains no copy at all. One policy for
-// both caches, with no CUDA in it, so that tests/test_table_cache.py compiles it on a CPU with a simulated
+// both caches, with no CUDA in it, so that tests/tooling/test_table_cache.py compiles it on a CPU with a simulated
 // GPU (tests/cpp/table_cache_test.cpp) and checks:
 //   * an entry a captured graph has used is never evicted (the graph reads its table on every replay), however
 //     many other tables come after it;

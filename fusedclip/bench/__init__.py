@@ -12,10 +12,11 @@ One module per concern (bench/README.md says what is measured and why):
 - timing.py     how a call is timed, the statistics, the busy processes, launch counting
 - reference.py  the copy bandwidth and the memory floor, measured in the same run
 - run.py        sets x regimes x providers, the scaling curves: the result
-- targets.py    the issues' targets, into the JSON
 - report.py     progress lines, tables, markdown, JSON, file names
 - plot.py       the PNG
 - cli.py        the flags
+
+The issues' targets are the repository's bench/targets.py (--targets), not part of the installed package.
 """
 from .cli import main
 

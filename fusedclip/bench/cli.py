@@ -51,6 +51,10 @@ def parse(argv):
     ap.add_argument("--out", default=DEFAULT_OUT,
                     help=f"output folder (default {DEFAULT_OUT}, git-ignored; bench/results to keep a run)")
     ap.add_argument("--tag", default="", help="suffix for the output file names")
+    ap.add_argument("--targets", default="",
+                    help="a Python file whose targets(rows, scaling, device, cache_bytes) judges the run against "
+                         "goals, into the JSON (the repository's bench/targets.py: the issues' targets; make bench "
+                         "passes it)")
     ap.add_argument("--quick", action="store_true", help="fewer sets, short timings, small scaling curves")
     ap.add_argument("--time", type=float, default=None, help="seconds of timing per measurement")
     ap.add_argument("--compile-sets", default=None,
@@ -174,7 +178,8 @@ def make_config(ns):
                   mem_fraction=ns.mem_fraction or (0.85 if dt == "cuda" else 0.5),
                   rounds=max(1, ns.rounds or (2 if ns.quick else 3)), extras=extras, zclip=zclip, agc=agc,
                   floor=dt == "cpu" if ns.floor is None else ns.floor, busy_procs=max(0, ns.busy_procs),
-                  max_s=60 * (ns.max_minutes if ns.max_minutes is not None else (7 if dt == "cuda" else 0)))
+                  max_s=60 * (ns.max_minutes if ns.max_minutes is not None else (7 if dt == "cuda" else 0)),
+                  targets=ns.targets)
 
 
 def list_all():

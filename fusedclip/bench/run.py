@@ -2,6 +2,7 @@
 curves, the copy bandwidth; returns the result that report.py writes."""
 import contextlib
 import copy
+import importlib.util
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from .providers import BASELINE, FUSED, PROVIDERS, SCALING_SKIP
 from .reference import FLOOR_LABEL, copy_bandwidth, floor_fn
 from .report import Progress, status_line
 from .sets import SETS, dtype_names, flat_specs, scaling_specs, specs_bytes
-from .targets import targets
 from .timing import Clock, busy_cores, count_launches, summarize
 from .workload import MAX_NORM, CLIP_NORM, NOCLIP_NORM, Workload, check_call, clips, is_busy, rotations_within
 
@@ -48,6 +48,7 @@ class Config:
     floor: bool = True  # time each set's memory floor beside its providers
     busy_procs: int = 0  # busy processes in the busy regimes (0: one per core)
     t0: float = field(default_factory=time.perf_counter)
+    targets: str = ""  # a file with targets(rows, scaling, device, cache_bytes) (--targets; the repo's bench/targets.py)
     notes: list = field(default_factory=list)
 
 
@@ -459,5 +460,18 @@ def run(cfg):
                 slope = per_tensor_cost(ok_pts)
                 if slope is not None:
                     scaling["per_tensor_s"][p.key] = slope
-    return {"meta": meta, "config": config_json(cfg), "copy": copy_ref, "results": rows, "scaling": scaling,
-            "notes": cfg.notes, "targets": targets(rows, scaling, device, cache)}
+    out = {"meta": meta, "config": config_json(cfg), "copy": copy_ref, "results": rows, "scaling": scaling,
+           "notes": cfg.notes}
+    if cfg.targets:
+        out["targets"] = load_targets(cfg.targets).targets(rows, scaling, device, cache)
+    return out
+
+
+def load_targets(path):
+    """A targets file (--targets) as a module: its targets(rows, scaling, device, cache_bytes) makes the JSON's list."""
+    spec = importlib.util.spec_from_file_location("fusedclip_bench_targets", path)
+    if spec is None or not os.path.isfile(path):
+        raise SystemExit(f"fusedclip bench: --targets {path}: no such file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

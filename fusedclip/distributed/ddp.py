@@ -22,6 +22,11 @@ class DDPNormState:
     reset is needed between steps. total_norm() is the norm of the last such backward (a backward inside
     DDP's no_sync() does not call the hook); it raises if no complete backward has been recorded since
     reset(). The norm stays on the device (float32, float64 when a bucket is float64): no host sync.
+
+    Args:
+        process_group (ProcessGroup, optional): the group DDP averages over (None: the default group).
+        backend (str): the backend that computes the buckets' norms and scales: "auto" (default), "native",
+            "triton" or "torch".
     """
 
     def __init__(self, process_group=None, backend="auto"):
@@ -30,7 +35,11 @@ class DDPNormState:
         self.reset()
 
     def reset(self):
-        """Forgets the recorded norms (the hook does this itself at the start of each backward)."""
+        """Forgets the recorded norms (the hook does this itself at the start of each backward).
+
+        Returns:
+            None.
+        """
         self._norms = {}  # bucket index -> (the averaged bucket's 2-norm in float64, its accumulation dtype)
         self._n_buckets = None
         self._total = None
@@ -47,7 +56,14 @@ class DDPNormState:
         self._norms[index] = (norm, dtype)  # a dict, not a list: callbacks may finish out of order (Gloo threads)
 
     def total_norm(self):
-        """The 2-norm of all averaged gradients of the last synchronizing backward (a 0-dim device tensor)."""
+        """The 2-norm of all averaged gradients of the last synchronizing backward.
+
+        Returns:
+            Tensor: 0-dim, on the buckets' device (float32; float64 when a bucket is float64).
+
+        Raises:
+            RuntimeError: no complete backward recorded since reset().
+        """
         if self._total is None:
             n = self._n_buckets
             if n is None or len(self._norms) != n:
@@ -63,8 +79,17 @@ class DDPNormState:
         return self._total
 
     def clip_(self, parameters, max_norm, error_if_nonfinite=False):
-        """Scales the gradients of `parameters` by the recorded norm (as fusedclip.clip_grads_with_norm_ does);
-        returns the norm. The same result as fusedclip.clip_(parameters, max_norm) after DDP's default hook."""
+        """Scales the gradients of `parameters` by the recorded norm (as fusedclip.clip_grads_with_norm_ does).
+        The same result as fusedclip.clip_(parameters, max_norm) after DDP's default hook.
+
+        Args:
+            parameters (Tensor or iterable of Tensors): the DDP model's parameters.
+            max_norm (float): the largest norm allowed.
+            error_if_nonfinite (bool): raise (before scaling anything) if the norm is nan or inf. A host sync.
+
+        Returns:
+            Tensor: the recorded total norm (before clipping), as total_norm() returns it.
+        """
         norm = self.total_norm()
         if error_if_nonfinite:
             _core.check_finite(norm, 2.0)
@@ -79,7 +104,15 @@ class DDPNormState:
 def ddp_norm_hook(state, bucket):
     """A DDP communication hook: averages the bucket over the group as DDP's default hook does (divide by
     the group size, then all_reduce SUM), and once it is averaged records its 2-norm in `state`
-    (a DDPNormState). Register with model.register_comm_hook(state, fusedclip.ddp_norm_hook)."""
+    (a DDPNormState). Register with model.register_comm_hook(state, fusedclip.ddp_norm_hook).
+
+    Args:
+        state (DDPNormState): where the buckets' norms are recorded.
+        bucket (torch.distributed.GradBucket): given by DDP.
+
+    Returns:
+        torch.futures.Future: resolves to the averaged bucket, as DDP's default hook's does.
+    """
     index = bucket.index()
     if index == 0:  # the first bucket of a new backward: the previous step's callbacks have all finished
         state.reset()

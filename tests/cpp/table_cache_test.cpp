@@ -1,4 +1,4 @@
-// csrc/cuda/device_table_cache.h against a simulated GPU (tests/test_table_cache.py compiles and runs this): streams
+// csrc/cuda/device_table_cache.h against a simulated GPU (tests/tooling/test_table_cache.py compiles and runs this): streams
 // are ints, a copy is "done" when the test says so, and every table records whether it was freed while a
 // stream or a captured graph could still read it. Prints one line per check; exits 1 on the first failure.
 #include <cstdio>

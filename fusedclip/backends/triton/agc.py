@@ -10,7 +10,7 @@ then, when clipped, a second pass that re-reads it (from L2 on a GPU) and scales
 i + programs, ...; nothing depends on another item, so there is no barrier and any number of programs gives the
 same bits.
 
-Known limits (compiled for sm_90; tests/test_triton_static.py asserts them, issue 25 defect 10): no 128-bit
+Known limits (compiled for sm_90; tests/tooling/test_triton_static.py asserts them, issue 25 defect 10): no 128-bit
 loads or stores. The addresses are cast from the table's int64s with no alignment hint and a row starts at any
 multiple of its length, so the compiler cannot prove 16-byte alignment; a vectorized path would need a variant
 for aligned pointers and lengths divisible by 16 bytes, with tl.multiple_of on the pointer additions (as

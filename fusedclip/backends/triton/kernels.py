@@ -26,7 +26,7 @@ Under TRITON_INTERPRET=1 (set before importing fusedclip) the kernels run in Tri
 tensors; the one-launch kernel then runs with a single program, since the interpreter runs programs one
 after another and a barrier across several would never open.
 
-Known low-occupancy variants (compiled for sm_90; tests/test_triton_static.py asserts these numbers, issue 25
+Known low-occupancy variants (compiled for sm_90; tests/tooling/test_triton_static.py asserts these numbers, issue 25
 defect 10): one launch with inf norm + AMP + per-tensor norms spills at ONE_LAUNCH_MAXNREG with Triton 3.6 and
 takes the free variant (168 registers, 24 bytes of stack): 1 program per SM, 16 KB in flight, so every Triton
 unscale_clip_ with Triton 3.6 runs at about half the two-launch variant's bandwidth (3.8: 128 registers, no

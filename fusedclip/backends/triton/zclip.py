@@ -163,7 +163,7 @@ def _zclip_kernel(table, n, n_chunks, partials, nonfinite, ws, state, norm_in, n
         # Every thread of this program has read the state (and stored its scaled chunks) before the ticket is
         # taken: the ticket is one thread's atomic, and the last program's writer must find no thread of any
         # program still to read the old state. Asked for here, not left to a barrier Triton happens to insert
-        # (tests/test_triton_static.py checks it is in the TTIR, before the atomic).
+        # (tests/tooling/test_triton_static.py checks it is in the TTIR, before the atomic).
         tl.debug_barrier()
         writer = tl.atomic_add(ws, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1
     if writer:

@@ -1,13 +1,15 @@
 """The issues' targets, as measured: [{what, value, target, unit, met, issue}] (only those with data). They go
-to the JSON for whoever tracks the issues; the terminal and markdown show the measurements themselves. The
+to the JSON for whoever tracks the issues; the terminal and markdown show the measurements themselves. This file
+is the repository's, not the installed package's (targets named after issues are tracker material): `make bench`
+and the GPU check pass it to the benchmark with `--targets bench/targets.py`. The
 expectations the first GPU run is to confirm or refute (issue 25) also carry the range the compiled kernels
 predict, `expected` [low, high], and `in_expected`: a value above the range refutes the model as much as one
 below it (EXPECTED_GPU)."""
-from .providers import FUSED
-from .reference import FLOOR_TOLERANCE
-from .workload import is_busy
-from .zclip_rows import FUSED_KEY as ZCLIP_FUSED
-from .zclip_rows import ZCLIP_VERSION
+from fusedclip.bench.providers import FUSED
+from fusedclip.bench.reference import FLOOR_TOLERANCE
+from fusedclip.bench.workload import is_busy
+from fusedclip.bench.zclip_rows import FUSED_KEY as ZCLIP_FUSED
+from fusedclip.bench.zclip_rows import ZCLIP_VERSION
 
 ZCLIP_SPEEDUP = 3.0  # issue 16, on the CPU: fusedclip.ZClip.step at least 3x zclip's on a BERT-sized set ...
 ZCLIP_VS_CLIP = 1.10  # ... and within 10% of plain fusedclip.clip_ (on every set timed)

@@ -25,7 +25,7 @@ if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6):
 from fusedclip import _ext  # noqa: E402
 from fusedclip.backends.triton import clip as tclip, kernels as tk, launcher as tlauncher  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import triton_static as ts  # noqa: E402
 

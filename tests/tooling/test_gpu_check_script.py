@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 # what only a GPU can tell and what has never run first (issue 25, defect 2): the sanitizers included
 STEPS = ["header", "build", "info", "smoke", "sanitizer-memcheck", "gpu-checks", "bench", "pytest",

@@ -88,7 +88,7 @@ def test_grid_stride_kernels_launch_one_wave(kernels):
     import pathlib
     grid_stride = [k for k in kernels if k.name.startswith(("scale_by_norm_kernel", "clamp_kernel"))]
     assert grid_stride and any(k.blocks_per_sm < 4 for k in grid_stride), [(k.name, k.blocks_per_sm) for k in grid_stride]
-    src = (pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "clip_cuda.cu").read_text()
+    src = (pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "clip_cuda.cu").read_text()
     assert "4LL * sm_count" not in src
     assert "l.grid(g.n_chunks, reinterpret_cast<const void*>(scale_by_norm_kernel<acc_t>))" in src
     assert "l.grid(g.n_chunks, reinterpret_cast<const void*>(clamp_kernel))" in src

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run(cmd, cwd, env=None, timeout=900):
@@ -126,3 +126,38 @@ def test_a_fusedclip_without_its_kernels_says_so(tmp_path, case):
         assert f"built for torch 2.0.0+cu118 but this is torch {torch.__version__}" in warning
         assert "--no-build-isolation --force-reinstall" in warning
     assert raised.startswith("native raises:") and "did not load" in raised
+
+
+def _documented(name, obj, has_args):
+    """What name's docstring lacks of Args/Returns (an API page is generated from them)."""
+    import inspect
+    doc = inspect.getdoc(obj) or ""
+    missing = []
+    if has_args and "Args:" not in doc:
+        missing.append(f"{name}: no Args")
+    if not inspect.isclass(obj) and "Returns:" not in doc:
+        missing.append(f"{name}: no Returns")
+    return missing
+
+
+def test_every_public_function_and_method_has_args_and_returns():
+    """Every name in fusedclip.__all__ and every public method of its classes says its arguments (when it takes
+    any) and what it returns, in the Args:/Returns: form an API page is generated from."""
+    import inspect
+
+    import fusedclip
+    missing = []
+    for name in fusedclip.__all__:
+        obj = getattr(fusedclip, name)
+        if inspect.isclass(obj):
+            init_params = list(inspect.signature(obj.__init__).parameters)[1:]
+            missing += _documented(name, obj, bool(init_params))
+            for mname, member in vars(obj).items():
+                if mname.startswith("_") or not inspect.isfunction(member):
+                    continue
+                fn = inspect.unwrap(member)
+                params = [q for q in inspect.signature(fn).parameters if q != "self"]
+                missing += _documented(f"{name}.{mname}", member, bool(params))
+        else:
+            missing += _documented(name, obj, bool(inspect.signature(obj).parameters))
+    assert missing == [], missing
