@@ -43,6 +43,7 @@
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cmath>
 #include <memory>
@@ -424,9 +425,10 @@ PyObject* record_sq_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // reads the Python objects once. The ~2 us a DTensor of Python (a .grad read through __torch_function__, two
 // attribute reads, a dict lookup, a list per pass) becomes tens of ns.
 //
-// Ownership, as above: the local tensors (and their storages) are owned by the handle from the moment they are
-// read, with the GIL held; each gradient and spec is owned (a reference) for the call, since `classify`, Python,
-// runs between reading the specs and using them and may let another thread drop the gradient that held one.
+// Ownership, as above: the local tensors (through a reference to each one's Python object, which owns it: see
+// BorrowedTensors) and their storages are owned by the handle from the moment they are read, with the GIL held;
+// each gradient and spec is owned (a reference) for the call, since `classify`, Python, runs between reading the
+// specs and using them and may let another thread drop the gradient that held one.
 
 // Where a slot (__slots__ entry) of a type lives: DTensor's _local_tensor and _spec. Found once per type.
 struct DTensorSlots {
@@ -538,10 +540,34 @@ bool kind_of(PyObject* spec, PyObject* classify, PyObject* fn, DKind* out) {
   return true;
 }
 
-// What the handle owns: the local tensors (all of them, to scale) and their storages.
+// at::Tensor values that take no reference to their TensorImpl (and drop none): each tensor is owned through its
+// Python object, which the holder keeps a reference to. Why: an at::Tensor copy of a tensor that has a Python object
+// also references that object, and dropping the copy goes through the Python interpreter; at 20,000 DTensors the
+// copies and their release were a third of reading them (perf, torch 2.14), where a Python reference to the local
+// tensor's object, already in cache, costs a plain increment. Only for tensors read out of Python objects held by
+// the same owner (a DTensor's local tensor always has one).
+struct BorrowedTensors {
+  std::vector<at::Tensor> list;
+  BorrowedTensors() = default;
+  BorrowedTensors(BorrowedTensors&& other) noexcept = default;
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(BorrowedTensors&&) = delete;
+  void push_back(const at::Tensor& t) {
+    list.emplace_back(c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>::reclaim(t.unsafeGetTensorImpl()));
+  }
+  ~BorrowedTensors() {
+    for (at::Tensor& t : list) t.unsafeReleaseTensorImpl();  // hand back without dropping a reference
+  }
+};
+
+// What the handle owns: the local tensors' Python objects (so their TensorImpls live), the local tensors read from
+// them (borrowed: all of them, to scale) and their storages. Destroyed with the GIL held (in dtensor_norm, or as
+// the capsule's destructor): the borrowed tensors first, the storages, then the objects.
 struct DTensorCall {
-  std::vector<at::Tensor> tensors;
+  OwnedRefs locals;
   std::vector<c10::Storage> storages;
+  BorrowedTensors tensors;
 };
 
 constexpr const char* kHandleName = "fusedclip.dtensor_call";
@@ -572,16 +598,23 @@ PyObject* dtensor_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   auto call = std::make_unique<DTensorCall>();
   OwnedRefs specs, grads;
   if (of_grads) grads.refs.reserve(n);
-  call->tensors.reserve(n);
+  call->tensors.list.reserve(n);
   call->storages.reserve(n);
-  specs.refs.reserve(n);
-  // 1. read: no Python code runs here, so the borrowed items and gradients stay put
+  call->locals.refs.reserve(n);
+  // 1. read: no Python code runs here (THPVariable_Wrap could allocate, and so collect garbage, only for a
+  // gradient without a Python object, a plain one, which ends the call), so the borrowed items, gradients and specs
+  // stay put
+  std::vector<PyObject*> spec_ptrs;  // borrowed: owned below (by `specs`) before any Python runs
+  spec_ptrs.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* obj = objects[i];
     if (Py_TYPE(obj) != reinterpret_cast<PyTypeObject*>(type)) Py_RETURN_NONE;  // subclasses may override
     if (of_grads) {
-      const at::Tensor& grad = THPVariable_Unpack(obj).grad();
-      if (!grad.defined()) continue;
+      // the .grad field itself (Tensor::grad() adds a virtual call and the non-leaf warning's checks: ~10% of a
+      // call at 20,000 DTensors, perf); a DTensor parameter is a leaf
+      const torch::autograd::AutogradMeta* meta = torch::autograd::impl::get_autograd_meta(THPVariable_Unpack(obj));
+      if (!meta || !meta->grad_.defined()) continue;
+      const at::Tensor& grad = meta->grad_;
       PyObject* g = THPVariable_Wrap(grad);  // the gradient's Python object (a new reference, held for the call)
       if (!g) return nullptr;
       grads.refs.push_back(g);
@@ -592,20 +625,24 @@ PyObject* dtensor_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyObject* spec = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(obj) + slots->spec);
     if (!local || !spec || !THPVariable_CheckExact(local)) Py_RETURN_NONE;
     const at::Tensor& t = THPVariable_Unpack(local);
-    if (!plain_tensor(t) || (!call->tensors.empty() && t.device() != call->tensors.front().device()))
+    if (!plain_tensor(t) || (!call->tensors.list.empty() && t.device() != call->tensors.list.front().device()))
       Py_RETURN_NONE;
+    Py_INCREF(local);
+    call->locals.refs.push_back(local);
     call->tensors.push_back(t);
     call->storages.push_back(t.storage());
-    Py_INCREF(spec);
-    specs.refs.push_back(spec);
+    spec_ptrs.push_back(spec);
   }
-  if (call->tensors.empty()) Py_RETURN_NONE;
-  // 2. the kinds: the last call's when the specs are the same objects, else looked up (maybe calling classify)
+  if (call->tensors.list.empty()) Py_RETURN_NONE;
+  // 2. the kinds: the last call's when the specs are the same objects (which `last` owns), else looked up (maybe
+  // calling classify: the specs are owned first)
   LastSpecs& last = last_specs();
   std::vector<DKind> kinds;
-  if (last.specs == specs.refs) {
+  if (last.specs == spec_ptrs) {
     kinds = last.kinds;
   } else {
+    for (PyObject* o : spec_ptrs) Py_INCREF(o);
+    specs.refs = spec_ptrs;
     kinds.resize(specs.refs.size());
     for (size_t i = 0; i < specs.refs.size(); ++i)
       if (!kind_of(specs.refs[i], args[4], args[5], &kinds[i])) return nullptr;
@@ -617,15 +654,19 @@ PyObject* dtensor_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     last.kinds = kinds;
     drop_refs(old);
   }
+  OwnedRefs first_spec;  // returned: owned here, since what runs below may run Python (an allocation collects)
+  Py_INCREF(spec_ptrs.front());
+  first_spec.refs.push_back(spec_ptrs.front());
   // 3. the buckets (rank sets) in order of first appearance, each with the shards this rank counts
   std::vector<int64_t> keys;
-  std::vector<std::vector<at::Tensor>> counted;
+  std::vector<BorrowedTensors> counted;  // borrowed from call->tensors (owned by the handle)
   bool any_double = false;
-  at::ScalarType result = call->tensors.front().scalar_type();
+  const std::vector<at::Tensor>& locals = call->tensors.list;
+  at::ScalarType result = locals.front().scalar_type();
   for (size_t i = 0; i < kinds.size(); ++i) {
     const DKind& k = kinds[i];
     if (k.partial) Py_RETURN_NONE;  // reduced over its mesh first: Python's
-    const at::ScalarType st = call->tensors[i].scalar_type();
+    const at::ScalarType st = locals[i].scalar_type();
     if (st != at::kFloat && st != at::kDouble && st != at::kHalf && st != at::kBFloat16)
       Py_RETURN_NONE;  // the op path explains
     any_double |= st == at::kDouble;
@@ -636,7 +677,7 @@ PyObject* dtensor_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       keys.push_back(k.bucket);
       counted.emplace_back();
     }
-    if (k.counted) counted[b].push_back(call->tensors[i]);
+    if (k.counted) counted[b].push_back(locals[i]);
   }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fusedclip::total_norm", "")
@@ -645,9 +686,10 @@ PyObject* dtensor_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::vector<at::Tensor> norms(keys.size());
   {
     pybind11::gil_scoped_release no_gil;
-    const c10::DispatchKeySet ks = backend_keys(call->tensors.front());
+    const c10::DispatchKeySet ks = backend_keys(locals.front());
     for (size_t b = 0; b < keys.size(); ++b)
-      if (!counted[b].empty()) norms[b] = op.redispatch(ks, counted[b], norm_type, std::nullopt, at::kDouble);
+      if (!counted[b].list.empty())
+        norms[b] = op.redispatch(ks, counted[b].list, norm_type, std::nullopt, at::kDouble);
   }
   PyObject* buckets = PyList_New(static_cast<Py_ssize_t>(keys.size()));
   if (!buckets) return nullptr;
@@ -660,7 +702,7 @@ PyObject* dtensor_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
     PyList_SET_ITEM(buckets, static_cast<Py_ssize_t>(b), pair);
   }
-  PyObject* first = THPVariable_Wrap(call->tensors.front());
+  PyObject* first = THPVariable_Wrap(locals.front());
   PyObject* handle = first ? PyCapsule_New(call.get(), kHandleName, &free_handle) : nullptr;
   if (!handle) {
     Py_DECREF(buckets);
@@ -671,7 +713,7 @@ PyObject* dtensor_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(result));
   Py_INCREF(dtype);
   return Py_BuildValue("(NNNNOO)", buckets, first, handle, dtype, any_double ? Py_True : Py_False,
-                       specs.refs.front());
+                       first_spec.refs.front());
   END_HANDLE_TH_ERRORS
 }
 
@@ -693,7 +735,7 @@ PyObject* dtensor_scale(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   {
     // the handle (an argument of this call, so alive) owns the tensors and storages
     pybind11::gil_scoped_release no_gil;
-    op.redispatch(backend_keys(call->tensors.front()), call->tensors, max_norm, total);
+    op.redispatch(backend_keys(call->tensors.list.front()), call->tensors.list, max_norm, total);
   }
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS

@@ -48,8 +48,9 @@ export PYTHONMALLOC=malloc
 export FUSEDCLIP_RACE_SECONDS="${FUSEDCLIP_RACE_SECONDS:-4}"
 
 if [ $# -eq 0 ]; then
-  # The CPU tests that run the C++ (the native backend; the Triton cases need its interpreter, a separate child run
-  # by test_triton.py, and the slow 2**31-element test is GBs of shadow memory: both left to `make test`).
+  # The CPU tests that run the C++ (the native backend, and DTensors read in C++ in test_threads.py; the Triton
+  # cases need its interpreter, a process of their own: make test-triton-interpret; and the slow 2**31-element
+  # test is GBs of shadow memory: both left to `make test`).
   set -- -m "not slow" -k "not triton" \
     tests/test_clip.py tests/test_fast_path.py tests/test_fused_extras.py tests/test_zclip_fused.py \
     tests/test_agc.py tests/test_threads.py

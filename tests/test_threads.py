@@ -42,6 +42,14 @@ def test_native_survives_grads_replaced_by_other_threads():
 
 
 @pytest.mark.skipif(not _ext.LOADED, reason="the extension did not load")
+def test_dtensor_fast_path_survives_grads_and_storages_replaced_by_other_threads():
+    """DTensor gradients read in C++ (distributed/dtensor.py fast_norm): it owns each local tensor through its Python
+    object, and its storage, while the kernels run without the GIL; writers replace gradients (new local tensors,
+    new specs) and swap local tensors' storages."""
+    race("--dtensor", "--params", "500")
+
+
+@pytest.mark.skipif(not _ext.LOADED, reason="the extension did not load")
 def test_native_fast_path_survives_storages_swapped_by_other_threads():
     """p.grad.data = new frees the storage of a gradient the fast path holds: it holds the storages too. (torch's
     own clip_grad_norm_ does not survive this race: its ops hold the tensors only.)"""

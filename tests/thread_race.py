@@ -33,12 +33,19 @@ def main():
     ap.add_argument("--params", type=int, default=2000)
     ap.add_argument("--numel", type=int, default=1000)
     ap.add_argument("--writers", type=int, default=2)
+    ap.add_argument("--dtensor", action="store_true",
+                    help="DTensor parameters and gradients (Shard(0) on a 1-rank Gloo mesh, as FSDP2's): the writers "
+                         "replace gradients with new DTensors (new specs too) and swap their local tensors' "
+                         "storages; the readers are clip_ and get_total_norm, which read DTensors in C++")
     ap.add_argument("--data-swaps", action="store_true",
                     help="the writers also replace the storage of gradients in place (p.grad.data = new), and the "
                          "readers are the fast path's ops only (clip_, get_total_norm, ZClip.step): it holds the "
                          "storages; torch's own ops, and so the op path, hold the tensors only")
     args = ap.parse_args()
     torch.set_num_threads(1)  # the threads race each other, not OpenMP's workers
+    if args.dtensor:
+        dtensor_race(args)
+        return
     rng = random.Random(0)
     params = []
     for i in range(args.params):
@@ -104,6 +111,75 @@ def main():
         t.start()
     for t in threads:
         t.join()
+    print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), flush=True)
+    if errors:
+        print("\n".join(errors), file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def dtensor_race(args):
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    store = tempfile.NamedTemporaryFile(delete=False).name
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    rng = random.Random(0)
+
+    def dt(local):
+        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
+
+    params = []
+    for i in range(args.params):
+        dtype = DTYPES[i % len(DTYPES)] if i % 5 == 4 else torch.float32
+        p = torch.nn.Parameter(dt(torch.zeros(rng.randint(1, 2 * args.numel), dtype=dtype)))
+        p.grad = dt(torch.randn(p.shape, dtype=dtype))
+        params.append(p)
+    print("fusedclip:", fusedclip.__file__, flush=True)
+    from fusedclip.distributed import dtensor as fd
+    assert fd.fast_norm(params, True, 2.0, "clip_") is not None  # the readers take the C++ path: what is tested
+    stop = time.monotonic() + args.seconds
+    errors, counts = [], {}
+
+    def run(name, body):
+        def loop():
+            n = 0
+            try:
+                while time.monotonic() < stop:
+                    body()
+                    n += 1
+            except BaseException:  # noqa: B902  every error is a failure here: the race must not raise
+                errors.append(f"{name}:\n{traceback.format_exc()}")
+            counts[name] = n
+        return threading.Thread(target=loop, name=name)
+
+    def writer(seed):
+        r = random.Random(seed)
+        mine = params[seed::args.writers]
+
+        def body():
+            for _ in range(64):
+                p = mine[r.randrange(len(mine))]
+                if r.random() < 0.5:  # a new storage under the same local tensor
+                    p.grad.to_local().data = torch.randn(p.shape, dtype=p.dtype)
+                else:  # a new gradient DTensor (a new local tensor and a new spec)
+                    p.grad = dt(torch.randn(p.shape, dtype=p.dtype))
+                if r.random() < 0.1:  # churn: memory of other sizes, allocated and freed
+                    torch.empty(r.randint(1, 8 * args.numel), dtype=torch.uint8).fill_(0xFF)
+        return body
+
+    threads = [run(f"writer{i}", writer(i)) for i in range(args.writers)]
+    threads += [run("clip_", lambda: fusedclip.clip_(params, 1.0)),
+                run("clip_inf", lambda: fusedclip.clip_(params, 1.0, float("inf"))),
+                run("get_total_norm", lambda: fusedclip.get_total_norm([p.grad for p in params]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dist.destroy_process_group()
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), flush=True)
     if errors:
         print("\n".join(errors), file=sys.stderr, flush=True)

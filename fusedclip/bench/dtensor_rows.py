@@ -122,7 +122,8 @@ def _rank(ns, reps, torch_max, rank, world, port, out_dir):
             "fusedclip": lambda: fusedclip.clip_(params, MAX_NORM),
             "plain+group": lambda: fusedclip.clip_(plain, MAX_NORM, process_group=group),
         }
-        r = max(15, min(reps, int(reps * 1000 / n)))  # fewer calls for the long lists
+        r = max(41, min(reps, int(reps * 1000 / n)))  # fewer calls for the long lists, never under 41: the median of
+        # a 2-rank call on 2 shared cores moves by tens of percent between runs at 15
         row = {"n": n, "world": world, "reps": r}
         for name in ROWS:
             if name == "torch" and n > torch_max:
@@ -146,7 +147,7 @@ def _worker(ns, reps, torch_max, rank, world, port, out_dir):
         json.dump({"done": True}, f)
 
 
-def measure(ns=DEFAULT_NS, world=2, reps=30, timeout=900, torch_max=TORCH_MAX_N):
+def measure(ns=DEFAULT_NS, world=2, reps=60, timeout=900, torch_max=TORCH_MAX_N):
     """Spawns `world` Gloo ranks and times the rows; returns a list of {n, world, reps, torch, fusedclip,
     plain+group}, each row {median_s, min_s, us_per_tensor}."""
     import tempfile
@@ -221,7 +222,7 @@ def table(rows):
     return "\n".join(lines)
 
 
-def main(ns, world, out, tag="", reps=30):
+def main(ns, world, out, tag="", reps=60):
     """`python -m fusedclip bench --dtensor`: runs the rows, prints the table and the targets, writes
     out/dtensor{tag}.json and .md with the machine; returns 0 when every target holds, else 1."""
     from .machine import environment
