@@ -5,7 +5,7 @@ import torch
 from . import backends
 from ._core import call_backend, check_writable, grads_of, parse_norm_type, parse_number, total_norm_of
 from .clip import clip_, get_total_norm
-from .optimizers import begin_unscale, hand_over_grad_scale, is_fused, params_of, still_scaled
+from .optimizers import begin_unscale, hand_over_coefficient, is_fused, params_of, still_scaled
 from .ops import acc_dtype, result_dtype
 
 
@@ -96,6 +96,5 @@ def clip_into_(optimizer, max_norm, norm_type=2.0, *, scaler=None, backend="auto
         norm = total_norm_of(grads, p, be, "clip_into_").to(device)
     if scaled:  # the grads are scaled: the norm of the unscaled ones is norm / scale
         norm = norm * scaler._scale.double().reciprocal().to(device, norm.dtype)
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    hand_over_grad_scale(optimizer, coef.reciprocal().float())  # the fused step divides by it
+    hand_over_coefficient(optimizer, max_norm, norm)  # the fused step applies it
     return norm.to(result_dtype(grads))

@@ -74,6 +74,20 @@ def hand_over_grad_scale(optimizer, grad_scale):
     optimizer._fusedclip_grad_scale = grad_scale
 
 
+def takes_coefficient(optimizer, params):
+    """Whether `optimizer` can apply a clipping coefficient in its step instead of a scaling pass: one of torch's
+    fused optimizers whose parameters are exactly `params`."""
+    return (optimizer is not None and is_fused(optimizer)
+            and {id(p) for p in params_of(optimizer)} == {id(p) for p in params})
+
+
+def hand_over_coefficient(optimizer, max_norm, norm):
+    """Makes the fused optimizer's next step clip by `norm` (a device tensor): it divides every gradient by
+    1 / coef, coef = max_norm / (norm + 1e-6) clamped to 1, as clip_grads_with_norm_ would multiply it."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    hand_over_grad_scale(optimizer, coef.reciprocal().float())
+
+
 def _forget_grad_scale_after_step(optimizer, _args, _kwargs):
     # Ours is for one step only. A GradScaler that manages the attribute deletes it itself after the step;
     # leaving None keeps that `del` working and makes a later plain step unscaled.

@@ -247,6 +247,56 @@ def ddp_hook(rank, world, group):
         assert "no complete DDP backward" in str(e)
 
 
+@case
+def ddp_hook_into_fused_step(rank, world, group):
+    """DDPNormState.clip_(..., optimizer=fused AdamW): the recorded norm goes into the fused step (no scaling pass:
+    the gradients are left as DDP averaged them), and the step equals fusedclip.clip_into_ after DDP's default hook
+    (the same coefficient, handed over the same way) bit for bit when the two norms agree, closely otherwise; a
+    non-fused optimizer, or one over other parameters, gets the scaling pass."""
+    from fusedclip.testing import same_bits
+
+    ref, hooked = _ddp_pair(seed=1, bucket_cap_mb=0.01)
+    state = fusedclip.DDPNormState()
+    hooked.register_comm_hook(state, fusedclip.ddp_norm_hook)
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=0.1, fused=True)
+    opt_h = torch.optim.AdamW(hooked.parameters(), lr=0.1, fused=True)
+    g = torch.Generator().manual_seed(200 + rank)
+    for step in range(3):
+        x, y = torch.randn(8, 16, generator=g) * (step + 1), torch.randn(8, 3, generator=g)
+        for model in (ref, hooked):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        before = [p.grad.clone() for p in hooked.parameters()]
+        max_norm = 0.05 if step != 1 else 1e9
+        n_ref = fusedclip.clip_into_(opt_r, max_norm)
+        n_h = state.clip_(hooked.parameters(), max_norm, optimizer=opt_h)
+        close(n_h, n_ref)
+        assert all(same_bits(p.grad, b) for p, b in zip(hooked.parameters(), before))  # not written: handed over
+        assert opt_h.grad_scale is not None
+        for opt in (opt_r, opt_h):
+            opt.step()
+            opt.zero_grad()
+        for a, b in zip(ref.parameters(), hooked.parameters()):
+            if same_bits(n_h, n_ref):
+                assert same_bits(a, b), step
+            else:
+                close(b, a)
+        with torch.no_grad():  # keep the weights equal for the next step
+            for a, b in zip(ref.parameters(), hooked.parameters()):
+                b.copy_(a)
+    # the scaling pass for an optimizer that cannot take the coefficient (not fused; not the same parameters)
+    for opt in (torch.optim.AdamW(hooked.parameters(), lr=0.1),
+                torch.optim.AdamW(list(hooked.parameters())[:1], lr=0.1, fused=True)):
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 3, generator=g)
+        torch.nn.functional.mse_loss(hooked(x), y).backward()
+        grads = [p.grad.clone() for p in hooked.parameters()]
+        n = state.clip_(hooked.parameters(), 1e-3, optimizer=opt)
+        coef = 1e-3 / (float(n) + 1e-6)
+        for p, b in zip(hooked.parameters(), grads):
+            close(p.grad, b * coef)
+        assert getattr(opt, "grad_scale", None) is None
+        hooked.zero_grad()
+
+
 def _mlp(seed):
     torch.manual_seed(seed)
     # out_features 3 and 1: with 4 ranks some shards are empty

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from .. import _core
 from .. import backends
 from ..ops import acc_dtype
+from ..optimizers import hand_over_coefficient, takes_coefficient
 
 
 class DDPNormState:
@@ -78,14 +79,17 @@ class DDPNormState:
             self._total = torch.linalg.vector_norm(wide).to(dtype)
         return self._total
 
-    def clip_(self, parameters, max_norm, error_if_nonfinite=False):
-        """Scales the gradients of `parameters` by the recorded norm (as fusedclip.clip_grads_with_norm_ does).
-        The same result as fusedclip.clip_(parameters, max_norm) after DDP's default hook.
+    def clip_(self, parameters, max_norm, error_if_nonfinite=False, *, optimizer=None):
+        """Clips the gradients of `parameters` by the recorded norm: the same result as fusedclip.clip_(parameters,
+        max_norm) after DDP's default hook, with no read of the gradients. The coefficient goes into `optimizer`'s
+        step when it is one of torch's fused optimizers over exactly these parameters (as fusedclip.clip_into_ and
+        ClipInBackward do: no pass over the gradients at all), else one scaling pass (clip_grads_with_norm_'s).
 
         Args:
             parameters (Tensor or iterable of Tensors): the DDP model's parameters.
             max_norm (float): the largest norm allowed.
             error_if_nonfinite (bool): raise (before scaling anything) if the norm is nan or inf. A host sync.
+            optimizer (torch.optim.Optimizer, optional): the optimizer whose next step may apply the coefficient.
 
         Returns:
             Tensor: the recorded total norm (before clipping), as total_norm() returns it.
@@ -97,7 +101,10 @@ class DDPNormState:
         grads = _core.grads_of(params, "DDPNormState.clip_")
         be = backends.resolve(self.backend, grads[0].device.type if grads else "cpu")
         max_norm = _core.parse_number(max_norm, "DDPNormState.clip_", "max_norm")
-        _core.scale_with_norm(params, grads, max_norm, norm, be, None, "DDPNormState.clip_")
+        if grads and takes_coefficient(optimizer, params):
+            hand_over_coefficient(optimizer, max_norm, norm.to(grads[0].device))
+        else:
+            _core.scale_with_norm(params, grads, max_norm, norm, be, None, "DDPNormState.clip_")
         return norm
 
 
