@@ -2,7 +2,8 @@
 
 Each included parameter gets a post-accumulate-grad hook. When its gradient is final the hook reads it once, while it
 is still in cache, and stores its squared L2 norm in float64 (the fused kernel's unrounded float64 norm of that one
-tensor, squared) in the parameter's own slot of a float64 buffer on the device. After backward, clip_() adds the slots
+tensor, squared) in the parameter's own slot of a float64 buffer on the device (or, with buckets, below, its bucket's
+once the bucket is complete). After backward, clip_() adds the slots
 in a fixed order (the parameters' order: bitwise deterministic whatever order backward produced the gradients in),
 takes the square root, rounds it to the accumulation dtype (fp32; fp64 when a gradient is fp64) and applies the
 coefficient max_norm / (norm + 1e-6), clamped to 1:
@@ -25,8 +26,11 @@ gradient in a step counts 0 (its slot is cleared by each clip_()).
 
 Under DDP the norm comes from DDP's comm hook instead (fusedclip.DDPNormState: the averaged buckets', which these hooks
 cannot see), applied the same way (optimizers.takes_coefficient / hand_over_coefficient, else a scaling pass).
-Not here yet: grouping the hooks' reads per bucket (on a GPU each hook is one small launch per parameter), several
-devices, FSDP2 / DTensor, torch.compile / compiled autograd.
+Buckets (bucket_bytes; 16 MiB by default on CUDA, none on the CPU): consecutive parameters in their order, read in one
+fused call when the bucket's last gradient lands (one launch per bucket instead of per parameter), each bucket one
+slot; a bucket whose hooks did not all fire by clip_() (a parameter without a gradient this step) is read then, from
+the gradients as they are. The layout is fixed, so the sum's order does not depend on the order of the gradients.
+Not here yet: several devices, FSDP2 / DTensor, torch.compile / compiled autograd.
 """
 import contextlib
 
@@ -36,6 +40,11 @@ from . import _ext, backends
 from ._core import as_list, by_device, check_tensors, check_writable, parse_number, scale_by_norm
 from .optimizers import hand_over_coefficient, takes_coefficient
 from .ops import acc_dtype, result_dtype
+
+
+# The default bucket on CUDA: one launch per bucket instead of per parameter (a parameter larger than this is a bucket
+# of its own). On the CPU a bucket of one parameter reads each gradient while it is in cache, with no launch to save.
+CUDA_BUCKET_BYTES = 16 << 20
 
 
 class ClipInBackward:
@@ -53,12 +62,16 @@ class ClipInBackward:
         optimizer (torch.optim.Optimizer, optional): a torch fused optimizer (fused=True) whose parameters are exactly
             these: clip_() hands it the coefficient instead of scaling the gradients.
         backend (str): "auto" (default), "native", "triton" or "torch": whose norm and scale kernels are used.
+        bucket_bytes (int, optional): read the gradients per bucket (consecutive parameters, in their order, of at
+            least this many bytes), once a bucket's last gradient lands: one fused read (one launch on a GPU) per
+            bucket instead of per parameter. Default: 0 on the CPU (each gradient read while it is in cache),
+            16 MiB on CUDA (CUDA_BUCKET_BYTES).
 
     Raises:
-        ValueError: a bad max_norm, a parameter given twice, or parameters on several devices.
+        ValueError: a bad max_norm or bucket_bytes, a parameter given twice, or parameters on several devices.
     """
 
-    def __init__(self, params, max_norm, *, optimizer=None, backend="auto"):
+    def __init__(self, params, max_norm, *, optimizer=None, backend="auto", bucket_bytes=None):
         self.max_norm = parse_number(max_norm, "ClipInBackward", "max_norm")
         backends.check_name(backend, "ClipInBackward")
         self.backend = backend
@@ -77,37 +90,73 @@ class ClipInBackward:
                              "fusedclip.clip_")
         device = devices.pop() if devices else torch.device("cpu")
         self._be = backends.resolve(backend, device.type)
-        self._partials = torch.zeros(len(self.params), dtype=torch.float64, device=device)
+        if bucket_bytes is None:
+            bucket_bytes = 0 if device.type == "cpu" else CUDA_BUCKET_BYTES
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 0:
+            raise ValueError(f"fusedclip.ClipInBackward: bucket_bytes must be an int >= 0, got {bucket_bytes!r}")
+        self.bucket_bytes = bucket_bytes
+        # the buckets: consecutive parameters in their order (a fixed layout, so the sum's order does not depend on the
+        # order backward produces the gradients in), each closed once it holds bucket_bytes; one slot each
+        self._buckets, size = [[]], 0
+        for p in self.params:
+            if self._buckets[-1] and size >= bucket_bytes:
+                self._buckets.append([])
+                size = 0
+            self._buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        if not self._buckets[-1]:
+            self._buckets.pop()
+        self._partials = torch.zeros(len(self._buckets), dtype=torch.float64, device=device)
+        # per bucket, the hooks still to fire before it is read; a bucket not back at its size when clip_() runs (a
+        # parameter without a gradient this step, say) is read then
+        self._left = [len(b) for b in self._buckets]
         self.optimizer = optimizer
         self._into = takes_coefficient(optimizer, self.params)
         # the compiled CPU hook: eager, the native backend, CPU parameters (tried per call; it declines what it
         # cannot take, e.g. under a dispatch mode)
         self._fast = device.type == "cpu" and self._be.name == "native" and _ext.LOADED
         self._recording = True
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(slot)) for slot, p in enumerate(self.params)]
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(k))
+                         for k, bucket in enumerate(self._buckets) for p in bucket]
 
-    def _hook(self, slot):
-        """The hook of the parameter in `slot`. torch calls it once per parameter per backward, so it is a closure
-        with the slot and the compiled call bound (no decorator, no dict lookup by tensor: ~6 us a parameter
-        became ~1.5, measured on 600 parameters)."""
-        record, partials, fast, slow = _ext._C.record_sq_norm if _ext.LOADED else None, self._partials, self._fast, \
-            self._record
+    def _hook(self, k):
+        """The hook of a parameter of bucket k. torch calls it once per parameter per backward, so it is a closure
+        with the bucket and the compiled call bound (no decorator, no dict lookup by tensor)."""
+        if len(self._buckets[k]) == 1:  # a bucket of one parameter: read at once, in one compiled call on the CPU
+            record, partials, fast, slow = (_ext._C.record_sq_norm if _ext.LOADED else None, self._partials,
+                                            self._fast, self._record)
 
-        def hook(param):
+            def hook(param):
+                if not self._recording:
+                    return
+                if fast and not torch.compiler.is_compiling() and record(param.grad, partials, k):
+                    return  # csrc/python_module.cpp record_sq_norm: the same bits as _record's
+                slow(k)
+            return hook
+        left, size = self._left, len(self._buckets[k])
+
+        def bucket_hook(param):
             if not self._recording:
                 return
-            if fast and not torch.compiler.is_compiling() and record(param.grad, partials, slot):
-                return  # the CPU hook in one compiled call (csrc/python_module.cpp), the same bits as _record's
-            slow(param.grad, slot)
-        return hook
+            left[k] -= 1
+            if left[k] == 0:  # the bucket's last gradient: one read of the whole bucket
+                left[k] = size
+                self._record(k)
+        return bucket_hook
 
     @torch.no_grad()
-    def _record(self, grad, slot):
+    def _record(self, k):
+        """Bucket k's squared norm into its slot, from its gradients as they are now."""
+        grads = [p.grad for p in self._buckets[k] if p.grad is not None]
+        if not grads:
+            self._partials[k:k + 1].zero_()
+            return
         if self._be.delegates_to_torch:
-            n = torch.linalg.vector_norm(grad, dtype=torch.float64)
-        else:  # the fused kernel's norm of this one tensor, unrounded (float64 partials inside)
-            n = self._be.total_norm([grad], 2.0, None, torch.float64)
-        self._partials[slot:slot + 1].copy_((n * n).reshape(1))
+            sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square().sum()
+        else:  # the fused kernel's norm of these tensors, unrounded (float64 partials inside)
+            n = self._be.total_norm(grads, 2.0, None, torch.float64)
+            sq = n * n
+        self._partials[k:k + 1].copy_(sq.reshape(1))
 
     @contextlib.contextmanager
     def no_record(self):
@@ -125,7 +174,8 @@ class ClipInBackward:
 
     @property
     def partials(self):
-        """Each parameter's recorded squared norm (float64, on the device): a view, no sync to get it."""
+        """Each bucket's recorded squared norm (float64, on the device; a bucket per parameter with bucket_bytes=0):
+        a view, no sync to get it."""
         return self._partials
 
     @torch.no_grad()
@@ -137,6 +187,10 @@ class ClipInBackward:
         Returns:
             Tensor: the total L2 norm of the gradients before clipping.
         """
+        for k, bucket in enumerate(self._buckets):
+            if self._left[k] != len(bucket):  # hooks still to fire (no gradient for some this step): read it now
+                self._left[k] = len(bucket)
+                self._record(k)
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             self._partials.zero_()

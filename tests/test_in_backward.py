@@ -144,6 +144,55 @@ def test_frozen_excluded_and_missing_parameters():
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("bucket_bytes", [4096, 1 << 40], ids=["4KiB-buckets", "one-bucket"])
+def test_buckets(backend, bucket_bytes):
+    """bucket_bytes (CUDA's default: one read per bucket once its last gradient lands): the buckets are consecutive
+    parameters of at least that many bytes; the norm and the clipped gradients equal clip_'s bit for bit (the torch
+    backend: the correctly rounded norm), whatever order the gradients arrive in; with gradient accumulation (a
+    micro-batch under no_record, then two recorded ones); with a parameter that gets no gradient in a step (its bucket
+    is read by clip_()); and the hooks read each bucket once, after its last gradient."""
+    targets = mixed_tensors(30, 3000, seed=7, dtypes=(torch.float32, torch.bfloat16))
+    a, b = leaves(targets), leaves(targets)
+    clipper = fusedclip.ClipInBackward(a, 1.0, backend=backend, bucket_bytes=bucket_bytes)
+    sizes = [len(bk) for bk in clipper._buckets]
+    assert sum(sizes) == 30 and (len(sizes) == 1) == (bucket_bytes == 1 << 40) and len(clipper.partials) == len(sizes)
+    assert [p for bk in clipper._buckets for p in bk] == a  # consecutive, in order
+    reads = []
+    real = clipper._record
+    clipper._record = lambda k: (reads.append(k), real(k))[1]
+    order = list(range(30))[::-1] if bucket_bytes == 4096 else [3, 17, 0, 29] + [i for i in range(30)
+                                                                                   if i not in (3, 17, 0, 29)]
+    for step, used in enumerate((order, [i for i in order if i != 12])):  # step 1: parameter 12 gets no gradient
+        for p, q in zip(a, b):
+            p.grad = q.grad = None
+        with clipper.no_record():
+            backward_with([a[i] for i in used], [targets[i] for i in used], 0.5)
+        backward_with([a[i] for i in used], [targets[i] for i in used], -1.5)
+        backward_with([a[i] for i in used], [targets[i] for i in used], 3.0)
+        for f in (0.5, -1.5, 3.0):
+            backward_with([b[i] for i in used], [targets[i] for i in used], f)
+        reads.clear()
+        norm = clipper.clip_()
+        if step == 0:
+            assert reads == []  # every bucket already read by its hooks
+        else:  # parameter 12's bucket is read by clip_(), unless it is a bucket of its own (its slot then counts 0)
+            k12 = next(k for k, bk in enumerate(clipper._buckets) if any(p is a[12] for p in bk))
+            assert reads == ([] if sizes[k12] == 1 else [k12]), (reads, k12, sizes)
+        if backend == "torch":
+            exact = torch.tensor(exact_norm([q.grad for q in b if q.grad is not None], 2.0), dtype=torch.float64)
+            assert_bit_identical(norm, exact.float())
+            continue
+        want = fusedclip.clip_(b, 1.0, backend=backend)
+        assert float(want) > 10.0
+        assert_bit_identical(norm, want)
+        for p, q in zip(a, b):
+            if q.grad is not None:
+                assert_bit_identical(p.grad, q.grad)
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        fusedclip.ClipInBackward(a, 1.0, bucket_bytes=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
 def test_no_host_read(backend):
     """Backward with the recording hooks and clip_() read no tensor on the host (the mode catches a read: checked
     first); the fused-optimizer path too."""
