@@ -77,6 +77,9 @@ GradTable build_table(at::TensorList tensors, const char* op, Access access);
 // What the ops and the fast path run, per device.
 at::Tensor norm_and_maybe_clip_cpu(const GradTable& g, double max_norm, double norm_type, bool clip,
                                    at::ScalarType out_dtype, const ClipExtras& x);
+// The same norm pass (no extras), its float64 result returned as a number: no 0-dim tensor to make and read back,
+// for a caller that runs it once per small tensor (ClipInBackward's CPU hook).
+double unrounded_norm_cpu(const GradTable& g, double norm_type);
 #ifdef FUSEDCLIP_WITH_CUDA
 // "cuda_block_threads=...;cuda_min_blocks=kernel=n,...": the CUDA launch configuration, for build_info.
 std::string cuda_launch_info();

@@ -215,6 +215,16 @@ void scale_each_table_cpu(const GradTable& g, const double* coefs) {
   g.write_back();
 }
 
+double unrounded_norm_cpu(const GradTable& g, double norm_type) {
+  double norm = 0.0;
+  dispatch_norm_kind(norm_type, [&](auto kind) {
+    dispatch_acc(g.any_double, [&](auto acc_zero) {
+      norm = fused_norm_clip<decltype(kind)::value, decltype(acc_zero)>(g, 0.0, norm_type, false, ClipExtras{}, true);
+    });
+  });
+  return norm;
+}
+
 at::Tensor norm_and_maybe_clip_cpu(const GradTable& g, double max_norm, double norm_type, bool clip,
                                    at::ScalarType out_dtype, const ClipExtras& x) {
   check_extras(g, x);
