@@ -123,13 +123,12 @@ class ClipInBackward:
         """The hook of a parameter of bucket k. torch calls it once per parameter per backward, so it is a closure
         with the bucket and the compiled call bound (no decorator, no dict lookup by tensor)."""
         if len(self._buckets[k]) == 1:  # a bucket of one parameter: read at once, in one compiled call on the CPU
-            record, partials, fast, slow = (_ext._C.record_sq_norm if _ext.LOADED else None, self._partials,
-                                            self._fast, self._record)
+            record, partials, slow = _ext._C.record_sq_norm if _ext.LOADED else None, self._partials, self._record
 
             def hook(param):
                 if not self._recording:
                     return
-                if fast and not torch.compiler.is_compiling() and record(param.grad, partials, k):
+                if self._fast and not torch.compiler.is_compiling() and record(param.grad, partials, k):
                     return  # csrc/python_module.cpp record_sq_norm: the same bits as _record's
                 slow(k)
             return hook
