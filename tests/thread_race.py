@@ -26,6 +26,36 @@ from fusedclip import _ext
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
+class Race:
+    """Threads that each repeat a body until the race's time is up; an exception in any is a failure."""
+
+    def __init__(self, seconds):
+        self.stop, self.errors, self.counts = time.monotonic() + seconds, [], {}
+
+    def thread(self, name, body):
+        def loop():
+            n = 0
+            try:
+                while time.monotonic() < self.stop:
+                    body()
+                    n += 1
+            except BaseException:  # noqa: B902  every error is a failure here: the race must not raise
+                self.errors.append(f"{name}:\n{traceback.format_exc()}")
+            self.counts[name] = n
+        return threading.Thread(target=loop, name=name)
+
+    def run_all(self, threads):
+        """Starts the threads, waits for them, prints how many calls each made; exits 1 if any raised."""
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(" ".join(f"{k}={v}" for k, v in sorted(self.counts.items())), flush=True)
+        if self.errors:
+            print("\n".join(self.errors), file=sys.stderr, flush=True)
+            sys.exit(1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="native")
@@ -58,21 +88,8 @@ def main():
     if be == "native":  # the readers' calls take the fast path (csrc/python_module.cpp): the code under test
         assert _ext._C.clip_grads(params, 1e30, 2.0) is not None
         assert _ext._C.total_norm([p.grad for p in params], 2.0) is not None
-    stop = time.monotonic() + args.seconds
-    errors = []
-    counts = {}
-
-    def run(name, body):
-        def loop():
-            n = 0
-            try:
-                while time.monotonic() < stop:
-                    body()
-                    n += 1
-            except BaseException:  # noqa: B902  every error is a failure here: the race must not raise
-                errors.append(f"{name}:\n{traceback.format_exc()}")
-            counts[name] = n
-        return threading.Thread(target=loop, name=name)
+    race = Race(args.seconds)
+    run = race.thread
 
     def writer(seed):
         r = random.Random(seed)
@@ -107,14 +124,7 @@ def main():
     ]
     if not args.data_swaps:
         threads.append(run("clip_value_", lambda: fusedclip.clip_value_(params, 0.5, backend=be)))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), flush=True)
-    if errors:
-        print("\n".join(errors), file=sys.stderr, flush=True)
-        sys.exit(1)
+    race.run_all(threads)
 
 
 def dtensor_race(args):
@@ -141,20 +151,8 @@ def dtensor_race(args):
     print("fusedclip:", fusedclip.__file__, flush=True)
     from fusedclip.distributed import dtensor as fd
     assert fd.fast_norm(params, True, 2.0, "clip_") is not None  # the readers take the C++ path: what is tested
-    stop = time.monotonic() + args.seconds
-    errors, counts = [], {}
-
-    def run(name, body):
-        def loop():
-            n = 0
-            try:
-                while time.monotonic() < stop:
-                    body()
-                    n += 1
-            except BaseException:  # noqa: B902  every error is a failure here: the race must not raise
-                errors.append(f"{name}:\n{traceback.format_exc()}")
-            counts[name] = n
-        return threading.Thread(target=loop, name=name)
+    race = Race(args.seconds)
+    run = race.thread
 
     def writer(seed):
         r = random.Random(seed)
@@ -175,15 +173,8 @@ def dtensor_race(args):
     threads += [run("clip_", lambda: fusedclip.clip_(params, 1.0)),
                 run("clip_inf", lambda: fusedclip.clip_(params, 1.0, float("inf"))),
                 run("get_total_norm", lambda: fusedclip.get_total_norm([p.grad for p in params]))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    race.run_all(threads)
     dist.destroy_process_group()
-    print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())), flush=True)
-    if errors:
-        print("\n".join(errors), file=sys.stderr, flush=True)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
