@@ -431,8 +431,9 @@ PyObject* record_sq_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // reads the Python objects once. The ~2 us a DTensor of Python (a .grad read through __torch_function__, two
 // attribute reads, a dict lookup, a list per pass) becomes tens of ns.
 //
-// Ownership, as above: the local tensors (through a reference to each one's Python object, which owns it: see
-// BorrowedTensors) and their storages are owned by the handle from the moment they are read, with the GIL held;
+// Ownership, unlike above: the local tensors (through a reference to each one's Python object, which owns it: see
+// BorrowedTensors) and their storages are owned by the handle from the moment they are read, and the ops run with
+// the GIL held (see dtensor_norm);
 // each gradient and spec is owned (a reference) for the call, since `classify`, Python, runs between reading the
 // specs and using them and may let another thread drop the gradient that held one.
 
@@ -691,7 +692,11 @@ PyObject* dtensor_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                                          std::optional<at::ScalarType>)>();
   std::vector<at::Tensor> norms(keys.size());
   {
-    pybind11::gil_scoped_release no_gil;
+    // With the GIL held, unlike the plain fast path: the tensors are borrowed (BorrowedTensors), owned through their
+    // Python objects, and without the GIL another thread could torch.utils.swap_tensors a local tensor (its
+    // use-count check sees only the Python object's reference) and drop the swapped-in object, freeing the
+    // TensorImpl the op reads. Storages alone (owned) would do without the GIL; the ops read the TensorImpls. On
+    // CUDA the ops only launch; on the CPU other Python threads wait for the pass.
     const c10::DispatchKeySet ks = backend_keys(locals.front());
     for (size_t b = 0; b < keys.size(); ++b)
       if (!counted[b].list.empty())
@@ -739,8 +744,8 @@ PyObject* dtensor_scale(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                        .findSchemaOrThrow("fusedclip::scale_", "")
                        .typed<void(at::TensorList, double, const at::Tensor&)>();
   {
-    // the handle (an argument of this call, so alive) owns the tensors and storages
-    pybind11::gil_scoped_release no_gil;
+    // the handle (an argument of this call, so alive) owns the tensors' objects and storages; the GIL stays held,
+    // as in dtensor_norm (the TensorImpls are borrowed)
     op.redispatch(backend_keys(call->tensors.list.front()), call->tensors.list, max_norm, total);
   }
   Py_RETURN_TRUE;
