@@ -8,7 +8,7 @@ PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 MAX_JOBS ?= 2
-SOURCES := $(wildcard csrc/*/* csrc/*.cpp) setup.py pyproject.toml tools/build_config.py
+SOURCES := $(wildcard csrc/*/* csrc/*.cpp csrc/*.h) setup.py pyproject.toml tools/build_config.py
 
 .PHONY: setup build test test-zclip-upstream test-triton-interpret test-compat compat-venvs test-sanitize bench bench-note cmake-build clean
 

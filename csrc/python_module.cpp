@@ -35,11 +35,8 @@
 #include <Python.h>
 #include <structmember.h>
 
-#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -54,36 +51,11 @@
 #include "cpu/cpu_simd.h"
 #include "common/grad_table.h"
 #include "common/scale_each.h"
+#include "in_backward.h"
+#include "plain_tensor.h"
 
 namespace fusedclip {
 namespace {
-
-// Keys by which a tensor, or the thread, asks to see every operator call.
-const c10::DispatchKeySet kInterposingKeys({
-    c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::Functionalize,
-    c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
-    c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode,
-    c10::DispatchKey::BatchedNestedTensor, c10::DispatchKey::Conjugate, c10::DispatchKey::Negative,
-    c10::DispatchKey::ZeroTensor});
-
-bool plain_thread_state() {
-  return !c10::impl::tls_local_dispatch_key_set().included_.has_any(kInterposingKeys) &&
-         c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !at::impl::torch_function_mode_enabled();
-}
-
-bool has_fused_kernel(c10::DeviceType type) {
-#ifdef FUSEDCLIP_WITH_CUDA
-  if (type == c10::DeviceType::CUDA) return true;
-#endif
-  return type == c10::DeviceType::CPU;
-}
-
-// A tensor the kernels read and write in place exactly as the op would.
-bool plain_tensor(const at::Tensor& t) {
-  return t.layout() == at::kStrided && has_fused_kernel(t.device().type()) && !t.is_nested() &&
-         !t.key_set().has_any(kInterposingKeys) && !t.is_inference() &&
-         (t.numel() == 0 || t.is_non_overlapping_and_dense());
-}
 
 // A Python float or int, as the op's `float` arguments take them; anything else
 // (a tensor, a string such as 'inf') goes the Python way.
@@ -379,49 +351,6 @@ PyObject* adagc_grads(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     scale_each_table_cpu(g, coefs.data());
   }
   return THPVariable_Wrap(std::move(norm));
-  END_HANDLE_TH_ERRORS
-}
-
-// record_sq_norm(grad, partials, slot): ClipInBackward's post-accumulate-grad hook on the CPU in one call: the fused
-// kernel's unrounded (double) L2 norm of the one gradient, squared, stored in partials[slot] (float64, contiguous,
-// CPU) -- the bits of the Python hook's total_norm([grad], 2.0, None, float64), n * n, copy_. A hook runs once per
-// parameter inside backward: the Python hook's five small ops cost ~10 us each call (600 parameters: +25% on a
-// training step of small tensors). True, or None (touching nothing) for what the Python hook must handle.
-constexpr int64_t kReleaseChunks = 4;  // chunks of kChunkElems (16,384): 64K elements and more release the GIL
-
-PyObject* record_sq_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 3, "record_sq_norm(grad, partials, slot) takes 3 arguments");
-  const at::Tensor* grad_arg = plain_arg(args[0]);
-  const at::Tensor* partials_arg = plain_arg(args[1]);
-  if (!grad_arg || !partials_arg || !PyLong_CheckExact(args[2]) || !plain_thread_state()) Py_RETURN_NONE;
-  const int64_t slot = PyLong_AsLongLong(args[2]);
-  if (slot == -1 && PyErr_Occurred()) {
-    PyErr_Clear();
-    Py_RETURN_NONE;
-  }
-  const at::Tensor grad = *grad_arg, partials = *partials_arg;  // owned (see the header)
-  if (!grad.is_cpu() || !partials.is_cpu() || partials.scalar_type() != at::kDouble || !partials.is_contiguous() ||
-      slot < 0 || slot >= partials.numel())
-    Py_RETURN_NONE;
-  std::vector<at::Tensor> tensors{grad};
-  GradTable g;
-  try {
-    g = build_table(tensors, "total_norm", Access::kReads);
-  } catch (const c10::Error&) {
-    Py_RETURN_NONE;
-  }
-  const c10::Storage keep_grad = grad.storage(), keep_partials = partials.storage();
-  // The GIL is released for a large gradient only: for a small one, releasing and taking it back costs more than
-  // the read (the hook runs once per parameter; 600 small ones: ~2.1 us -> ~1.2 us a hook with the two changes here,
-  // measured). No 0-dim tensor either: the norm comes back as a number.
-  {
-    std::optional<pybind11::gil_scoped_release> no_gil;
-    if (g.n_chunks > kReleaseChunks) no_gil.emplace();
-    const double n = unrounded_norm_cpu(g, 2.0);
-    partials.data_ptr<double>()[slot] = n * n;
-  }  // the GIL is held again here
-  Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
 
@@ -774,8 +703,15 @@ PyMethodDef kMethods[] = {
      "clip_grads(params, max_norm, norm_type): the fused clip of the params' grads, or None (take the op path)"},
     {"adagc_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&adagc_grads)), METH_FASTCALL,
      "adagc_grads(params, gamma, config) -> AdaGC's post-warm-up step on the CPU (the norm), or None"},
-    {"record_sq_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&record_sq_norm)), METH_FASTCALL,
-     "record_sq_norm(grad, partials, slot) -> ClipInBackward's hook on the CPU (True), or None"},
+    {"record_hooks", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&record_hooks)), METH_FASTCALL,
+     "record_hooks(params, ends, partials) -> ClipInBackward's hooks in C++ (a handle), or None (in_backward.cpp)"},
+    {"record_hooks_recording", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&record_hooks_recording)),
+     METH_FASTCALL, "record_hooks_recording(handle, on): whether the hooks read"},
+    {"record_hooks_finish", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&record_hooks_finish)),
+     METH_FASTCALL, "record_hooks_finish(handle, max_norm, into) -> (norm, acc norm, grad_scale), or buckets to read"},
+    {"record_hooks_remove", &record_hooks_remove, METH_O, "record_hooks_remove(handle): removes the hooks"},
+    {"record_hooks_reads", &record_hooks_reads, METH_O,
+     "record_hooks_reads(handle) -> (reads by each bucket's hooks, reads by clip_()) since attached (tests)"},
     {"zclip_grads", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&zclip_grads)), METH_FASTCALL,
      "zclip_grads(params, state, config, found_inf): ZClip's fused step on the params' grads, or None"},
     {"total_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&total_norm)), METH_FASTCALL,

@@ -1,9 +1,11 @@
 """Exact global clipping whose norm is recorded while backward runs (issue #26 item 1), single device.
 
-Each included parameter gets a post-accumulate-grad hook. When its gradient is final the hook reads it once, while it
-is still in cache, and stores its squared L2 norm in float64 (the fused kernel's unrounded float64 norm of that one
-tensor, squared) in the parameter's own slot of a float64 buffer on the device (or, with buckets, below, its bucket's
-once the bucket is complete). After backward, clip_() adds the slots
+Each included parameter gets a hook that runs when its gradient is final. The hook reads it once, while it is still in
+cache, and stores its squared L2 norm in float64 (the fused kernel's unrounded float64 norm of that one tensor, squared)
+in the parameter's own slot of a float64 buffer on the device (or, with buckets, below, its bucket's once the bucket is
+complete). CPU parameters with the native backend get the hooks in C++ (csrc/in_backward.cpp: on each parameter's
+AccumulateGrad node, called by the engine without Python, and clip_() in one call); the others get Python
+post-accumulate-grad hooks. After backward, clip_() adds the slots
 in a fixed order (the parameters' order: bitwise deterministic whatever order backward produced the gradients in),
 takes the square root, rounds it to the accumulation dtype (fp32; fp64 when a gradient is fp64) and applies the
 coefficient max_norm / (norm + 1e-6), clamped to 1:
@@ -22,7 +24,11 @@ Gradient accumulation: each hook overwrites its slot with the norm of the gradie
 backward before clip_() leaves the norms of the final gradients; `with clipper.no_record():` around the earlier
 micro-batches skips their reads (as DDP's no_sync skips their all-reduce). Parameters that do not require grad get no
 hook; those left out of `params` (a Muon param group, say) are neither measured nor scaled; a parameter without a
-gradient in a step counts 0 (its slot is cleared by each clip_()).
+gradient in a step counts 0 (its slot is cleared by each clip_()). clip_() itself reads, from the gradients as they are,
+what the hooks did not: a bucket whose hooks did not all fire, one that has a gradient but no recording backward reached
+it since the last clip_() (every gradient counts, as in clip_), and, with the C++ hooks, one they could not read (a
+gradient that is not a plain dense CPU tensor, backward under a dispatch mode) or every bucket under compiled autograd,
+which does not run them (a warning says so once).
 
 Under DDP the norm comes from DDP's comm hook instead (fusedclip.DDPNormState: the averaged buckets', which these hooks
 cannot see), applied the same way (optimizers.takes_coefficient / hand_over_coefficient, else a scaling pass).
@@ -30,15 +36,16 @@ Buckets (bucket_bytes; 16 MiB by default on CUDA, none on the CPU): consecutive 
 fused call when the bucket's last gradient lands (one launch per bucket instead of per parameter), each bucket one
 slot; a bucket whose hooks did not all fire by clip_() (a parameter without a gradient this step) is read then, from
 the gradients as they are. The layout is fixed, so the sum's order does not depend on the order of the gradients.
-Not here yet: several devices, FSDP2 / DTensor, torch.compile / compiled autograd.
+Not here yet: several devices, FSDP2 / DTensor.
 """
 import contextlib
+import itertools
 
 import torch
 
 from . import _ext, backends
-from ._core import as_list, by_device, check_tensors, check_writable, parse_number, scale_by_norm
-from .optimizers import hand_over_coefficient, takes_coefficient
+from ._core import as_list, by_device, check_tensors, check_writable, is_dtensor_type, parse_number, scale_by_norm
+from .optimizers import hand_over_coefficient, hand_over_grad_scale, takes_coefficient
 from .ops import acc_dtype, result_dtype
 
 
@@ -68,7 +75,8 @@ class ClipInBackward:
             16 MiB on CUDA (CUDA_BUCKET_BYTES).
 
     Raises:
-        ValueError: a bad max_norm or bucket_bytes, a parameter given twice, or parameters on several devices.
+        ValueError: a bad max_norm or bucket_bytes, a parameter given twice, parameters on several devices, or DTensor
+            parameters.
     """
 
     def __init__(self, params, max_norm, *, optimizer=None, backend="auto", bucket_bytes=None):
@@ -78,6 +86,10 @@ class ClipInBackward:
         params = as_list(params.parameters() if isinstance(params, torch.nn.Module) else params)
         check_tensors(params, "ClipInBackward", "parameters")
         self.params = [p for p in params if p.requires_grad]
+        if any(is_dtensor_type(type(p)) for p in self.params):
+            raise ValueError("fusedclip.ClipInBackward: DTensor parameters (FSDP2, tensor parallel) are not supported: "
+                             "a hook sees only this rank's shard, so the norm would not be global; use fusedclip.clip_ "
+                             "(the exact sharded norm)")
         self._slot = {}
         for i, p in enumerate(self.params):
             if p in self._slot:
@@ -107,41 +119,37 @@ class ClipInBackward:
         if not self._buckets[-1]:
             self._buckets.pop()
         self._partials = torch.zeros(len(self._buckets), dtype=torch.float64, device=device)
-        # per bucket, the hooks still to fire before it is read; a bucket not back at its size when clip_() runs (a
-        # parameter without a gradient this step, say) is read then
-        self._left = [len(b) for b in self._buckets]
         self.optimizer = optimizer
         self._into = takes_coefficient(optimizer, self.params)
-        # the compiled CPU hook: eager, the native backend, CPU parameters (tried per call; it declines what it
-        # cannot take, e.g. under a dispatch mode)
-        self._fast = device.type == "cpu" and self._be.name == "native" and _ext.LOADED
         self._recording = True
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(k))
-                         for k, bucket in enumerate(self._buckets) for p in bucket]
+        # per bucket, the hooks still to fire before it is read, and whether a hook read it since the last clip_(): a
+        # bucket not back at its size (a parameter without a gradient this step) or not read though it has a gradient
+        # (no recording backward reached it) is read by clip_(), from the gradients as they are then
+        self._left = [len(b) for b in self._buckets]
+        self._read = [False] * len(self._buckets)
+        # CPU parameters with the native backend: the hooks in C++ (csrc/in_backward.cpp; None when it declines them)
+        self._compiled = None
+        if device.type == "cpu" and self._be.name == "native" and _ext.LOADED:
+            ends = list(itertools.accumulate(len(b) for b in self._buckets))
+            self._compiled = _ext._C.record_hooks(self.params, ends, self._partials)
+        self._handles = [] if self._compiled is not None else [
+            p.register_post_accumulate_grad_hook(self._hook(k)) for k, bucket in enumerate(self._buckets)
+            for p in bucket]
 
     def _hook(self, k):
-        """The hook of a parameter of bucket k. torch calls it once per parameter per backward, so it is a closure
-        with the bucket and the compiled call bound (no decorator, no dict lookup by tensor)."""
-        if len(self._buckets[k]) == 1:  # a bucket of one parameter: read at once, in one compiled call on the CPU
-            record, partials, slow = _ext._C.record_sq_norm if _ext.LOADED else None, self._partials, self._record
+        """The Python hook of a parameter of bucket k (torch calls it once per parameter per backward: a closure, no
+        lookup by tensor): the bucket is read once its last gradient lands."""
+        left, read, size = self._left, self._read, len(self._buckets[k])
 
-            def hook(param):
-                if not self._recording:
-                    return
-                if self._fast and not torch.compiler.is_compiling() and record(param.grad, partials, k):
-                    return  # csrc/python_module.cpp record_sq_norm: the same bits as _record's
-                slow(k)
-            return hook
-        left, size = self._left, len(self._buckets[k])
-
-        def bucket_hook(param):
+        def hook(param):
             if not self._recording:
                 return
             left[k] -= 1
-            if left[k] == 0:  # the bucket's last gradient: one read of the whole bucket
+            if left[k] == 0:
                 left[k] = size
                 self._record(k)
-        return bucket_hook
+                read[k] = True
+        return hook
 
     @torch.no_grad()
     def _record(self, k):
@@ -165,11 +173,17 @@ class ClipInBackward:
         Returns:
             a context manager.
         """
-        previous, self._recording = self._recording, False
+        previous = self._recording
+        self._set_recording(False)
         try:
             yield
         finally:
-            self._recording = previous
+            self._set_recording(previous)
+
+    def _set_recording(self, on):
+        self._recording = on
+        if self._compiled is not None:
+            _ext._C.record_hooks_recording(self._compiled, on)
 
     @property
     def partials(self):
@@ -186,10 +200,25 @@ class ClipInBackward:
         Returns:
             Tensor: the total L2 norm of the gradients before clipping.
         """
-        for k, bucket in enumerate(self._buckets):
-            if self._left[k] != len(bucket):  # hooks still to fire (no gradient for some this step): read it now
-                self._left[k] = len(bucket)
-                self._record(k)
+        if self._compiled is not None:  # one call: the norm, and the fused step's grad_scale, from the slots
+            out = _ext._C.record_hooks_finish(self._compiled, self.max_norm, self._into)
+            if isinstance(out, tuple):
+                norm, acc_norm, grad_scale = out
+                if self._into:  # the fused step applies it; None: the coefficient is 1 (read on the host, the CPU)
+                    if grad_scale is not None:
+                        hand_over_grad_scale(self.optimizer, grad_scale)
+                else:
+                    grads = [p.grad for p in self.params if p.grad is not None]
+                    scale_by_norm(grads, self.max_norm, acc_norm, self._be, "ClipInBackward.clip_")
+                return norm
+            unread = out  # buckets the compiled hooks left to Python (or no gradient at all)
+        else:
+            unread = [k for k, bucket in enumerate(self._buckets) if self._left[k] != len(bucket)
+                      or (not self._read[k] and any(p.grad is not None for p in bucket))]
+            self._left[:] = [len(b) for b in self._buckets]
+            self._read[:] = [False] * len(self._buckets)
+        for k in unread:
+            self._record(k)
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             self._partials.zero_()
@@ -216,3 +245,7 @@ class ClipInBackward:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._compiled is not None:
+            _ext._C.record_hooks_remove(self._compiled)
+            self._compiled = None
+        self._partials.zero_()  # clip_() reads every gradient from now on

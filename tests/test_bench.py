@@ -449,8 +449,8 @@ def test_dtensor_rows_targets_and_table():
 
 
 def test_step_rows(tmp_path):
-    """--step --quick: the issue-26 rows (a training step with no clipping, torch's clip, clip_, clip_into_ and
-    ClipInBackward; AdaGC against an unfused torch AdaGC and clip_) on tiny models, with the targets judged and the
+    """--step --quick: the issue-26 rows (a training step with no clipping, the fused step's grad_scale alone, torch's
+    clip, clip_, clip_into_ and ClipInBackward; AdaGC against an unfused torch AdaGC and clip_) on tiny models, with the targets judged and the
     machine, its load and the date written beside them."""
     from fusedclip.bench import adagc_rows
 
@@ -467,7 +467,8 @@ def test_step_rows(tmp_path):
         assert 0 < t["p20_s"] <= t["median_s"] <= t["p80_s"], r
     whats = [c[0] for c in result["checks"]]
     assert len(whats) == 6 and sum("AdaGC.step / clip_" in w for w in whats) == 2
-    md = next(f for f in os.listdir(tmp_path) if f.endswith(".md"))
-    assert "| many-small |" in (tmp_path / md).read_text()
+    md = (tmp_path / next(f for f in os.listdir(tmp_path) if f.endswith(".md"))).read_text()
+    assert "| many-small |" in md
+    assert "- mlp: the fused step's grad_scale alone (no clip) over no clipping: whole step" in md  # the floor note
     with pytest.raises(SystemExit, match="unknown model"):
         bench.main(["--step", "resnet", "--quick", "--out", str(tmp_path)])

@@ -323,6 +323,8 @@ def fsdp2(rank, world, group):
                 fully_shard(layer, mesh=mesh)
         fully_shard(m, mesh=mesh)
         models.append(m)
+    with pytest.raises(ValueError, match="DTensor parameters"):  # its hooks would see shards: no global norm
+        fusedclip.ClipInBackward(models[0], 1.0)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(5, 6, generator=g) * 3
     for p in [2.0, INF, 1.0, 0.0, -INF]:

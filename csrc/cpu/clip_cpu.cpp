@@ -50,8 +50,8 @@ struct ChunkQueue {
   std::atomic<int64_t> done{0};  // chunks finished
 };
 
-// `reversed` walks the chunks backwards (ranges from the end, each backwards), so the scaling pass starts on the
-// chunks the norm pass read last (still in cache).
+// f(chunk, its tensor, loops, pointer, length) for every chunk. `reversed` walks the chunks backwards (ranges from the
+// end, each backwards), so the scaling pass starts on the chunks the norm pass read last (still in cache).
 template <typename F>
 void for_each_chunk(const TableView& t, F&& f, bool reversed = false) {
   const int64_t n = t.n_chunks();
@@ -62,7 +62,7 @@ void for_each_chunk(const TableView& t, F&& f, bool reversed = false) {
       const int64_t c = chunk_at(i);
       const Chunk ch = step_to_chunk(t, tensor, c);
       with_typed_ptr<kCpuVecBytes>(t.dtype(ch.tensor), t.ptr(ch.tensor), [&](auto w, auto* p) {
-        f(c, ChunkLoops<decltype(w)::value, std::remove_pointer_t<decltype(p)>>{}, p + ch.offset, ch.len);
+        f(c, ch.tensor, ChunkLoops<decltype(w)::value, std::remove_pointer_t<decltype(p)>>{}, p + ch.offset, ch.len);
       });
     }
   };
@@ -109,11 +109,12 @@ template <typename acc_t>
 void scale_all(const TableView& t, acc_t factor) {
   const CpuIsa isa = cpu_isa();
   if (factor != factor) {
-    for_each_chunk(t, [&](int64_t, auto, auto* p, int64_t len) { fill_nan_factor(p, len, factor); });
+    for_each_chunk(t, [&](int64_t, int64_t, auto, auto* p, int64_t len) { fill_nan_factor(p, len, factor); });
     return;
   }
   for_each_chunk(
-      t, [&](int64_t, auto loops, auto* p, int64_t len) { loops.scale(isa, p, len, factor); }, /*reversed=*/true);
+      t, [&](int64_t, int64_t, auto loops, auto* p, int64_t len) { loops.scale(isa, p, len, factor); },
+      /*reversed=*/true);
 }
 
 // The norm (accumulated in fp32, fp64 when any tensor is fp64; partials combined in double) of all tensors, each element multiplied by
@@ -138,11 +139,11 @@ double fused_norm_clip(const GradTable& g, double max_norm, double norm_type, bo
     // The plain norm loop carries no unscale work: on the CPU it would halve the throughput.
     const CpuIsa isa = cpu_isa();
     if (x.inv_scale) {
-      for_each_chunk(t, [&](int64_t c, auto loops, auto* p, int64_t len) {
+      for_each_chunk(t, [&](int64_t c, int64_t, auto loops, auto* p, int64_t len) {
         partials[c] = loops.template partial<K, true>(isa, p, len, pw, mul);
       });
     } else {
-      for_each_chunk(t, [&](int64_t c, auto loops, auto* p, int64_t len) {
+      for_each_chunk(t, [&](int64_t c, int64_t, auto loops, auto* p, int64_t len) {
         partials[c] = loops.template partial<K, false>(isa, p, len, pw, mul);
       });
     }
@@ -201,10 +202,9 @@ void scale_each_table_cpu(const GradTable& g, const double* coefs) {
   const CpuIsa isa = cpu_isa();
   for_each_chunk(
       t,
-      [&](int64_t c, auto loops, auto* p, int64_t len) {
+      [&](int64_t, int64_t i, auto loops, auto* p, int64_t len) {
         using T = std::remove_pointer_t<decltype(p)>;
         using op_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-        const int64_t i = locate_chunk(t, c).tensor;
         const op_t factor = std::is_same_v<op_t, double> ? static_cast<op_t>(as_double[i])
                                                          : static_cast<op_t>(as_float[i]);
         if (!needs_scaling(factor)) return;
@@ -276,7 +276,8 @@ void clamp_cpu(at::TensorList grads, double clip_value) {
   g.bump_versions();
   if (!g.n_chunks) return;
   const CpuIsa isa = cpu_isa();
-  for_each_chunk(g.view(), [&](int64_t, auto loops, auto* p, int64_t len) { loops.clamp(isa, p, len, clip_value); });
+  for_each_chunk(g.view(),
+                 [&](int64_t, int64_t, auto loops, auto* p, int64_t len) { loops.clamp(isa, p, len, clip_value); });
   g.write_back();
 }
 

@@ -5,7 +5,9 @@ blocks: per-tensor costs).
 
 - step rows: a whole training step (forward, backward, clip, fused AdamW step, zero_grad), clipping active (max_norm
   below every model's norm), a fresh backward each step, the variants interleaved round by round: no clipping,
-  torch's clip_grad_norm_, fusedclip.clip_, fusedclip.clip_into_, fusedclip.ClipInBackward (into the fused step).
+  no clipping but the fused step handed a grad_scale (`grad_scale`: what any coefficient applied inside torch's fused
+  step costs, the floor of clip_into_ and ClipInBackward), torch's clip_grad_norm_, fusedclip.clip_,
+  fusedclip.clip_into_, fusedclip.ClipInBackward (into the fused step).
   Each row has the whole step and the optimizer side (everything after backward returns) as percentiles, and each
   against no clipping as the median of the per-round ratios (paired: a shared machine's load drifts between rounds
   by more than the differences measured; the AdaGC rows' ratio to clip_ likewise). The
@@ -31,7 +33,7 @@ from .machine import cpu_name
 from .report import write_side_report
 from .timing import summarize
 
-VARIANTS = ("none", "torch", "clip_", "clip_into_", "in_backward")
+VARIANTS = ("none", "grad_scale", "torch", "clip_", "clip_into_", "in_backward")
 MODELS = ("mlp", "transformer", "many-small")
 IN_BACKWARD_WHOLE = 0.01  # at most +1% on the whole step ...
 IN_BACKWARD_SIDE = 0.10  # ... and +10% on the optimizer side
@@ -91,6 +93,8 @@ def step_rows(model="mlp", size=1.0, batch=64, rounds=15, max_norm=MAX_NORM, wid
         clipper = fusedclip.ClipInBackward(m, max_norm, optimizer=opt) if name == "in_backward" else None
         runs[name] = (m, opt, clipper, x, y)
 
+    grad_scale = torch.tensor(3.0)
+
     def one(name):
         m, opt, clipper, x, y = runs[name]
         t0 = time.perf_counter()
@@ -104,7 +108,10 @@ def step_rows(model="mlp", size=1.0, batch=64, rounds=15, max_norm=MAX_NORM, wid
             fusedclip.clip_into_(opt, max_norm)
         elif name == "in_backward":
             clipper.clip_()
+        elif name == "grad_scale":  # no clip; the fused step divides by a grad_scale: the floor of the in-step paths
+            opt.grad_scale = grad_scale
         opt.step()
+        opt.grad_scale = None
         opt.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         return t2 - t0, t2 - t1
@@ -207,6 +214,21 @@ def checks(rows):
     return out
 
 
+def floor_notes(rows):
+    """ClipInBackward against the `grad_scale` row (no clip; the fused step divides by a grad_scale): what is left of
+    its cost above what torch's fused step charges for any coefficient handed to it. Paired medians, as the rows."""
+    step = {(r["model"], r["variant"]): r for r in rows if r["row"] == "step"}
+    out = []
+    for model in dict.fromkeys(m for m, _ in step):
+        floor, ib = step.get((model, "grad_scale")), step.get((model, "in_backward"))
+        if floor and ib:
+            out.append(f"- {model}: the fused step's grad_scale alone (no clip) over no clipping: whole step "
+                       f"{(floor['whole_vs_none'] - 1) * 100:+.1f}%, optimizer side "
+                       f"{(floor['side_vs_none'] - 1) * 100:+.1f}%; ClipInBackward: "
+                       f"{(ib['whole_vs_none'] - 1) * 100:+.1f}%, {(ib['side_vs_none'] - 1) * 100:+.1f}%")
+    return out
+
+
 def table(rows):
     lines = []
     step = [r for r in rows if r["row"] == "step"]
@@ -265,7 +287,7 @@ def main(models=MODELS, out=os.path.join("bench", "results", "local"), tag="", s
                      [f"- {'ok' if ok else 'MISSED'}: {what}: {value * 100:+.2f}% (target <= {target * 100:+.0f}%)"
                       if "over no clipping" in what else
                       f"- {'ok' if ok else 'MISSED'}: {what}: {value:.2f}x (target <= {target:.2f}x)"
-                      for what, value, target, ok in results])
+                      for what, value, target, ok in results] + [""] + floor_notes(rows))
     print(text)
     write_side_report(out, meta, rows, results, text, "step", tag)
     return 0 if all(ok for *_, ok in results) else 1
