@@ -459,3 +459,21 @@ def test_compiled_model(compiler, hooks):
         for p, q in zip(a.parameters(), b.parameters()):
             assert_bit_identical(p.grad, q.grad)
             p.grad = q.grad = None
+
+
+def test_gradient_left_from_an_earlier_step_counts(hooks):
+    """A gradient that no recording backward reached since the last clip_() (left from the step before: no zero_grad,
+    and this step's backward does not reach the parameter) is read by clip_(): every gradient present counts, as in
+    clip_, per parameter and in a bucket."""
+    targets = mixed_tensors(10, 3000, seed=13)
+    big = max(range(10), key=lambda i: float(targets[i].double().norm()))  # its gradient counts in the fp32 norm
+    for bucket_bytes in (0, 1 << 40):
+        a, b = leaves(targets), leaves(targets)
+        clipper = fusedclip.ClipInBackward(a, 1e3, bucket_bytes=bucket_bytes)
+        compiled(clipper, hooks)
+        for used in (range(10), [i for i in range(10) if i != big]):  # step 2: `big` keeps step 1's gradient
+            backward_with([a[i] for i in used], [targets[i] for i in used])
+            backward_with([b[i] for i in used], [targets[i] for i in used])
+            assert_bit_identical(clipper.clip_(), fusedclip.clip_(b, 1e3))
+            for p, q in zip(a, b):
+                assert_bit_identical(p.grad, q.grad)
