@@ -45,7 +45,7 @@ import torch
 
 from . import _ext, backends
 from ._core import as_list, by_device, check_tensors, check_writable, is_dtensor_type, parse_number, scale_by_norm
-from .optimizers import hand_over_coefficient, hand_over_grad_scale, takes_coefficient
+from .optimizers import hand_over_coefficient, hand_over_grad_scale, takes_coefficient, withdraw_grad_scale
 from .ops import acc_dtype, result_dtype
 
 
@@ -207,6 +207,8 @@ class ClipInBackward:
                 if self._into:  # the fused step applies it; None: the coefficient is 1 (read on the host, the CPU)
                     if grad_scale is not None:
                         hand_over_grad_scale(self.optimizer, grad_scale)
+                    else:  # nothing to apply: not even a grad_scale an earlier clip_() of this step handed over
+                        withdraw_grad_scale(self.optimizer)
                 else:
                     grads = [p.grad for p in self.params if p.grad is not None]
                     scale_by_norm(grads, self.max_norm, acc_norm, self._be, "ClipInBackward.clip_")
@@ -248,4 +250,7 @@ class ClipInBackward:
         if self._compiled is not None:
             _ext._C.record_hooks_remove(self._compiled)
             self._compiled = None
-        self._partials.zero_()  # clip_() reads every gradient from now on
+        # nothing recorded any more: clip_() reads every gradient from now on
+        self._partials.zero_()
+        self._left[:] = [len(b) for b in self._buckets]
+        self._read[:] = [False] * len(self._buckets)

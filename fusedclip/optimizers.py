@@ -74,6 +74,15 @@ def hand_over_grad_scale(optimizer, grad_scale):
     optimizer._fusedclip_grad_scale = grad_scale
 
 
+def withdraw_grad_scale(optimizer):
+    """Takes back a grad_scale that hand_over_grad_scale gave and no step has used yet (a later clip found no
+    clipping to do); one set by someone else (GradScaler) is left alone."""
+    ours = getattr(optimizer, "_fusedclip_grad_scale", None)
+    if ours is not None and getattr(optimizer, "grad_scale", None) is ours:
+        optimizer.grad_scale = None
+    optimizer._fusedclip_grad_scale = None
+
+
 def takes_coefficient(optimizer, params):
     """Whether `optimizer` can apply a clipping coefficient in its step instead of a scaling pass: one of torch's
     fused optimizers whose parameters are exactly `params`."""

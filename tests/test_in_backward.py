@@ -477,3 +477,34 @@ def test_gradient_left_from_an_earlier_step_counts(hooks):
             assert_bit_identical(clipper.clip_(), fusedclip.clip_(b, 1e3))
             for p, q in zip(a, b):
                 assert_bit_identical(p.grad, q.grad)
+
+
+def test_remove_then_clip_and_clip_twice(hooks):
+    """remove() between backward and clip_(): clip_() reads every gradient (the record is dropped with the hooks);
+    clip_() twice before a step, the second finding no clipping to do (max_norm raised): the step applies no
+    coefficient, not the first call's. Both equal clip_into_ then the same fused step, bit for bit."""
+    a, b = mlp(0), mlp(0)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2, fused=True)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
+    clipper = fusedclip.ClipInBackward(a, 0.1, optimizer=opt_a)
+    compiled(clipper, hooks)
+    (x, y), (x2, y2) = batches(2, 8)
+    torch.nn.functional.mse_loss(a(x), y).backward()
+    torch.nn.functional.mse_loss(b(x), y).backward()
+    assert float(clipper.clip_()) > 0.1  # clipping: a grad_scale handed over
+    clipper.max_norm = 1e9
+    assert_bit_identical(clipper.clip_(), fusedclip.clip_into_(opt_b, 1e9))
+    for opt in (opt_a, opt_b):
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_bit_identical(p, q)
+    clipper.max_norm = 0.1
+    torch.nn.functional.mse_loss(a(x2), y2).backward()
+    torch.nn.functional.mse_loss(b(x2), y2).backward()
+    clipper.remove()
+    assert_bit_identical(clipper.clip_(), fusedclip.clip_into_(opt_b, 0.1))
+    for opt in (opt_a, opt_b):
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_bit_identical(p, q)
