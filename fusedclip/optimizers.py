@@ -75,8 +75,8 @@ def hand_over_grad_scale(optimizer, grad_scale):
 
 
 def withdraw_grad_scale(optimizer):
-    """Takes back a grad_scale that hand_over_grad_scale gave and no step has used yet (a later clip found no
-    clipping to do); one set by someone else (GradScaler) is left alone."""
+    """Takes back the grad_scale hand_over_grad_scale gave: after the step it was for, or before it when a later clip
+    found no clipping to do. One set by someone else (GradScaler) is left alone."""
     ours = getattr(optimizer, "_fusedclip_grad_scale", None)
     if ours is not None and getattr(optimizer, "grad_scale", None) is ours:
         optimizer.grad_scale = None
@@ -100,9 +100,7 @@ def hand_over_coefficient(optimizer, max_norm, norm):
 def _forget_grad_scale_after_step(optimizer, _args, _kwargs):
     # Ours is for one step only. A GradScaler that manages the attribute deletes it itself after the step;
     # leaving None keeps that `del` working and makes a later plain step unscaled.
-    if getattr(optimizer, "grad_scale", None) is getattr(optimizer, "_fusedclip_grad_scale", None):
-        optimizer.grad_scale = None
-    optimizer._fusedclip_grad_scale = None
+    withdraw_grad_scale(optimizer)
 
 
 def still_scaled(scaler, optimizer):
